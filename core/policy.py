@@ -1,0 +1,142 @@
+"""The one interface every editor implements: the built-in tiny Fill model and FLUX.1 Fill alike.
+
+Conventions shared by the whole library:
+- images are float tensors [B, 3, H, W] in [0, 1]; masks are [B, 1, H, W] with 1 = generate;
+- the model works on packed latents [B, L, C] (FLUX layout: 2x2 patches of the codec's latents);
+- time t runs from 1 (noise) to 0 (data): x_t = (1 - t) x0 + t eps, v = eps - x0.
+
+Trainers keep extra copies of the trainable weights (old/sampling policy, EMA, reference) as plain
+tensor dicts and pass them to `velocity(..., weights=...)`, which evaluates the model with those
+values: one set of modules, any number of weight sets, and the
+same code for a full fine-tune and for LoRA (where the dicts hold only adapter tensors).
+(`swapped_weights` does the swap; unlike functional_call it can wrap code that calls the model.)
+"""
+from __future__ import annotations
+
+import abc
+import contextlib
+import dataclasses
+from collections.abc import Mapping
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+
+@dataclasses.dataclass
+class Condition:
+    """Everything the velocity model needs for one batch of edits, already encoded.
+
+    Fields named in BATCHED carry the batch on dim 0 and follow indexing; the others are shared.
+    """
+
+    prompt_embeds: Tensor            # [B, Lt, D] text sequence for joint attention
+    pooled: Tensor                   # [B, Dp] pooled text embedding
+    cond_latents: Tensor             # [B, L, Cc] FLUX Fill conditioning: masked-image | folded mask
+    x0_known: Tensor                 # [B, L, C] packed latents of the source (kept region)
+    blend_mask: Tensor               # [B, L, C] or [B, L, 1], 1 = generate (for the blend step)
+    img_ids: Tensor                  # [L, 3] FLUX position ids of image tokens
+    text_ids: Tensor                 # [Lt, 3] position ids of text tokens
+    latent_hw: tuple[int, int]       # unpacked latent height and width
+    image_hw: tuple[int, int]        # pixel height and width
+    guidance: Tensor | None = None   # [B] distilled-guidance value (FLUX dev) or None
+    extra: dict[str, Any] = dataclasses.field(default_factory=dict)
+
+    BATCHED = ("prompt_embeds", "pooled", "cond_latents", "x0_known", "blend_mask", "guidance")
+
+    @property
+    def batch_size(self) -> int:
+        return self.cond_latents.shape[0]
+
+    def _map(self, fn) -> "Condition":
+        updates = {k: fn(getattr(self, k)) for k in self.BATCHED if getattr(self, k) is not None}
+        return dataclasses.replace(self, **updates)
+
+    def index(self, idx: Tensor | slice | list[int]) -> "Condition":
+        return self._map(lambda x: x[idx])
+
+    def repeat_interleave(self, n: int) -> "Condition":
+        """Each condition n times in a row: the layout of a rollout group."""
+        return self._map(lambda x: x.repeat_interleave(n, dim=0))
+
+    def to(self, device: torch.device | str) -> "Condition":
+        moved = self._map(lambda x: x.to(device))
+        return dataclasses.replace(moved, img_ids=self.img_ids.to(device), text_ids=self.text_ids.to(device))
+
+    @staticmethod
+    def cat(conds: list["Condition"]) -> "Condition":
+        first = conds[0]
+        updates = {}
+        for k in Condition.BATCHED:
+            vals = [getattr(c, k) for c in conds]
+            updates[k] = None if vals[0] is None else torch.cat(vals, 0)
+        return dataclasses.replace(first, **updates)
+
+
+class Policy(abc.ABC):
+    """A mask-guided flow-matching editor seen by samplers, judges and trainers."""
+
+    #: the module whose parameters `weights=` dicts refer to
+    model: nn.Module
+
+    @abc.abstractmethod
+    def encode(self, images: Tensor, masks: Tensor, prompts: list[str]) -> Condition:
+        """Source images [B,3,H,W] in [0,1], masks [B,1,H,W] (1 = generate), prompts -> Condition."""
+
+    @abc.abstractmethod
+    def _velocity(self, x_t: Tensor, t: Tensor, cond: Condition) -> Tensor:
+        """The model's velocity for packed x_t [B, L, C] at times t [B]."""
+
+    @abc.abstractmethod
+    def decode(self, x0: Tensor, cond: Condition) -> Tensor:
+        """Packed clean latents -> images [B, 3, H, W] in [0, 1] (differentiable)."""
+
+    @property
+    @abc.abstractmethod
+    def latent_channels(self) -> int:
+        """C of the packed latents [B, L, C]."""
+
+    def velocity(
+        self, x_t: Tensor, t: Tensor | float, cond: Condition, *, weights: Mapping[str, Tensor] | None = None
+    ) -> Tensor:
+        """Velocity at (x_t, t); with `weights`, the named parameters of `model` take those values."""
+        if not isinstance(t, Tensor) or t.dim() == 0:
+            t = torch.full((x_t.shape[0],), float(t), device=x_t.device, dtype=torch.float32)
+        if weights is None:
+            return self._velocity(x_t, t, cond)
+        with swapped_weights(self.model, weights):
+            return self._velocity(x_t, t, cond)
+
+    def initial_noise(self, cond: Condition, generator: torch.Generator | None = None) -> Tensor:
+        shape = cond.x0_known.shape
+        return torch.randn(shape, generator=generator, device=cond.x0_known.device, dtype=cond.x0_known.dtype)
+
+    def trainable_parameters(self) -> dict[str, nn.Parameter]:
+        """Named parameters that RL updates (all of them for a full fine-tune, adapters for LoRA)."""
+        return {n: p for n, p in self.model.named_parameters() if p.requires_grad}
+
+    def snapshot(self) -> dict[str, Tensor]:
+        """A detached copy of the trainable weights (for old-policy, EMA and reference copies)."""
+        return {n: p.detach().clone() for n, p in self.trainable_parameters().items()}
+
+
+@contextlib.contextmanager
+def swapped_weights(model: nn.Module, weights: Mapping[str, Tensor]):
+    """Within the block, the named parameters of `model` are the given tensors (no copies).
+
+    Like `torch.func.functional_call`, but usable around any code that calls the model; the
+    original Parameters are put back on exit, also after an exception.
+    """
+    saved = []
+    try:
+        for name, value in weights.items():
+            mod_name, _, attr = name.rpartition(".")
+            mod = model.get_submodule(mod_name) if mod_name else model
+            if attr not in mod._parameters:
+                raise KeyError(f"{name!r} is not a parameter of {type(model).__name__}")
+            saved.append((mod, attr, mod._parameters[attr]))
+            mod._parameters[attr] = value
+        yield model
+    finally:
+        for mod, attr, param in reversed(saved):
+            mod._parameters[attr] = param

@@ -1,0 +1,99 @@
+"""The four mask-guided tasks as data: what the judge scores for each, fixed prompts, mixtures.
+
+Every other part (the synthetic world, the judges, the trainers, evaluation) reads tasks and
+dimensions from here, so a task is added in one place. Dimension definitions follow OneReward
+section 4.2; "text_accuracy" is ours, for the text-rendering task.
+"""
+from __future__ import annotations
+
+import random
+from dataclasses import dataclass
+
+TASKS: tuple[str, ...] = ("fill", "extend", "removal", "text")
+
+DIMENSIONS: dict[str, str] = {
+    "text_alignment": (
+        "how accurately the generated content matches the semantics of the prompt, especially "
+        "object identity, attributes and position"
+    ),
+    "consistency": (
+        "how smoothly the edited region blends with its surroundings in colour, texture and "
+        "illumination, with no visible seam"
+    ),
+    "structure": (
+        "whether the generated content keeps the spatial and geometric coherence of the original "
+        "layout: object contours, perspective and scene structure"
+    ),
+    "aesthetics": (
+        "the overall visual appeal of the result: composition, realism and fidelity to "
+        "high-quality image standards"
+    ),
+    "removal_quality": (
+        "whether the target object is completely removed and the area is cleanly filled with "
+        "plausible background, without artifacts or new unintended content"
+    ),
+    "text_accuracy": (
+        "whether exactly the requested text is rendered inside the region, legible and with no "
+        "missing, extra or wrong characters"
+    ),
+}
+
+TASK_DIMENSIONS: dict[str, tuple[str, ...]] = {
+    "fill": ("text_alignment", "consistency", "structure", "aesthetics"),
+    "extend": ("text_alignment", "consistency", "structure", "aesthetics"),
+    "removal": ("removal_quality", "consistency", "structure"),
+    "text": ("text_accuracy", "consistency"),
+}
+
+TASK_DESCRIPTIONS: dict[str, str] = {
+    "fill": "image fill: generate new content inside the masked region following the prompt",
+    "extend": "image extend: extend the image outward beyond its original borders",
+    "removal": "object removal: remove the object in the masked region and fill it with background",
+    "text": "text rendering: draw the requested text inside the masked region",
+}
+
+# Fixed prompts, as in OneReward's released inference code: removal has no user text, and
+# extend may come without a prompt (then text alignment is not judged).
+REMOVAL_PROMPT = "remove the object and fill the region with the surrounding background"
+EXTEND_NO_PROMPT = "a seamless, high quality continuation of the image"
+
+# OneReward trained with 50/25/25 fill/extend/removal; text is off unless configured.
+PAPER_MIXTURE: dict[str, float] = {"fill": 0.5, "extend": 0.25, "removal": 0.25, "text": 0.0}
+
+
+def check_task(task: str) -> str:
+    if task not in TASK_DIMENSIONS:
+        raise ValueError(f"unknown task {task!r}; expected one of {list(TASKS)}")
+    return task
+
+
+def dimensions_for(task: str, *, has_prompt: bool = True) -> tuple[str, ...]:
+    """The dimensions the judge scores for `task`; extend without a prompt drops text alignment."""
+    dims = TASK_DIMENSIONS[check_task(task)]
+    if task == "extend" and not has_prompt:
+        dims = tuple(d for d in dims if d != "text_alignment")
+    return dims
+
+
+@dataclass(frozen=True)
+class TaskMixture:
+    """Sampling probabilities over tasks (normalised; zero-weight tasks are never drawn)."""
+
+    weights: dict[str, float]
+
+    def __post_init__(self) -> None:
+        for task, w in self.weights.items():
+            check_task(task)
+            if not (w >= 0.0):
+                raise ValueError(f"task weight for {task!r} must be >= 0, got {w}")
+        if sum(self.weights.values()) <= 0:
+            raise ValueError(f"task mixture {self.weights} has no positive weight")
+
+    @property
+    def probabilities(self) -> dict[str, float]:
+        total = sum(self.weights.values())
+        return {t: w / total for t, w in self.weights.items() if w > 0}
+
+    def sample(self, rng: random.Random, n: int) -> list[str]:
+        probs = self.probabilities
+        return rng.choices(list(probs), weights=list(probs.values()), k=n)
