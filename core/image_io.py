@@ -69,6 +69,14 @@ def resize_to_multiple(img: Tensor, multiple: int, *, max_side: int | None = Non
     return F.interpolate(img[None].float(), size=(nh, nw), mode=mode, **kw)[0].clamp(0, 1)
 
 
+def resize_image(img: Tensor, size: tuple[int, int]) -> Tensor:
+    """Resize [3,H,W] to `size` (bilinear, antialiased when shrinking)."""
+    if tuple(img.shape[-2:]) == tuple(size):
+        return img
+    return F.interpolate(img[None].float(), size=size, mode="bilinear", align_corners=False,
+                         antialias=True)[0].clamp(0, 1)
+
+
 def resize_mask(mask: Tensor, size: tuple[int, int]) -> Tensor:
     """Resize a [1,H,W] mask with nearest neighbour so it stays binary."""
     return F.interpolate(mask[None].float(), size=size, mode="nearest")[0]

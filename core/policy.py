@@ -85,7 +85,8 @@ class Policy(abc.ABC):
 
     @abc.abstractmethod
     def _velocity(self, x_t: Tensor, t: Tensor, cond: Condition) -> Tensor:
-        """The model's velocity for packed x_t [B, L, C] at times t [B]."""
+        """The model's velocity for packed x_t [B, L, C] at times t [B] (run the network through
+        `self.call_model(...)`, not `self.model(...)`, so trainers can wrap it)."""
 
     @abc.abstractmethod
     def decode(self, x0: Tensor, cond: Condition) -> Tensor:
@@ -106,6 +107,22 @@ class Policy(abc.ABC):
             return self._velocity(x_t, t, cond)
         with swapped_weights(self.model, weights):
             return self._velocity(x_t, t, cond)
+
+    def call_model(self, *args, **kwargs):
+        """Run `self.model`; implementations call this in `_velocity` so that a trainer can route
+        the trained forward through a wrapper such as DistributedDataParallel (`route_model`)."""
+        runner = getattr(self, "_model_runner", None)
+        return (runner if runner is not None else self.model)(*args, **kwargs)
+
+    @contextlib.contextmanager
+    def route_model(self, runner):
+        """Within the block, `call_model` goes through `runner` (e.g. a DDP wrapper of `model`)."""
+        previous = getattr(self, "_model_runner", None)
+        self._model_runner = runner
+        try:
+            yield self
+        finally:
+            self._model_runner = previous
 
     def initial_noise(self, cond: Condition, generator: torch.Generator | None = None) -> Tensor:
         shape = cond.x0_known.shape

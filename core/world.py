@@ -52,7 +52,7 @@ class EditSample:
     source: Tensor      # [3, H, W] in [0, 1]: what the user gives (extend: the canvas, new area grey)
     mask: Tensor        # [1, H, W], 1 = generate
     prompt: str
-    target: Tensor      # [3, H, W]: the ground-truth result of the edit
+    target: Tensor | None  # [3, H, W]: the ground-truth result (None for user data without one)
     truth: dict[str, Any]
 
 
@@ -61,7 +61,7 @@ class EditBatch:
     images: Tensor       # [B, 3, H, W]
     masks: Tensor        # [B, 1, H, W]
     prompts: list[str]
-    targets: Tensor      # [B, 3, H, W]
+    targets: Tensor | None  # [B, 3, H, W]; None when any sample has no ground truth
     tasks: list[str]
     keys: list[str]
     truths: list[dict[str, Any]]
@@ -75,7 +75,7 @@ def collate(samples: list[EditSample]) -> EditBatch:
         images=torch.stack([s.source for s in samples]),
         masks=torch.stack([s.mask for s in samples]),
         prompts=[s.prompt for s in samples],
-        targets=torch.stack([s.target for s in samples]),
+        targets=None if any(s.target is None for s in samples) else torch.stack([s.target for s in samples]),
         tasks=[s.task for s in samples],
         keys=[s.key for s in samples],
         truths=[s.truth for s in samples],
