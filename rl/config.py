@@ -1,0 +1,200 @@
+"""The run configuration of `python -m rl.train`. Defaults are the built-in CPU job.
+
+Sections: model, data, judge, sampler, nft, refl, optim, train. Load with `load_config(path,
+overrides)`; every key is typed and checked (rl/config_io.py), and `validate` checks values and
+paths before any work starts.
+"""
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+from typing import Literal
+
+from core.tasks import TASKS
+
+from .config_io import ConfigError, load_yaml
+
+
+@dataclasses.dataclass
+class LoraConfig:
+    r: int = 32
+    alpha: int = 64
+    init: str = "gaussian"
+    targets: list[str] = dataclasses.field(default_factory=lambda: [
+        "to_q", "to_k", "to_v", "to_out.0", "add_q_proj", "add_k_proj", "add_v_proj", "to_add_out"])
+
+
+@dataclasses.dataclass
+class ModelConfig:
+    kind: Literal["tiny", "flux_fill"] = "tiny"
+    path: str | None = None           # None = the shipped tiny model; FLUX: local dir or cached Hub id
+    dtype: Literal["float32", "bfloat16", "float16"] = "float32"
+    device: str = "auto"              # "auto" = cuda when available, else cpu
+    lora: LoraConfig | None = None    # None = full fine-tune of the transformer
+    gradient_checkpointing: bool = False
+    attention_backend: str | None = None   # diffusers backend name: native, flash, xformers, ...
+    guidance: float | None = None     # FLUX dev distilled guidance (None = the adapter's default)
+    allow_download: bool = False
+
+
+@dataclasses.dataclass
+class DataConfig:
+    source: Literal["world", "jsonl"] = "world"
+    jsonl: str | None = None          # records of image / mask / prompt / task (source = jsonl)
+    world_seed: int = 0
+    image_size: int = 64
+    mixture: dict[str, float] = dataclasses.field(
+        default_factory=lambda: {"fill": 0.4, "extend": 0.2, "removal": 0.2, "text": 0.2})
+
+
+@dataclasses.dataclass
+class JudgeConfig:
+    kind: Literal["rule", "transformers", "openai"] = "rule"
+    mode: Literal["score", "yesno", "pairwise"] = "score"
+    model: str | None = None          # transformers: local dir or cached Hub id; openai: served model name
+    base_url: str | None = None       # openai: e.g. http://127.0.0.1:8000/v1
+    api_key_env: str | None = None    # name of the env var holding the API key
+    dtype: str = "bfloat16"
+    device: str = "auto"
+    attn_implementation: str = "sdpa"
+    batch_size: int = 16
+    both_orders: bool = True          # pairwise: ask in both orders to cancel position bias
+    show_crop: bool = False
+    concurrency: int = 32
+    timeout: float = 60.0
+    retries: int = 5
+
+
+@dataclasses.dataclass
+class SamplerConfig:
+    method: Literal["euler", "dpm2", "sde"] = "dpm2"
+    steps: int = 8                    # rollout steps (training)
+    eval_steps: int = 8               # steps for evaluation and sample grids
+    shift: float | None = None        # static time shift; None = the model's default
+    noise_level: float = 0.7          # sde only
+    cfg_scale: float = 1.0            # true CFG (1 = off)
+    negative_prompt: str = ""
+
+
+@dataclasses.dataclass
+class NFTConfig:
+    group_size: int = 8               # images per condition
+    groups_per_step: int = 6          # conditions per step
+    beta: float = 1.0
+    adaptive: bool = True             # adaptive (x0-space) weight; False = velocity form
+    kl_coef: float = 0.0
+    timestep_fraction: float = 0.5    # share of the rollout's step times trained per sample
+    mask_loss: bool = True            # train only the generated region (the known one is blended)
+    std: Literal["group", "global"] = "global"
+    clip: float = 1.0                 # c in r = 1/2 + clip(A, -c, c) / 2c
+    tau_mean: float | None = 0.9
+    tau_std: float | None = 0.05
+    filter_rule: Literal["paper", "strict"] = "paper"
+    old_decay_rate: float = 0.001     # old <- d old + (1 - d) current, d = min(rate * step, max)
+    old_decay_max: float = 0.5
+
+
+@dataclasses.dataclass
+class ReFLConfig:
+    batch_size: int = 8               # conditions per step
+    # Alg. 1 "static": the frozen initial model; Alg. 2 "dynamic": the policy's EMA (the evaluation
+    # EMA, train.ema_max_decay), so no separate reference copy is kept
+    reference: Literal["static", "dynamic"] = "dynamic"
+    min_step: int = 3                 # the policy denoises to a random step in [min_step, max_step]
+    max_step: int = 6
+    reward_upper_bound: float = 0.9   # loss = relu(bound - P(policy better)); no push beyond it
+
+
+@dataclasses.dataclass
+class OptimConfig:
+    lr: float = 3e-4
+    weight_decay: float = 1e-4
+    betas: list[float] = dataclasses.field(default_factory=lambda: [0.9, 0.999])
+    grad_clip: float = 1.0
+    micro_batch: int = 0              # samples per forward/backward (0 = the whole batch)
+    warmup_steps: int = 0
+
+
+@dataclasses.dataclass
+class TrainConfig:
+    algorithm: Literal["nft", "refl"] = "nft"
+    steps: int = 120
+    seed: int = 0
+    time_budget_s: float = 0.0        # stop early (with a checkpoint) after this many seconds; 0 = off
+    eval_per_task: int = 24           # held-out conditions per task for the base/final summary
+    eval_every: int = 0               # held-out evaluation every N steps (0 = only base and final)
+    sample_every: int = 20            # PNG sample grid every N steps
+    checkpoint_every: int = 20
+    keep_checkpoints: int = 2
+    ema_max_decay: float = 0.9        # evaluation EMA: decay = min((1 + s) / (10 + s), max)
+    max_bad_steps: int = 3            # consecutive non-finite losses before the run stops
+    tensorboard: bool = True
+    progress: bool = True
+    threads: int = 0                  # torch CPU threads (0 = torch's default)
+
+
+@dataclasses.dataclass
+class RunConfig:
+    model: ModelConfig = dataclasses.field(default_factory=ModelConfig)
+    data: DataConfig = dataclasses.field(default_factory=DataConfig)
+    judge: JudgeConfig = dataclasses.field(default_factory=JudgeConfig)
+    sampler: SamplerConfig = dataclasses.field(default_factory=SamplerConfig)
+    nft: NFTConfig = dataclasses.field(default_factory=NFTConfig)
+    refl: ReFLConfig = dataclasses.field(default_factory=ReFLConfig)
+    optim: OptimConfig = dataclasses.field(default_factory=OptimConfig)
+    train: TrainConfig = dataclasses.field(default_factory=TrainConfig)
+
+
+def load_config(path: str | None = None, overrides: list[str] | None = None) -> RunConfig:
+    cfg = load_yaml(RunConfig, path, overrides)
+    validate(cfg)
+    return cfg
+
+
+def _positive(value: float, name: str) -> None:
+    if not value > 0:
+        raise ConfigError(f"{name} must be > 0, got {value}")
+
+
+def validate(cfg: RunConfig) -> None:
+    """Value checks that types cannot express; raises ConfigError naming the key and the fix."""
+    for task, w in cfg.data.mixture.items():
+        if task not in TASKS:
+            raise ConfigError(f"data.mixture: unknown task {task!r}; tasks are {list(TASKS)}")
+        if w < 0:
+            raise ConfigError(f"data.mixture.{task} must be >= 0, got {w}")
+    if sum(cfg.data.mixture.values()) <= 0:
+        raise ConfigError("data.mixture gives every task zero weight")
+    if cfg.data.source == "jsonl":
+        if not cfg.data.jsonl:
+            raise ConfigError("data.source is 'jsonl' but data.jsonl is not set: give the JSONL file path")
+        if not Path(cfg.data.jsonl).is_file():
+            raise ConfigError(f"data.jsonl file not found: {cfg.data.jsonl}")
+    _positive(cfg.optim.lr, "optim.lr")
+    _positive(cfg.nft.beta, "nft.beta")
+    _positive(cfg.nft.clip, "nft.clip")
+    if not 0 < cfg.nft.timestep_fraction <= 1:
+        raise ConfigError(f"nft.timestep_fraction must be in (0, 1], got {cfg.nft.timestep_fraction}")
+    if cfg.nft.group_size < 2:
+        raise ConfigError(f"nft.group_size must be >= 2 (group statistics), got {cfg.nft.group_size}")
+    for name in ("steps", "eval_steps"):
+        if getattr(cfg.sampler, name) < 1:
+            raise ConfigError(f"sampler.{name} must be >= 1")
+    if not 1 <= cfg.refl.min_step <= cfg.refl.max_step < cfg.sampler.steps:
+        raise ConfigError(
+            f"refl.min_step/max_step must satisfy 1 <= min <= max < sampler.steps ({cfg.sampler.steps}); "
+            f"got {cfg.refl.min_step}/{cfg.refl.max_step}")
+    if not 0 < cfg.refl.reward_upper_bound <= 1:
+        raise ConfigError("refl.reward_upper_bound must be in (0, 1]")
+    if cfg.train.algorithm == "refl" and cfg.judge.mode != "pairwise":
+        raise ConfigError("train.algorithm 'refl' compares against a reference image: set judge.mode=pairwise")
+    if cfg.model.kind == "flux_fill" and not cfg.model.path:
+        raise ConfigError("model.kind 'flux_fill' needs model.path (a local directory or a cached Hub id)")
+    if cfg.model.kind == "tiny" and cfg.model.path and not Path(cfg.model.path).exists():
+        raise ConfigError(f"model.path not found: {cfg.model.path}")
+    if cfg.judge.kind == "transformers" and not cfg.judge.model:
+        raise ConfigError("judge.kind 'transformers' needs judge.model (a local directory or a cached Hub id)")
+    if cfg.judge.kind == "openai" and not (cfg.judge.base_url and cfg.judge.model):
+        raise ConfigError("judge.kind 'openai' needs judge.base_url and judge.model")
+    if cfg.judge.kind == "rule" and cfg.data.source != "world":
+        raise ConfigError("the rule judge needs the synthetic world's ground truth: use data.source=world")
