@@ -1,0 +1,254 @@
+"""`python -m rl.pretrain`: pretrain the built-in tiny Fill model on the synthetic world.
+
+Flow matching on a uniform mixture of the world's four tasks: x0 = codec(target), the condition
+from (source, mask, prompt), x_t = (1 - t) x0 + t eps, loss = weighted MSE(v_pred, eps - x0).
+
+- t: logit-normal(0, 1) with a 10% uniform share. The logit-normal puts most samples in the middle
+  of the path, where the velocity is hardest to predict (the SD3 finding); the uniform share keeps
+  the ends trained, which few-step samplers visit on every call (their first step is at t = 1).
+  Training does not bake in a shift, so the sampler's shift is chosen afterwards by evaluation.
+- Weighting: elements inside the mask count 1, the known region `--known-weight` (0.1): the sampler
+  overwrites the known region with the re-noised source at every step, so errors there never reach
+  an image. Each sample is normalised by its own weight sum, so small masks (text) are not drowned.
+- The text encoder trains jointly; the saved model is the EMA of both networks.
+
+The output directory (default: the shipped assets, core/assets/tiny_fill) is written atomically:
+model, quality.json (held-out ground-truth metrics) and samples.png go to a temporary directory
+that then replaces the old one.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import random
+import shutil
+import sys
+import time
+from pathlib import Path
+
+import torch
+from torch import Tensor
+from tqdm import tqdm
+
+from core import packing
+from core.image_io import image_grid, save_image
+from core.metrics import ground_truth_metrics, summarize
+from core.tasks import TASKS, TaskMixture
+from core.tiny_fill import SHIPPED_DIR, TinyFillPolicy
+from core.world import SyntheticWorld, collate
+from kernels import masked_blend_step
+
+UNIFORM_T_SHARE = 0.1
+QUALITY_FILE = "quality.json"
+GRID_FILE = "samples.png"
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(prog="python -m rl.pretrain", description=__doc__.split("\n\n")[0])
+    p.add_argument("--steps", type=int, default=4000, help="optimiser steps")
+    p.add_argument("--batch", type=int, default=32, help="edits per step")
+    p.add_argument("--lr", type=float, default=1e-3, help="peak learning rate (AdamW)")
+    p.add_argument("--warmup", type=int, default=200, help="linear warmup steps before the cosine decay")
+    p.add_argument("--weight-decay", type=float, default=0.01)
+    p.add_argument("--ema-decay", type=float, default=0.999, help="max EMA decay of the saved weights")
+    p.add_argument("--known-weight", type=float, default=0.1, help="loss weight of the known (unmasked) region")
+    p.add_argument("--seed", type=int, default=0, help="seed of initialisation, data order and noise")
+    p.add_argument("--world-seed", type=int, default=0, help="seed of the synthetic world")
+    p.add_argument("--out", type=Path, default=SHIPPED_DIR, help="output model directory (default: the shipped assets)")
+    p.add_argument("--eval-per-task", type=int, default=64, help="held-out conditions per task for quality.json")
+    p.add_argument("--eval-steps", type=int, default=8, help="sampler steps for the evaluation")
+    p.add_argument("--shift", type=float, default=1.0, help="time shift of the sampler (saved as the default)")
+    p.add_argument("--eval-only", action="store_true", help="evaluate the model in --out and rewrite its quality.json and grid")
+    p.add_argument("--threads", type=int, default=0, help="torch CPU threads (0 = torch's default)")
+    p.add_argument("--log-every", type=int, default=250, help="print a line with per-task losses every N steps")
+    args = p.parse_args(argv)
+    for name in ("steps", "batch", "eval_per_task", "eval_steps", "log_every"):
+        if getattr(args, name) < 1:
+            raise SystemExit(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
+    if not 0 <= args.ema_decay < 1:
+        raise SystemExit(f"--ema-decay must be in [0, 1), got {args.ema_decay}")
+    if not args.shift > 0:
+        raise SystemExit(f"--shift must be > 0, got {args.shift}")
+    return args
+
+
+def sample_times(n: int, generator: torch.Generator) -> Tensor:
+    """Logit-normal(0, 1) times with a uniform share (see the module docstring)."""
+    t = torch.sigmoid(torch.randn(n, generator=generator))
+    uniform = torch.rand(n, generator=generator)
+    pick = torch.rand(n, generator=generator) < UNIFORM_T_SHARE
+    return torch.where(pick, uniform, t)
+
+
+def lr_factor(step: int, warmup: int, total: int) -> float:
+    """Linear warmup to 1, then cosine decay to 0 at `total`."""
+    if step < warmup:
+        return (step + 1) / warmup
+    progress = (step - warmup) / max(1, total - warmup)
+    return 0.5 * (1 + math.cos(math.pi * min(progress, 1.0)))
+
+
+def flow_matching_loss(policy: TinyFillPolicy, batch, generator: torch.Generator, known_weight: float
+                       ) -> Tensor:
+    """Per-sample weighted velocity MSE [B] for one collated batch of world samples."""
+    cond = policy.encode(batch.images, batch.masks, batch.prompts)
+    x0 = packing.pack(policy.codec.encode(batch.targets.to(cond.x0_known.device)))
+    eps = torch.randn(x0.shape, generator=generator).to(x0.device)
+    t = sample_times(x0.shape[0], generator).to(x0.device)
+    x_t = (1 - t[:, None, None]) * x0 + t[:, None, None] * eps
+    v = policy.velocity(x_t, t, cond)
+    w = cond.blend_mask + known_weight * (1 - cond.blend_mask)
+    return (w * (v - (eps - x0)) ** 2).sum((1, 2)) / w.sum((1, 2))
+
+
+def shifted_times(steps: int, shift: float) -> Tensor:
+    """steps + 1 times from 1 to 0, uniformly spaced then shifted (t' = s t / (1 + (s - 1) t))."""
+    t = torch.linspace(1, 0, steps + 1, dtype=torch.float64)
+    return (shift * t / (1 + (shift - 1) * t)).float()
+
+
+@torch.no_grad()
+def sample_edits(policy: TinyFillPolicy, batch, *, steps: int, shift: float, generator: torch.Generator) -> Tensor:
+    """Edited images [B, 3, H, W]: Euler with the mask-aware blend of the known region."""
+    cond = policy.encode(batch.images, batch.masks, batch.prompts)
+    noise = torch.randn(cond.x0_known.shape, generator=generator).to(cond.x0_known.device)
+    x = noise
+    times = shifted_times(steps, shift).tolist()
+    for t, t_next in zip(times[:-1], times[1:]):
+        v = policy.velocity(x, t, cond)
+        x = masked_blend_step(x, v, cond.blend_mask, cond.x0_known, noise, t, t_next)
+    return policy.decode(x, cond)
+
+
+def evaluate(policy: TinyFillPolicy, world: SyntheticWorld, *, per_task: int, steps: int, shift: float,
+             seed: int = 1234, chunk: int = 48) -> tuple[dict, Tensor]:
+    """Held-out ground-truth metrics (means per task) and a sample grid (3 per task)."""
+    generator = torch.Generator().manual_seed(seed)
+    summary, rows = {}, []
+    for task in TASKS:
+        samples = world.held_out(task, per_task)
+        edited = torch.cat([sample_edits(policy, collate(samples[i:i + chunk]), steps=steps, shift=shift,
+                                         generator=generator) for i in range(0, len(samples), chunk)])
+        summary[task] = summarize(ground_truth_metrics(samples, edited))[task]
+        row = []
+        for s, e in zip(samples[:3], edited[:3]):
+            shown = s.source * (1 - 0.5 * s.mask)  # the region to edit darkened
+            row += [shown, e.cpu(), s.target]
+        rows.append(row)
+    return summary, image_grid(rows)
+
+
+def format_table(summary: dict[str, dict[str, float]]) -> str:
+    lines = [f"{'task':<9} metrics (held out)"]
+    for task, metrics in summary.items():
+        lines.append(f"{task:<9} " + "  ".join(f"{k}={v:.3f}" for k, v in metrics.items()))
+    return "\n".join(lines)
+
+
+def train(args: argparse.Namespace) -> tuple[TinyFillPolicy, dict]:
+    policy = TinyFillPolicy.create(seed=args.seed, default_steps=args.eval_steps, default_shift=args.shift)
+    text_model = policy.prompt_encoder.text_model
+    text_model.requires_grad_(True).train()
+    policy.model.train()
+    params = {f"transformer.{n}": p for n, p in policy.model.named_parameters()}
+    params.update({f"text_encoder.{n}": p for n, p in text_model.named_parameters()})
+    decay = [p for p in params.values() if p.dim() >= 2]
+    no_decay = [p for p in params.values() if p.dim() < 2]  # norms and biases
+    opt = torch.optim.AdamW([{"params": decay, "weight_decay": args.weight_decay},
+                             {"params": no_decay, "weight_decay": 0.0}], lr=args.lr)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: lr_factor(s, args.warmup, args.steps))
+    ema = {n: p.detach().clone() for n, p in params.items()}
+
+    world = SyntheticWorld(seed=args.world_seed)
+    mixture = TaskMixture({t: 1.0 for t in TASKS})
+    rng = random.Random(args.seed)
+    generator = torch.Generator().manual_seed(args.seed)
+    task_loss = {t: [] for t in TASKS}
+    smoothed = None
+    start = time.time()
+    bar = tqdm(range(args.steps), desc="pretrain", dynamic_ncols=True, mininterval=2.0)
+    for step in bar:
+        batch = collate(world.batch(mixture.sample(rng, args.batch), rng))
+        per_sample = flow_matching_loss(policy, batch, generator, args.known_weight)
+        loss = per_sample.mean()
+        if not torch.isfinite(loss):
+            raise RuntimeError(f"non-finite loss at step {step}: lower --lr")
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(list(params.values()), 1.0)
+        opt.step()
+        sched.step()
+        with torch.no_grad():
+            d = min(args.ema_decay, (1 + step) / (10 + step))
+            for n, p in params.items():
+                ema[n].lerp_(p.detach(), 1 - d)
+        for task, value in zip(batch.tasks, per_sample.tolist()):
+            task_loss[task].append(value)
+        smoothed = loss.item() if smoothed is None else 0.98 * smoothed + 0.02 * loss.item()
+        bar.set_postfix(loss=f"{smoothed:.4f}", lr=f"{sched.get_last_lr()[0]:.2e}", refresh=False)
+        if (step + 1) % args.log_every == 0 or step + 1 == args.steps:
+            per_task = "  ".join(f"{t}={sum(v) / max(len(v), 1):.4f}" for t, v in task_loss.items())
+            tqdm.write(f"step {step + 1}/{args.steps}  loss {smoothed:.4f}  {per_task}  "
+                       f"{time.time() - start:.0f}s", file=sys.stdout)
+            task_loss = {t: [] for t in TASKS}
+    with torch.no_grad():  # the saved model is the EMA
+        for n, p in params.items():
+            p.copy_(ema[n])
+    text_model.requires_grad_(False).eval()
+    policy.model.eval()
+    policy.prompt_encoder.clear_cache()
+    info = {"steps": args.steps, "batch": args.batch, "lr": args.lr, "seed": args.seed,
+            "world_seed": args.world_seed, "known_weight": args.known_weight, "ema_decay": args.ema_decay,
+            "final_loss": round(smoothed, 5), "minutes": round((time.time() - start) / 60, 1)}
+    return policy, info
+
+
+def write_atomically(out: Path, fill) -> None:
+    """Run fill(tmp_dir), then replace `out` with it (the old directory survives a failure)."""
+    out = out.resolve()
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.parent / f".{out.name}.tmp-{os.getpid()}"
+    old = out.parent / f".{out.name}.old-{os.getpid()}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    try:
+        fill(tmp)
+        if out.exists():
+            out.rename(old)
+        tmp.rename(out)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+        shutil.rmtree(old, ignore_errors=True)
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    world = SyntheticWorld(seed=args.world_seed)
+    if args.eval_only:
+        policy = TinyFillPolicy.from_pretrained(args.out)
+        previous = json.loads((args.out / QUALITY_FILE).read_text()) if (args.out / QUALITY_FILE).is_file() else {}
+        info = previous.get("training", {})
+        policy.default_steps, policy.default_shift = args.eval_steps, args.shift
+    else:
+        policy, info = train(args)
+    summary, grid = evaluate(policy, world, per_task=args.eval_per_task, steps=args.eval_steps, shift=args.shift)
+    quality = {"held_out_per_task": args.eval_per_task,
+               "sampler": {"method": "euler", "steps": args.eval_steps, "shift": args.shift, "blend": True},
+               "metrics": {t: {k: round(v, 4) for k, v in m.items()} for t, m in summary.items()},
+               "training": info}
+
+    def fill(tmp: Path) -> None:
+        policy.save_pretrained(tmp)
+        (tmp / QUALITY_FILE).write_text(json.dumps(quality, indent=2) + "\n")
+        save_image(grid, tmp / GRID_FILE)
+
+    write_atomically(args.out, fill)
+    print(format_table(summary))
+    print(f"saved to {args.out}")
+
+
+if __name__ == "__main__":
+    main()
