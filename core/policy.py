@@ -124,6 +124,14 @@ class Policy(abc.ABC):
         finally:
             self._model_runner = previous
 
+    def schedule(self, steps: int, shift: float | None = None) -> Tensor:
+        """Sampling times (steps + 1 values, 1 -> 0): the model's default time shift (attribute
+        `default_shift`, none when absent) unless `shift` is given. FLUX overrides this with its
+        resolution-dependent dynamic shift."""
+        from .schedules import flux_sigmas
+
+        return flux_sigmas(steps, shift=shift if shift is not None else getattr(self, "default_shift", None))
+
     def initial_noise(self, cond: Condition, generator: torch.Generator | None = None) -> Tensor:
         shape = cond.x0_known.shape
         return torch.randn(shape, generator=generator, device=cond.x0_known.device, dtype=cond.x0_known.dtype)
