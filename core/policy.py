@@ -124,13 +124,12 @@ class Policy(abc.ABC):
         finally:
             self._model_runner = previous
 
-    def schedule(self, steps: int, shift: float | None = None) -> Tensor:
-        """Sampling times (steps + 1 values, 1 -> 0): the model's default time shift (attribute
-        `default_shift`, none when absent) unless `shift` is given. FLUX overrides this with its
-        resolution-dependent dynamic shift."""
+    def schedule(self, steps: int) -> Tensor:
+        """The model's default sampling times (steps + 1 values, 1 -> 0); plain linear here, models
+        override it (the tiny model's static shift, FLUX's resolution-dependent dynamic shift)."""
         from .schedules import flux_sigmas
 
-        return flux_sigmas(steps, shift=shift if shift is not None else getattr(self, "default_shift", None))
+        return flux_sigmas(steps)
 
     def initial_noise(self, cond: Condition, generator: torch.Generator | None = None) -> Tensor:
         shape = cond.x0_known.shape
