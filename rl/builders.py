@@ -1,0 +1,76 @@
+"""Build the run's parts from its config: policy, judge, data source, rollout schedule.
+
+Missing weights fail here, before any work, with the path named.
+"""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import torch
+
+from core.policy import Policy
+from reward.judge import Judge
+
+from .config import DataConfig, JudgeConfig, ModelConfig
+from .data import JsonlData, WorldData
+from .distributed import resolve_device
+
+_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def build_policy(cfg: ModelConfig, device: torch.device) -> Policy:
+    dtype = _DTYPES[cfg.dtype]
+    if cfg.kind == "tiny":
+        from core.tiny_fill import TinyFillPolicy
+
+        if cfg.path is not None and not Path(cfg.path).exists():
+            raise FileNotFoundError(f"model.path not found: {cfg.path}")
+        policy = TinyFillPolicy.from_pretrained(cfg.path, device=device, dtype=dtype)
+        if cfg.lora is not None:
+            policy.add_lora(r=cfg.lora.r, alpha=cfg.lora.alpha, targets=cfg.lora.targets, init=cfg.lora.init)
+        return policy
+    from core.flux_fill import FluxFillPolicy
+
+    lora = None if cfg.lora is None else {"r": cfg.lora.r, "alpha": cfg.lora.alpha,
+                                          "targets": cfg.lora.targets, "init": cfg.lora.init}
+    return FluxFillPolicy.from_pretrained(
+        cfg.path, device=device, dtype=dtype, lora=lora, gradient_checkpointing=cfg.gradient_checkpointing,
+        attention_backend=cfg.attention_backend, guidance=cfg.guidance, local_files_only=not cfg.allow_download)
+
+
+def build_judge(cfg: JudgeConfig, device: torch.device) -> Judge:
+    if cfg.kind == "rule":
+        from reward.rule_judge import RuleJudge
+
+        return RuleJudge()
+    if cfg.kind == "transformers":
+        from reward.vlm_judge import TransformersJudge
+
+        judge_device = device if cfg.device == "auto" else resolve_device(cfg.device)
+        return TransformersJudge(cfg.model, dtype=_DTYPES.get(cfg.dtype, cfg.dtype), device=judge_device,
+                                 attn_implementation=cfg.attn_implementation, batch_size=cfg.batch_size,
+                                 both_orders=cfg.both_orders, show_crop=cfg.show_crop)
+    from reward.api_judge import OpenAIJudge
+
+    api_key = os.environ.get(cfg.api_key_env) if cfg.api_key_env else None
+    if cfg.api_key_env and not api_key:
+        raise ValueError(f"judge.api_key_env names {cfg.api_key_env!r}, but that environment variable is empty")
+    return OpenAIJudge(cfg.base_url, cfg.model, api_key=api_key, concurrency=cfg.concurrency,
+                       timeout=cfg.timeout, retries=cfg.retries, both_orders=cfg.both_orders,
+                       show_crop=cfg.show_crop)
+
+
+def build_data(cfg: DataConfig):
+    if cfg.source == "world":
+        return WorldData(cfg.mixture, world_seed=cfg.world_seed, image_size=cfg.image_size)
+    return JsonlData(cfg.jsonl, cfg.mixture, size=cfg.image_size)
+
+
+def rollout_sigmas(policy: Policy, steps: int, shift: float | None) -> torch.Tensor:
+    """The sampler's step times for this policy: its default shift unless the config sets one."""
+    if shift is not None:
+        from core.schedules import flux_sigmas
+
+        return flux_sigmas(steps, shift=shift)
+    return policy.schedule(steps)

@@ -1,0 +1,149 @@
+"""`python -m rl.eval`: per-task, per-dimension scores, usability, ground truth, and A-vs-B GSB.
+
+    python -m rl.eval --model RUN_DIR [--against base] [--config FILE] [--set key=value ...]
+                      [--per-task N] [--out DIR]
+
+A and B are `base` (the configured base model, by default the shipped tiny model), a run
+directory, a checkpoint or a model directory. Both edit the same held-out conditions (the synthetic
+world's held-out split, or the `heldout` records of a JSONL file with data.source=jsonl) with the
+same noise. The judge, data and sampler settings come from the run config (defaults: the built-in
+job's). Writes report.md, report.json, dimensions.png, gsb.png, judge_vs_truth.png and
+comparison grids into --out.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from core.tasks import dimensions_for
+from core.world import collate
+
+from .builders import build_data, build_judge, rollout_sigmas
+from .config import RunConfig, load_config
+from .config_io import ConfigError
+from .distributed import resolve_device
+from .evaluate import EvalResult, generate_images, held_out_samples, score_images
+from .model_ref import resolve_model
+from .report import (gsb_counts, markdown, model_section, paired_section, plot_dimensions, plot_gsb,
+                     plot_reward_vs_truth)
+from .rewards import has_prompt
+from .run_log import save_sample_grid
+
+
+def _edit(spec: str, cfg: RunConfig, samples, device, label: str) -> tuple[torch.Tensor, str]:
+    from tqdm import tqdm
+
+    policy, weights, desc = resolve_model(spec, device, cfg.model)
+    sigmas = rollout_sigmas(policy, cfg.sampler.eval_steps, cfg.sampler.shift)
+    method = "euler" if cfg.sampler.method == "sde" else cfg.sampler.method
+    with tqdm(total=len(samples), desc=f"sampling {label}", unit="img") as bar:
+        images = generate_images(policy, samples, weights=weights, sigmas=sigmas, method=method,
+                                 seed=cfg.train.seed + 12345, device=device, progress=bar)
+    return images, desc
+
+
+@torch.no_grad()
+def pairwise_preference(judge, samples, a: torch.Tensor, b: torch.Tensor, batch: int = 64) -> torch.Tensor:
+    """P(A better than B) per condition: both orders, averaged over the task's dimensions."""
+    from reward.judge import JudgeRequest
+
+    out = []
+    for start in range(0, len(samples), batch):
+        chunk = list(range(start, min(start + batch, len(samples))))
+        reqs, owner = [], []
+        for i in chunk:
+            s = samples[i]
+            for d in dimensions_for(s.task, has_prompt=has_prompt(s)):
+                for first, second in ((a[i], b[i]), (b[i], a[i])):
+                    reqs.append(JudgeRequest(s.task, d, s.source, first, s.mask, s.prompt, other=second, truth=s))
+                owner.append(i - start)
+        p = judge.score(reqs, mode="pairwise").float().cpu().view(-1, 2)
+        both = (p[:, 0] + 1 - p[:, 1]) / 2
+        idx = torch.tensor(owner)
+        total = torch.zeros(len(chunk)).index_add(0, idx, both)
+        count = torch.zeros(len(chunk)).index_add(0, idx, torch.ones_like(both))
+        out.append(total / count)
+    return torch.cat(out)
+
+
+def evaluate_models(cfg: RunConfig, model: str, against: str | None, out_dir: Path, per_task: int,
+                    usability_threshold: float = 0.6, gsb_margin: float = 0.05) -> dict[str, Any]:
+    device = resolve_device(cfg.model.device)
+    data = build_data(cfg.data)
+    judge = build_judge(cfg.judge, device)
+    samples = held_out_samples(data, data.tasks, per_task)
+    out_dir.mkdir(parents=True, exist_ok=True)
+
+    results: dict[str, EvalResult] = {}
+    models: dict[str, str] = {}
+    for name, spec in (("A", model), ("B", against)):
+        if spec is None:
+            continue
+        images, models[name] = _edit(spec, cfg, samples, device, name)
+        results[name] = score_images(judge, samples, images, with_truth=data.has_truth, mode=cfg.judge.mode)
+
+    report: dict[str, Any] = {"models": models, "judge": f"{cfg.judge.kind} ({cfg.judge.mode})",
+                              "n_per_task": per_task, "usability_threshold": usability_threshold}
+    for name, r in results.items():
+        report[name] = model_section(r, usability_threshold)
+    if "B" in results:
+        report["paired"] = paired_section(results["A"], results["B"])
+        pref = pairwise_preference(judge, samples, results["A"].images, results["B"].images)
+        report["gsb"] = gsb_counts(pref, [s.task for s in samples], gsb_margin)
+        report["gsb_margin"] = gsb_margin
+        plot_gsb(report["gsb"], out_dir / "gsb.png")
+
+    (out_dir / "report.json").write_text(json.dumps(report, indent=2))
+    (out_dir / "report.md").write_text(markdown(report))
+    plot_dimensions(report, out_dir / "dimensions.png")
+    if data.has_truth:
+        plot_reward_vs_truth(results, out_dir / "judge_vs_truth.png")
+    _grids(samples, results, out_dir)
+    return report
+
+
+def _grids(samples, results: dict[str, EvalResult], out_dir: Path, rows_per_task: int = 4) -> None:
+    for task in dict.fromkeys(s.task for s in samples):
+        idx = [i for i, s in enumerate(samples) if s.task == task][:rows_per_task]
+        batch = collate([samples[i] for i in idx])
+        save_sample_grid(out_dir / f"grid_{task}.png", batch.images, batch.masks,
+                         {name: r.images[idx] for name, r in results.items()})
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="python -m rl.eval", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--model", required=True, help="A: 'base', a run directory, a checkpoint or a model directory")
+    p.add_argument("--against", help="B, compared with A (same forms as --model)")
+    p.add_argument("--config", help="run config for judge, data and sampler (default: the built-in job's)")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
+    p.add_argument("--per-task", type=int, default=32, help="held-out conditions per task (default 32)")
+    p.add_argument("--usability", type=float, default=0.6, help="score every dimension must reach (default 0.6)")
+    p.add_argument("--out", default=None, help="report directory (default: <model>/eval or eval-report)")
+    args = p.parse_args(argv)
+    try:
+        config = args.config
+        if config is None and Path(args.model, "config.yaml").is_file():
+            config = str(Path(args.model, "config.yaml"))  # judge and data of the run being evaluated
+        cfg = load_config(config, args.overrides)
+    except (ConfigError, FileNotFoundError) as e:
+        print(f"config error: {e}", file=sys.stderr)
+        return 2
+    out = Path(args.out) if args.out else (Path(args.model) / "eval" if Path(args.model).is_dir() else Path("eval-report"))
+    try:
+        report = evaluate_models(cfg, args.model, args.against, out, args.per_task, args.usability)
+    except (FileNotFoundError, ValueError) as e:
+        print(f"[rl.eval] {e}", file=sys.stderr)
+        return 1
+    print(markdown(report))
+    print(f"report written to {out}/report.md")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,65 @@
+"""Resolve what a user names as a model: `base`, a run directory, a checkpoint, or a model directory.
+
+Returns the policy and, when the weights live in a checkpoint rather than the model directory, the
+dict of trainable weights to evaluate with (`policy.velocity(..., weights=...)`).
+"""
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+from torch import Tensor
+
+from core.policy import Policy
+
+from .builders import build_policy
+from .checkpoint import latest_checkpoint, load_checkpoint
+from .config import ModelConfig, RunConfig, load_config
+
+
+def resolve_model(spec: str, device: torch.device, default: ModelConfig | None = None
+                  ) -> tuple[Policy, dict[str, Tensor] | None, str]:
+    """(policy, weights or None, description) for `spec`.
+
+    - "base": the configured base model (the shipped tiny model by default);
+    - a run directory (config.yaml + final/ or ckpt-*): its exported final model, else the EMA
+      weights of its latest checkpoint on its own base model;
+    - a checkpoint directory (ckpt-*/state.pt): the EMA weights on the base model of its config;
+    - a model directory saved by `save_pretrained` (tiny format).
+    """
+    model_cfg = default or ModelConfig()
+    if spec == "base":
+        return build_policy(model_cfg, device), None, "base model"
+    path = Path(spec)
+    if not path.exists():
+        raise FileNotFoundError(f"model {spec!r} not found: give 'base', a run directory, a checkpoint or a model directory")
+    if (path / "config.yaml").is_file() and not (path / "state.pt").is_file():  # a run directory
+        cfg: RunConfig = load_config(str(path / "config.yaml"))
+        final = path / "final"
+        if final.is_dir():
+            return build_policy(_with_path(cfg.model, final), device), None, f"run {path} (final)"
+        ckpt = latest_checkpoint(path)
+        if ckpt is None:
+            raise FileNotFoundError(f"run directory {path} has neither final/ nor a checkpoint")
+        return _from_checkpoint(ckpt, cfg.model, device)
+    if (path / "state.pt").is_file():
+        cfg = load_config(str(path / "config.yaml")) if (path / "config.yaml").is_file() else None
+        return _from_checkpoint(path, cfg.model if cfg else model_cfg, device)
+    return build_policy(_with_path(model_cfg, path), device), None, f"model directory {path}"
+
+
+def _with_path(cfg: ModelConfig, path: Path) -> ModelConfig:
+    import dataclasses
+
+    return dataclasses.replace(cfg, path=str(path))
+
+
+def _from_checkpoint(ckpt: Path, model_cfg: ModelConfig, device: torch.device):
+    state = load_checkpoint(ckpt)
+    policy = build_policy(model_cfg, device)
+    weights = {k: v.to(device) for k, v in state["ema"].items()}
+    missing = set(policy.trainable_parameters()) - set(weights)
+    if missing:
+        raise ValueError(f"checkpoint {ckpt} does not match the model: {len(missing)} weights missing, "
+                         f"e.g. {sorted(missing)[:3]}")
+    return policy, weights, f"checkpoint {ckpt} (EMA, step {state['step']})"

@@ -1,0 +1,134 @@
+"""DiffusionNFT with group filtering (Edit-R1 / UniWorld-V2).
+
+One step:
+1. K conditions, each repeated G times (a group); the sampling ("old") policy generates every image
+   with the fast black-box sampler, blending the known region each step; only x0 is kept.
+2. The judge scores each image on every dimension of its task; the dimension mean is the score.
+   Scores are gathered from all processes and `kernels.group_rewards` turns each group into
+   rewards r in [0, 1] (normalised, clipped) and drops low-spread, high-mean groups.
+3. Training: per image, a random `timestep_fraction` of the rollout's own step times, fresh noise
+   each, x_t = (1 - t) x0 + t eps; the old policy (and, for the KL term, the reference) give
+   velocities without gradients, the trained policy with; `kernels.nft_loss` mixes them by r.
+   The loss is a weighted mean over kept images (and over timesteps) of the whole step.
+4. The old policy follows the trained one by a soft update, and the evaluation EMA is updated.
+"""
+from __future__ import annotations
+
+import time
+from typing import Any
+
+import torch
+
+import kernels
+
+from .rewards import judge_images
+from .trainer import Trainer, step_generator
+from .weight_copies import lerp_, old_policy_decay
+
+# streams of the per-step generators
+_ROLLOUT_NOISE, _TIMESTEPS, _TRAIN_NOISE, _SDE = 1, 2, 3, 4
+
+
+class NFTTrainer(Trainer):
+    def train_step(self, step: int) -> dict[str, Any]:
+        cfg, nft, ctx = self.cfg, self.cfg.nft, self.ctx
+        K, G = nft.groups_per_step, nft.group_size
+        N = K * G
+        mine = ctx.share(N)
+        seed = cfg.train.seed
+        metrics: dict[str, Any] = {}
+
+        # 1. rollout with the sampling policy
+        tic = time.perf_counter()
+        samples = self.data.conditions(seed, step, K)
+        cond = self.encode(samples).repeat_interleave(G).index(mine)
+        group_samples = [samples[i // G] for i in range(N)][mine]
+        shape = (N, *cond.x0_known.shape[1:])
+        noise = self.draw_noise(step, _ROLLOUT_NOISE, shape)[mine]
+        x0 = self.generate(cond, noise, self.old, generator=step_generator(seed, step, _SDE))
+        with torch.no_grad():
+            images = self.policy.decode(x0, cond)
+        metrics["time_rollout"] = time.perf_counter() - tic
+
+        # 2. judge and group rewards over the whole step
+        tic = time.perf_counter()
+        with torch.no_grad():
+            table = judge_images(self.judge, group_samples, images, mode=cfg.judge.mode)
+        scores = ctx.all_gather_cat(table.per_image.detach().float().to(self.device))
+        groups = kernels.group_rewards(
+            scores.view(K, G), std=nft.std, clip=nft.clip, tau_mean=nft.tau_mean, tau_std=nft.tau_std,
+            rule=nft.filter_rule)
+        r = groups.r.reshape(N)[mine].float()
+        keep = groups.keep.repeat_interleave(G)[mine].float()
+        kept_total = float(groups.keep.float().sum()) * G
+        metrics["time_judge"] = time.perf_counter() - tic
+        metrics.update(reward=float(scores.mean()), reward_std=float(scores.std()),
+                       kept_groups=float(groups.keep.float().mean()),
+                       zero_std_groups=float((groups.std < 1e-6).float().mean()),
+                       reward_by_task=table.by_task(), reward_by_task_dim=table.by_task_dimension())
+
+        # 3. update
+        tic = time.perf_counter()
+        n_times = len(self.sigmas) - 1
+        n_train = max(1, round(nft.timestep_fraction * n_times))
+        gen = step_generator(seed, step, _TIMESTEPS)
+        order = torch.stack([torch.randperm(n_times, generator=gen)[:n_train] for _ in range(N)])[mine]
+        train_noise = self.draw_noise(step, _TRAIN_NOISE, (n_train, *shape))[:, mine]
+        n_local = x0.shape[0]
+        micro = cfg.optim.micro_batch or n_local
+        chunks = [slice(i, min(i + micro, n_local)) for i in range(0, n_local, micro)]
+        loss_sum, dev_sum, kl_sum = 0.0, 0.0, 0.0
+        if kept_total > 0:
+            # every (timestep, image) term has the same weight in the step's mean; DDP averages
+            # gradients over processes, hence the world-size factor
+            scale = ctx.world_size / (kept_total * n_train)
+            passes = [(j, c) for j in range(n_train) for c in chunks]
+            nonfinite = False
+            for p, (j, c) in enumerate(passes):
+                t = self.sigmas.to(self.device)[order[c, j]]
+                eps = train_noise[j, c]
+                tb = t.view(-1, *([1] * (x0.dim() - 1)))
+                x_t = (1 - tb) * x0[c] + tb * eps
+                v_target = eps - x0[c]
+                sub = cond.index(c)
+                with torch.no_grad():
+                    v_old = self.policy.velocity(x_t, t, sub, weights=self.old)
+                    v_ref = self.policy.velocity(x_t, t, sub, weights=self.ref) if nft.kl_coef > 0 else None
+                v_theta = self.trained_velocity(x_t, t, sub)
+                if not self._all_finite(v_theta):  # a diverged policy: skip the step, do not crash
+                    nonfinite = True
+                    break
+                if nft.mask_loss:  # only the generated region carries the reward's signal
+                    m = sub.blend_mask.to(v_theta.dtype)
+                    v_theta, v_old, v_target = v_theta * m, v_old * m, v_target * m
+                    v_ref = None if v_ref is None else v_ref * m
+                per_sample = kernels.nft_loss(
+                    v_theta, v_old, v_target, r[c], t, beta=nft.beta, adaptive=nft.adaptive,
+                    v_ref=v_ref, kl_coef=nft.kl_coef, reduction="none")
+                loss = (per_sample * keep[c]).sum() * scale
+                with self.backward_context(last=p == len(passes) - 1):
+                    loss.backward()
+                loss_sum += float(loss.detach()) / ctx.world_size
+                with torch.no_grad():
+                    dev_sum += float(((v_theta - v_old) ** 2).mean()) / len(passes)
+                    if v_ref is not None:
+                        kl_sum += float(((v_theta - v_ref) ** 2).mean()) / len(passes)
+            if nonfinite:
+                self.optimizer.zero_grad(set_to_none=True)
+                grad_norm, applied = float("nan"), False
+            else:
+                grad_norm, applied = self.optimizer_step()
+        else:  # every group filtered out: nothing to learn from this step
+            grad_norm, applied = 0.0, False
+            self.optimizer.zero_grad(set_to_none=True)
+        metrics["time_update"] = time.perf_counter() - tic
+        loss_sum = float(ctx.all_reduce_sum(torch.tensor(loss_sum, device=self.device)))
+
+        # 4. the copies follow
+        if applied:
+            lerp_(self.old, self.params, old_policy_decay(step, nft.old_decay_rate, nft.old_decay_max))
+            self.update_ema(step)
+        metrics.update(loss=loss_sum, grad_norm=grad_norm, deviation_from_old=dev_sum,
+                       kl=kl_sum if nft.kl_coef > 0 else None, skipped=not applied,
+                       nonfinite=(kept_total > 0 and not applied), images=N)
+        return metrics

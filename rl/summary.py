@@ -1,0 +1,142 @@
+"""End-of-run evaluation for `rl.train`: base vs final on the held-out set, plots, summary.json.
+
+The final model is the evaluation EMA (what `final/` exports). Base and final are evaluated on the
+same held-out conditions with the same noise, so per-condition differences are paired; intervals
+are percentile bootstraps of the paired mean difference.
+"""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from .evaluate import EvalResult, evaluate, held_out_samples
+from .plots import plot_reward_curves, plot_time_split
+from .run_log import read_metrics
+from .stats import bootstrap_mean
+
+GRID_ROWS_PER_TASK = 2
+
+
+def evaluate_weights(trainer, weights: dict[str, Tensor] | None, label: str) -> EvalResult:
+    cfg = trainer.cfg
+    samples = held_out_samples(trainer.data, trainer.data.tasks, cfg.train.eval_per_task)
+    from .builders import rollout_sigmas
+
+    sigmas = rollout_sigmas(trainer.policy, cfg.sampler.eval_steps, cfg.sampler.shift)
+    progress = None
+    if cfg.train.progress:
+        from tqdm import tqdm
+
+        progress = tqdm(total=len(samples), desc=f"held-out eval [{label}]", unit="img", leave=False)
+    try:
+        return evaluate(trainer.policy, trainer.judge, samples, weights=weights, sigmas=sigmas,
+                        method="euler" if cfg.sampler.method == "sde" else cfg.sampler.method,
+                        seed=cfg.train.seed + 12345, device=trainer.device,
+                        with_truth=trainer.data.has_truth, progress=progress)
+    finally:
+        if progress is not None:
+            progress.close()
+
+
+def save_eval(result: EvalResult, path: Path) -> None:
+    torch.save({"images": result.images, "reward": result.reward, "by_dimension": result.by_dimension,
+                "ground_truth": result.ground_truth, "keys": [s.key for s in result.samples]}, path)
+
+
+def load_eval(path: Path) -> dict[str, Any]:
+    return torch.load(path, map_location="cpu", weights_only=False)
+
+
+def _base_images(base, n: int) -> Tensor | None:
+    if base is None:
+        return None
+    return (base.images if isinstance(base, EvalResult) else base["images"])[:n]
+
+
+def grid_columns(trainer, base) -> tuple[Tensor, Tensor, dict[str, Tensor]]:
+    """Rows for the sample grid: a few held-out conditions per task, base vs current (EMA)."""
+    from core.world import collate
+
+    from .builders import rollout_sigmas
+    from .evaluate import generate_images
+
+    cfg = trainer.cfg
+    per_task = max(1, cfg.train.eval_per_task)
+    samples = held_out_samples(trainer.data, trainer.data.tasks, per_task)
+    chosen = [i for t in trainer.data.tasks for i in [j for j, s in enumerate(samples) if s.task == t]
+              [:GRID_ROWS_PER_TASK]]
+    rows = [samples[i] for i in chosen]
+    sigmas = rollout_sigmas(trainer.policy, cfg.sampler.eval_steps, cfg.sampler.shift)
+    current = generate_images(trainer.policy, rows, weights=trainer.ema, sigmas=sigmas,
+                              method="euler" if cfg.sampler.method == "sde" else cfg.sampler.method,
+                              seed=cfg.train.seed + 999, device=trainer.device)
+    batch = collate(rows)
+    columns: dict[str, Tensor] = {}
+    base_imgs = _base_images(base, len(samples))
+    if base_imgs is not None:
+        columns["base"] = base_imgs[chosen]
+    columns["current"] = current
+    return batch.images, batch.masks, columns
+
+
+def _reward_of(result) -> Tensor:
+    return result.reward if isinstance(result, EvalResult) else result["reward"]
+
+
+def final_summary(trainer, run_dir: Path, base, steps_done: int) -> dict[str, Any]:
+    cfg = trainer.cfg
+    metrics = read_metrics(run_dir / "metrics.jsonl")
+    plot_reward_curves(metrics, run_dir / "reward_curve.png", title=f"{cfg.train.algorithm} training reward")
+    time_split = plot_time_split(metrics, run_dir / "time_split.png")
+    summary: dict[str, Any] = {"run_dir": str(run_dir), "steps": steps_done, "algorithm": cfg.train.algorithm,
+                               "time_split_s": time_split,
+                               "train_wall_time_s": metrics[-1]["wall_time"] if metrics else 0.0}
+    if base is not None and cfg.train.eval_per_task > 0:
+        final = evaluate_weights(trainer, trainer.ema, "final")
+        save_eval(final, run_dir / "eval_final.pt")
+        b, f = _reward_of(base), final.reward
+        summary["reward_base"] = float(b.mean())
+        summary["reward_final"] = float(f.mean())
+        gain = bootstrap_mean(f - b)
+        summary["reward_gain"] = gain.as_dict()
+        per_task = {}
+        for task in final.tasks():
+            idx = final.indices(task)
+            per_task[task] = {"base": float(b[idx].mean()), "final": float(f[idx].mean()),
+                              "gain": bootstrap_mean(f[idx] - b[idx]).as_dict()}
+        summary["by_task"] = per_task
+        summary["final_dimensions"] = final.dimension_means()
+        if final.ground_truth is not None:
+            base_gt = base.ground_truth_means() if isinstance(base, EvalResult) else _gt_means(base, final)
+            summary["ground_truth"] = {"base": base_gt, "final": final.ground_truth_means()}
+    (run_dir / "summary.json").write_text(json.dumps(summary, indent=2))
+    _print_summary(summary)
+    return summary
+
+
+def _gt_means(stored: dict[str, Any], like: EvalResult) -> dict[str, dict[str, float]]:
+    tmp = EvalResult(like.samples, stored["images"], stored["reward"], stored["by_dimension"],
+                     stored["ground_truth"])
+    return tmp.ground_truth_means()
+
+
+def _print_summary(s: dict[str, Any]) -> None:
+    lines = [f"\n== {s['algorithm']} run: {s['steps']} steps in {s['train_wall_time_s']:.0f} s =="]
+    if s.get("time_split_s"):
+        ts = s["time_split_s"]
+        total = sum(ts.values()) or 1.0
+        lines.append("time per step: " + ", ".join(f"{k} {v:.2f} s ({100 * v / total:.0f}%)" for k, v in ts.items()))
+    if "by_task" in s:
+        lines.append(f"{'task':10s} {'base':>7s} {'final':>7s}   gain [95% CI]")
+        for task, r in s["by_task"].items():
+            g = r["gain"]
+            lines.append(f"{task:10s} {r['base']:7.3f} {r['final']:7.3f}   {g['mean']:+.3f} "
+                         f"[{g['low']:+.3f}, {g['high']:+.3f}]")
+        g = s["reward_gain"]
+        lines.append(f"{'all':10s} {s['reward_base']:7.3f} {s['reward_final']:7.3f}   {g['mean']:+.3f} "
+                     f"[{g['low']:+.3f}, {g['high']:+.3f}]")
+    print("\n".join(lines))

@@ -1,0 +1,138 @@
+"""What both RL algorithms share: weights and their copies, the optimiser, conditions, rollouts.
+
+A trainer owns the policy's trainable weights (updated by the optimiser) and three copies kept as
+plain tensor dicts (rl/weight_copies.py): `old` (DiffusionNFT's sampling policy), `ema` (evaluation,
+export, and OneReward's dynamic reference) and `ref` (the initial weights: KL anchor and OneReward's
+static reference). Everything random in a step is drawn from generators seeded by (seed, step),
+so a resumed run repeats exactly what an uninterrupted one would have done.
+"""
+from __future__ import annotations
+
+import abc
+import contextlib
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from core.policy import Condition, Policy, swapped_weights
+from core.samplers import sample_policy
+from core.world import EditSample, collate
+from reward.judge import Judge
+
+from .config import RunConfig
+from .distributed import DistContext
+from .weight_copies import clone, ema_decay, lerp_
+
+
+def step_generator(seed: int, step: int, stream: int) -> torch.Generator:
+    """A CPU generator for one purpose (stream) of one step; draws are moved to the device after."""
+    return torch.Generator().manual_seed((seed * 1_000_003 + step) * 101 + stream)
+
+
+class Trainer(abc.ABC):
+    def __init__(self, cfg: RunConfig, policy: Policy, judge: Judge, data, ctx: DistContext, sigmas: Tensor):
+        self.cfg, self.policy, self.judge, self.data, self.ctx = cfg, policy, judge, data, ctx
+        self.device = ctx.device
+        self.sigmas = sigmas.to(torch.float32)
+        self.params = policy.trainable_parameters()
+        if not self.params:
+            raise ValueError("the policy has no trainable parameters (all frozen?)")
+        o = cfg.optim
+        self.optimizer = torch.optim.AdamW(self.params.values(), lr=o.lr, betas=tuple(o.betas),
+                                           weight_decay=o.weight_decay)
+        self.ref = clone(self.params)
+        self.old = clone(self.params)
+        self.ema = clone(self.params)
+        self.ddp = None
+        if ctx.enabled:
+            from torch.nn.parallel import DistributedDataParallel
+
+            ids = [self.device.index] if self.device.type == "cuda" else None
+            self.ddp = DistributedDataParallel(policy.model, device_ids=ids)
+
+    # -- pieces of a step ---------------------------------------------------------------------
+    def encode(self, samples: list[EditSample]) -> Condition:
+        batch = collate(samples)
+        with torch.no_grad():
+            return self.policy.encode(batch.images.to(self.device), batch.masks.to(self.device), batch.prompts)
+
+    def draw_noise(self, step: int, stream: int, shape: tuple[int, ...]) -> Tensor:
+        return torch.randn(shape, generator=step_generator(self.cfg.train.seed, step, stream)).to(self.device)
+
+    @torch.no_grad()
+    def generate(self, cond: Condition, noise: Tensor, weights: dict[str, Tensor] | None,
+                 sigmas: Tensor | None = None, generator: torch.Generator | None = None) -> Tensor:
+        """Packed x at the end of `sigmas` (default: the full rollout schedule), without gradients.
+        `generator` drives the SDE sampler's noise (pass a step generator for reproducibility)."""
+        s = self.cfg.sampler
+        return sample_policy(self.policy, cond, sigmas=self.sigmas if sigmas is None else sigmas,
+                             method=s.method, noise=noise, weights=weights, blend=True,
+                             noise_level=s.noise_level, generator=generator)
+
+    def trained_velocity(self, x_t: Tensor, t: Tensor, cond: Condition) -> Tensor:
+        """The policy's velocity with gradients (through DDP when distributed)."""
+        if self.ddp is None:
+            return self.policy.velocity(x_t, t, cond)
+        with self.policy.route_model(self.ddp):
+            return self.policy.velocity(x_t, t, cond)
+
+    def backward_context(self, last: bool):
+        """DDP syncs gradients only on the last backward of an accumulation."""
+        if self.ddp is None or last:
+            return contextlib.nullcontext()
+        return self.ddp.no_sync()
+
+    def _all_finite(self, x: Tensor) -> bool:
+        """True when x is finite on every process (all processes must take the same branch)."""
+        bad = (~torch.isfinite(x.detach())).any().float().reshape(1)
+        return float(self.ctx.all_reduce_sum(bad)) == 0.0
+
+    def optimizer_step(self) -> tuple[float, bool]:
+        """Clip, check and apply the accumulated gradient. Returns (grad norm, applied)."""
+        params = list(self.params.values())
+        norm = torch.nn.utils.clip_grad_norm_(params, self.cfg.optim.grad_clip)
+        ok = bool(torch.isfinite(norm))
+        if ok:
+            if self.cfg.optim.warmup_steps:
+                scale = min(1.0, (self.step_index + 1) / self.cfg.optim.warmup_steps)
+                for group in self.optimizer.param_groups:
+                    group["lr"] = self.cfg.optim.lr * scale
+            self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        return float(norm), ok
+
+    def update_ema(self, step: int) -> None:
+        lerp_(self.ema, self.params, ema_decay(step, self.cfg.train.ema_max_decay))
+
+    # -- the algorithm ------------------------------------------------------------------------
+    step_index: int = 0
+
+    @abc.abstractmethod
+    def train_step(self, step: int) -> dict[str, Any]:
+        """One RL step; returns the metrics to log (and "skipped": True when no update was made)."""
+
+    def export(self, out_dir) -> None:
+        """Save the evaluation EMA as a model directory the policy's libraries can load."""
+        with torch.no_grad(), swapped_weights(self.policy.model, self.ema):
+            self.policy.save_pretrained(out_dir)
+
+    # -- checkpoint state ---------------------------------------------------------------------
+    def state_dict(self) -> dict[str, Any]:
+        return {
+            "weights": {k: v.detach().cpu().clone() for k, v in self.params.items()},
+            "old": {k: v.cpu() for k, v in self.old.items()},
+            "ema": {k: v.cpu() for k, v in self.ema.items()},
+            "ref": {k: v.cpu() for k, v in self.ref.items()},
+            "optimizer": self.optimizer.state_dict(),
+        }
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        with torch.no_grad():
+            for name, p in self.params.items():
+                p.copy_(state["weights"][name])
+        for key in ("old", "ema", "ref"):
+            copy = getattr(self, key)
+            for name in copy:
+                copy[name] = state[key][name].to(copy[name].device, copy[name].dtype).clone()
+        self.optimizer.load_state_dict(state["optimizer"])
