@@ -1,0 +1,44 @@
+"""`python -m rl.eval` on a small run: report files, tables, GSB, and agreement with rl.train."""
+import json
+
+import pytest
+import torch
+
+import rl.eval
+import rl.train
+from rl.config import load_config
+from rl.report import gsb_counts
+
+
+def test_eval_against_base_writes_the_report(quick, tmp_path):
+    run_dir = tmp_path / "run"
+    summary = rl.train.run(load_config(None, quick(**{"train.eval_per_task": 3})), out_dir=run_dir)
+    out = tmp_path / "report"
+    assert rl.eval.main(["--model", str(run_dir), "--against", "base", "--per-task", "3", "--out", str(out)]) == 0
+    for name in ("report.md", "report.json", "dimensions.png", "gsb.png", "judge_vs_truth.png",
+                 "grid_fill.png", "grid_text.png"):
+        assert (out / name).is_file(), name
+    report = json.loads((out / "report.json").read_text())
+    assert set(report["A"]) == {"fill", "extend", "removal", "text"}
+    fill = report["A"]["fill"]
+    assert set(fill["dimensions"]) == {"text_alignment", "consistency", "structure", "aesthetics"}
+    assert {"colour_acc", "shape_acc", "psnr_mask"} <= set(fill["ground_truth"])
+    for task, g in report["gsb"].items():
+        assert g["good"] + g["same"] + g["bad"] == 3
+    md = (out / "report.md").read_text()
+    assert "good / same / bad" in md and "usability" in md
+    # the same held-out conditions, noise and judge as rl.train's summary: the numbers agree
+    for task, s in summary["by_task"].items():
+        assert report["A"][task]["reward"]["mean"] == pytest.approx(s["final"], abs=1e-5)
+        assert report["B"][task]["reward"]["mean"] == pytest.approx(s["base"], abs=1e-5)
+
+
+def test_gsb_counts_and_margin():
+    pref = torch.tensor([0.9, 0.52, 0.1, 0.6, 0.5])
+    counts = gsb_counts(pref, ["fill", "fill", "fill", "text", "text"], margin=0.05)
+    assert counts == {"fill": {"good": 1, "same": 1, "bad": 1}, "text": {"good": 1, "same": 1, "bad": 0}}
+
+
+def test_unknown_model_is_named(tmp_path, capsys):
+    assert rl.eval.main(["--model", str(tmp_path / "nothing"), "--out", str(tmp_path / "r")]) == 1
+    assert "nothing" in capsys.readouterr().err
