@@ -123,11 +123,11 @@ def sample(
         t, t_next = times[i], times[i + 1]
         t_vec = torch.full((B,), t, device=x.device, dtype=torch.float32)
         v = velocity(x, t_vec).to(dtype)
-        x0_hat = x - t * v
-        if t_next == 0.0 and method != "euler":
-            x_next = x0_hat
-        elif method == "euler" or (method == "sde" and noise_level == 0):
+        x0_hat = None if method == "euler" else x - t * v
+        if method == "euler" or (method == "sde" and noise_level == 0 and t_next > 0):
             x_next = None  # the blend kernel (or the plain update below) takes v directly
+        elif t_next == 0.0:
+            x_next = x0_hat
         elif method == "dpm2":
             ratio = t_next * (1 - t) / (t * (1 - t_next))  # e^-h
             d = x0_hat
