@@ -19,7 +19,7 @@ from .distributed import resolve_device
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
-def build_policy(cfg: ModelConfig, device: torch.device) -> Policy:
+def build_policy(cfg: ModelConfig, device: torch.device, image_size: int = 512) -> Policy:
     dtype = _DTYPES[cfg.dtype]
     if cfg.kind == "tiny":
         from core.tiny_fill import TinyFillPolicy
@@ -36,7 +36,8 @@ def build_policy(cfg: ModelConfig, device: torch.device) -> Policy:
                                           "targets": cfg.lora.targets, "init": cfg.lora.init}
     return FluxFillPolicy.from_pretrained(
         cfg.path, device=device, dtype=dtype, lora=lora, gradient_checkpointing=cfg.gradient_checkpointing,
-        attention_backend=cfg.attention_backend, guidance=cfg.guidance, local_files_only=not cfg.allow_download)
+        attention_backend=cfg.attention_backend, guidance=cfg.guidance, local_files_only=not cfg.allow_download,
+        image_size=image_size)
 
 
 def build_judge(cfg: JudgeConfig, device: torch.device) -> Judge:

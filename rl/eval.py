@@ -38,7 +38,7 @@ from .run_log import save_sample_grid
 def _edit(spec: str, cfg: RunConfig, samples, device, label: str) -> tuple[torch.Tensor, str]:
     from tqdm import tqdm
 
-    policy, weights, desc = resolve_model(spec, device, cfg.model)
+    policy, weights, desc = resolve_model(spec, device, cfg.model, cfg.data.image_size)
     sigmas = rollout_sigmas(policy, cfg.sampler.eval_steps, cfg.sampler.shift)
     method = "euler" if cfg.sampler.method == "sde" else cfg.sampler.method
     with tqdm(total=len(samples), desc=f"sampling {label}", unit="img") as bar:

@@ -17,7 +17,7 @@ from .checkpoint import latest_checkpoint, load_checkpoint
 from .config import ModelConfig, RunConfig, load_config
 
 
-def resolve_model(spec: str, device: torch.device, default: ModelConfig | None = None
+def resolve_model(spec: str, device: torch.device, default: ModelConfig | None = None, image_size: int = 512
                   ) -> tuple[Policy, dict[str, Tensor] | None, str]:
     """(policy, weights or None, description) for `spec`.
 
@@ -29,7 +29,7 @@ def resolve_model(spec: str, device: torch.device, default: ModelConfig | None =
     """
     model_cfg = default or ModelConfig()
     if spec == "base":
-        return build_policy(model_cfg, device), None, "base model"
+        return build_policy(model_cfg, device, image_size), None, "base model"
     path = Path(spec)
     if not path.exists():
         raise FileNotFoundError(f"model {spec!r} not found: give 'base', a run directory, a checkpoint or a model directory")
@@ -37,6 +37,13 @@ def resolve_model(spec: str, device: torch.device, default: ModelConfig | None =
         cfg: RunConfig = load_config(str(path / "config.yaml"))
         final = path / "final"
         if final.is_dir():
+            if cfg.model.kind == "flux_fill":  # the export is a LoRA adapter or a transformer/ dir
+                policy = build_policy(cfg.model, device, cfg.data.image_size)
+                if policy.has_lora:
+                    policy.load_lora_weights(final)
+                    return policy, None, f"run {path} (final LoRA)"
+                raise ValueError(f"{final}: load a fully fine-tuned FLUX transformer with "
+                                 "FluxFillPolicy.from_pretrained(base, transformer=final/'transformer')")
             return build_policy(_with_path(cfg.model, final), device), None, f"run {path} (final)"
         ckpt = latest_checkpoint(path)
         if ckpt is None:

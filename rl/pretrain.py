@@ -35,10 +35,11 @@ from tqdm import tqdm
 from core import packing
 from core.image_io import image_grid, save_image
 from core.metrics import ground_truth_metrics, summarize
+from core.samplers import METHODS, sample_policy
+from core.schedules import flux_sigmas
 from core.tasks import TASKS, TaskMixture
 from core.tiny_fill import SHIPPED_DIR, TinyFillPolicy
 from core.world import SyntheticWorld, collate
-from kernels import masked_blend_step
 
 UNIFORM_T_SHARE = 0.1
 QUALITY_FILE = "quality.json"
@@ -59,7 +60,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--out", type=Path, default=SHIPPED_DIR, help="output model directory (default: the shipped assets)")
     p.add_argument("--eval-per-task", type=int, default=64, help="held-out conditions per task for quality.json")
     p.add_argument("--eval-steps", type=int, default=8, help="sampler steps for the evaluation")
-    p.add_argument("--shift", type=float, default=1.0, help="time shift of the sampler (saved as the default)")
+    p.add_argument("--eval-method", choices=METHODS, default="dpm2", help="sampler for the evaluation (RL's default: dpm2)")
+    p.add_argument("--shift", type=float, default=1.0, help="static time shift of the sampler (saved as the default)")
     p.add_argument("--eval-only", action="store_true", help="evaluate the model in --out and rewrite its quality.json and grid")
     p.add_argument("--threads", type=int, default=0, help="torch CPU threads (0 = torch's default)")
     p.add_argument("--log-every", type=int, default=250, help="print a line with per-task losses every N steps")
@@ -103,34 +105,25 @@ def flow_matching_loss(policy: TinyFillPolicy, batch, generator: torch.Generator
     return (w * (v - (eps - x0)) ** 2).sum((1, 2)) / w.sum((1, 2))
 
 
-def shifted_times(steps: int, shift: float) -> Tensor:
-    """steps + 1 times from 1 to 0, uniformly spaced then shifted (t' = s t / (1 + (s - 1) t))."""
-    t = torch.linspace(1, 0, steps + 1, dtype=torch.float64)
-    return (shift * t / (1 + (shift - 1) * t)).float()
-
-
 @torch.no_grad()
-def sample_edits(policy: TinyFillPolicy, batch, *, steps: int, shift: float, generator: torch.Generator) -> Tensor:
-    """Edited images [B, 3, H, W]: Euler with the mask-aware blend of the known region."""
+def sample_edits(policy: TinyFillPolicy, batch, *, steps: int, shift: float, method: str = "dpm2",
+                 generator: torch.Generator | None = None) -> Tensor:
+    """Edited images [B, 3, H, W], sampled with the mask-aware blend of the known region."""
     cond = policy.encode(batch.images, batch.masks, batch.prompts)
-    noise = torch.randn(cond.x0_known.shape, generator=generator).to(cond.x0_known.device)
-    x = noise
-    times = shifted_times(steps, shift).tolist()
-    for t, t_next in zip(times[:-1], times[1:]):
-        v = policy.velocity(x, t, cond)
-        x = masked_blend_step(x, v, cond.blend_mask, cond.x0_known, noise, t, t_next)
-    return policy.decode(x, cond)
+    x0 = sample_policy(policy, cond, sigmas=flux_sigmas(steps, shift=shift), method=method, blend=True,
+                       generator=generator)
+    return policy.decode(x0, cond)
 
 
 def evaluate(policy: TinyFillPolicy, world: SyntheticWorld, *, per_task: int, steps: int, shift: float,
-             seed: int = 1234, chunk: int = 48) -> tuple[dict, Tensor]:
+             method: str = "dpm2", seed: int = 1234, chunk: int = 48) -> tuple[dict, Tensor]:
     """Held-out ground-truth metrics (means per task) and a sample grid (3 per task)."""
     generator = torch.Generator().manual_seed(seed)
     summary, rows = {}, []
     for task in TASKS:
         samples = world.held_out(task, per_task)
         edited = torch.cat([sample_edits(policy, collate(samples[i:i + chunk]), steps=steps, shift=shift,
-                                         generator=generator) for i in range(0, len(samples), chunk)])
+                                         method=method, generator=generator) for i in range(0, len(samples), chunk)])
         summary[task] = summarize(ground_truth_metrics(samples, edited))[task]
         row = []
         for s, e in zip(samples[:3], edited[:3]):
@@ -234,9 +227,10 @@ def main(argv: list[str] | None = None) -> None:
         policy.default_steps, policy.default_shift = args.eval_steps, args.shift
     else:
         policy, info = train(args)
-    summary, grid = evaluate(policy, world, per_task=args.eval_per_task, steps=args.eval_steps, shift=args.shift)
+    summary, grid = evaluate(policy, world, per_task=args.eval_per_task, steps=args.eval_steps, shift=args.shift,
+                             method=args.eval_method)
     quality = {"held_out_per_task": args.eval_per_task,
-               "sampler": {"method": "euler", "steps": args.eval_steps, "shift": args.shift, "blend": True},
+               "sampler": {"method": args.eval_method, "steps": args.eval_steps, "shift": args.shift, "blend": True},
                "metrics": {t: {k: round(v, 4) for k, v in m.items()} for t, m in summary.items()},
                "training": info}
 

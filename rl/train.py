@@ -41,7 +41,7 @@ def make_trainer(cfg: RunConfig, ctx: DistContext):
     from .nft import NFTTrainer
     from .refl import ReFLTrainer
 
-    policy = build_policy(cfg.model, ctx.device)
+    policy = build_policy(cfg.model, ctx.device, image_size=cfg.data.image_size)
     judge = build_judge(cfg.judge, ctx.device)
     data = build_data(cfg.data)
     sigmas = rollout_sigmas(policy, cfg.sampler.steps, cfg.sampler.shift)

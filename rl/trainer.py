@@ -113,9 +113,17 @@ class Trainer(abc.ABC):
         """One RL step; returns the metrics to log (and "skipped": True when no update was made)."""
 
     def export(self, out_dir) -> None:
-        """Save the evaluation EMA as a model directory the policy's libraries can load."""
+        """Save the evaluation EMA where the model's own library can load it: a LoRA adapter in
+        diffusers' format when the policy trains one (FluxFillPipeline.load_lora_weights), else
+        the model directory (the tiny model: every part via from_pretrained)."""
+        if getattr(self.policy, "has_lora", False) and hasattr(self.policy, "save_lora_weights"):
+            self.policy.save_lora_weights(out_dir, weights=self.ema)
+            return
         with torch.no_grad(), swapped_weights(self.policy.model, self.ema):
-            self.policy.save_pretrained(out_dir)
+            if self.cfg.model.kind == "flux_fill":
+                self.policy.save_pretrained(out_dir, transformer_only=True)
+            else:
+                self.policy.save_pretrained(out_dir)
 
     # -- checkpoint state ---------------------------------------------------------------------
     def state_dict(self) -> dict[str, Any]:
