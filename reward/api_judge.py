@@ -1,0 +1,233 @@
+"""A VLM judge behind an OpenAI-compatible chat-completions server (vLLM, or `python -m reward.serve`).
+
+Each conversation is one request: images as base64 PNG data URLs, `max_tokens=1`, `logprobs=true`
+with `top_logprobs`, and, when label token ids are given, `logprob_token_ids` (vLLM returns those
+tokens' log-probabilities next to the top ones). The label distribution is read from the returned
+log-probabilities exactly as the in-process judge reads it from logits.
+
+A label missing from the returned list had less probability than every token that was returned,
+so its log-probability is taken as the smallest returned one minus log(2) (half that token's
+probability), a documented floor, not a crash. If no label at all is returned the request fails:
+guessing would invent a reward.
+
+Requests run concurrently in a thread pool. Timeouts, connection errors, 408, 429 and 5xx are
+retried with exponential backoff and jitter; after the last retry a JudgeError names the URL and
+the last failure. A refused connection before the server has ever answered fails at once with
+the fix (start the server); later refusals (a restarting server) are retried like the rest.
+Other 4xx answers and malformed responses fail at once: retrying cannot fix them.
+"""
+from __future__ import annotations
+
+import json
+import math
+import os
+import random
+import threading
+import time
+import urllib.error
+import urllib.request
+from collections.abc import Mapping
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from .chat_wire import to_openai_messages
+from .judge import Judge, JudgeError, JudgeRequest, Mode, check_mode, check_scores
+from .labels import scores_from_label_probs
+from .prompts import LABELS, Conversation, JudgeTemplates, build_conversations
+from .views import JudgeView
+
+_RETRY_STATUS = frozenset({408, 409, 425, 429, 500, 502, 503, 504})
+
+
+class _Retryable(Exception):
+    """A failure worth another attempt (the message says what happened)."""
+
+
+def _refused(err: BaseException) -> bool:
+    reason = getattr(err, "reason", err)
+    return isinstance(reason, ConnectionRefusedError) or isinstance(err, ConnectionRefusedError)
+
+
+def label_log_probs(top_logprobs: list[dict[str, Any]], labels: tuple[str, ...], where: str) -> list[float]:
+    """The labels' log-probabilities from one position's returned list (floored when missing).
+
+    Entries are {"token": text, "logprob": float}; a label matches a token's exact text. A label
+    absent from the list gets min(returned logprobs) - log(2); no label present is a JudgeError.
+    """
+    found: dict[str, float] = {}
+    returned: list[float] = []
+    for entry in top_logprobs:
+        try:
+            token, lp = entry["token"], float(entry["logprob"])
+        except (KeyError, TypeError, ValueError) as err:
+            raise JudgeError(f"{where}: malformed top_logprobs entry {entry!r}") from err
+        if math.isnan(lp):
+            raise JudgeError(f"{where}: NaN logprob for token {token!r}")
+        returned.append(lp)
+        if token in labels and token not in found:
+            found[token] = lp
+    if not found:
+        seen = [e.get("token") for e in top_logprobs[:10]]
+        raise JudgeError(
+            f"{where}: none of the label tokens {list(labels)} is among the {len(top_logprobs)} returned "
+            f"logprobs (first: {seen}); raise top_logprobs, pass label_token_ids so the server returns them "
+            "(vLLM: logprob_token_ids), or check that the chat template makes the model answer with a label")
+    floor = min(returned) - math.log(2.0)
+    return [found.get(label, floor) for label in labels]
+
+
+class OpenAIJudge(Judge):
+    """Scores requests through an OpenAI-compatible server with logprobs.
+
+    `base_url` ends in /v1 (e.g. http://127.0.0.1:8000/v1); `model` is the served model name.
+    `label_token_ids` maps label text ("Yes", "No", "0".."5") to token ids; when given, the ids of
+    the mode's labels are sent as `logprob_token_ids` (set `send_logprob_token_ids=False` for servers
+    that reject the field). The wording and the images shown match `TransformersJudge` with the same
+    options, so both backends score the same requests alike.
+    """
+
+    differentiable = False
+
+    def __init__(self, base_url: str, model: str, *, api_key: str | None = None, concurrency: int = 16,
+                 timeout: float = 60.0, retries: int = 5, backoff: float = 0.5, max_backoff: float = 30.0,
+                 top_logprobs: int = 20, label_token_ids: Mapping[str, int] | None = None,
+                 send_logprob_token_ids: bool = True, both_orders: bool = False, show_crop: bool = False,
+                 crop_margin: float = 0.25, crop_size: int = 224, show_source: bool = True,
+                 templates: JudgeTemplates | Mapping[str, str] | str | os.PathLike | None = None):
+        if not isinstance(base_url, str) or not base_url.startswith(("http://", "https://")):
+            raise ValueError(f"base_url must be an http(s) URL such as http://127.0.0.1:8000/v1, got {base_url!r}")
+        for name, value, low in (("concurrency", concurrency, 1), ("retries", retries, 0),
+                                 ("top_logprobs", top_logprobs, 0)):
+            if not isinstance(value, int) or value < low:
+                raise ValueError(f"{name} must be an integer >= {low}, got {value!r}")
+        for name, value in (("timeout", timeout), ("backoff", backoff), ("max_backoff", max_backoff)):
+            if not value > 0:
+                raise ValueError(f"{name} must be > 0 seconds, got {value!r}")
+        self.base_url = base_url.rstrip("/")
+        self.url = self.base_url + "/chat/completions"
+        self.model = model
+        self.api_key = api_key
+        self.concurrency = concurrency
+        self.timeout, self.retries = float(timeout), retries
+        self.backoff, self.max_backoff = float(backoff), float(max_backoff)
+        self.top_logprobs = top_logprobs
+        self.label_token_ids = dict(label_token_ids) if label_token_ids is not None else None
+        if self.label_token_ids is not None:
+            missing = [lb for labels in LABELS.values() for lb in labels if lb not in self.label_token_ids]
+            if missing:
+                raise ValueError(f"label_token_ids lacks {sorted(set(missing))}; give the id of every label "
+                                 "(see reward.labels.label_token_ids for a tokenizer's ids)")
+        self.send_logprob_token_ids = send_logprob_token_ids
+        self.both_orders = both_orders
+        self.view = JudgeView(show_source=show_source, crop=show_crop, crop_margin=crop_margin, crop_size=crop_size)
+        self.templates = templates if isinstance(templates, JudgeTemplates) else JudgeTemplates.from_config(templates)
+        self._pool = ThreadPoolExecutor(max_workers=concurrency, thread_name_prefix="judge-http")
+        self._reached = threading.Event()   # set once the server has answered anything
+        self.attempts = 0                   # HTTP attempts made (for logs and tests)
+        self._lock = threading.Lock()
+
+    # -- one HTTP request ---------------------------------------------------------------------
+    def _payload(self, conversation: Conversation, mode: str) -> dict[str, Any]:
+        payload: dict[str, Any] = {
+            "model": self.model, "messages": to_openai_messages(conversation), "max_tokens": 1,
+            "temperature": 0.0, "logprobs": True, "top_logprobs": self.top_logprobs,
+        }
+        if self.label_token_ids is not None and self.send_logprob_token_ids:
+            payload["logprob_token_ids"] = [self.label_token_ids[lb] for lb in LABELS[mode]]
+        return payload
+
+    def _post_once(self, body: bytes) -> dict[str, Any]:
+        headers = {"Content-Type": "application/json", "Accept": "application/json"}
+        if self.api_key:
+            headers["Authorization"] = f"Bearer {self.api_key}"
+        req = urllib.request.Request(self.url, data=body, headers=headers, method="POST")
+        with self._lock:
+            self.attempts += 1
+        try:
+            with urllib.request.urlopen(req, timeout=self.timeout) as resp:
+                self._reached.set()
+                raw = resp.read()
+        except urllib.error.HTTPError as err:
+            self._reached.set()
+            detail = err.read()[:500].decode("utf-8", "replace")
+            if err.code in _RETRY_STATUS:
+                raise _Retryable(f"HTTP {err.code}: {detail}") from err
+            raise JudgeError(f"judge server {self.url} rejected the request with HTTP {err.code}: {detail}") from err
+        except (urllib.error.URLError, OSError) as err:
+            if _refused(err) and not self._reached.is_set():
+                raise JudgeError(
+                    f"cannot connect to the judge server at {self.url} (connection refused). Start it first: "
+                    "`python -m reward.serve --model DIR --port PORT` or `vllm serve MODEL --max-logprobs 20`, "
+                    "and check judge.base_url") from err
+            raise _Retryable(f"{type(err).__name__}: {getattr(err, 'reason', err)}") from err
+        try:
+            return json.loads(raw)
+        except json.JSONDecodeError as err:
+            raise _Retryable(f"response is not JSON: {raw[:200]!r}") from err
+
+    def _post(self, payload: dict[str, Any]) -> dict[str, Any]:
+        body = json.dumps(payload).encode("utf-8")
+        last = ""
+        for attempt in range(self.retries + 1):
+            if attempt:
+                delay = min(self.max_backoff, self.backoff * 2 ** (attempt - 1))
+                time.sleep(delay * (0.5 + 0.5 * random.random()))   # jitter spreads out concurrent retries
+            try:
+                return self._post_once(body)
+            except _Retryable as err:
+                last = str(err)
+        raise JudgeError(f"judge server {self.url} failed after {self.retries + 1} attempt(s); last failure: {last}")
+
+    def _label_log_probs(self, conversation: Conversation, mode: str) -> list[float]:
+        data = self._post(self._payload(conversation, mode))
+        where = f"judge server {self.url}"
+        try:
+            position = data["choices"][0]["logprobs"]["content"][0]
+            top = list(position.get("top_logprobs") or [])
+        except (KeyError, IndexError, TypeError) as err:
+            raise JudgeError(f"{where} returned no logprobs for the first token (does it support logprobs=true?): "
+                             f"{json.dumps(data)[:300]}") from err
+        if "token" in position and "logprob" in position:
+            top.append({"token": position["token"], "logprob": position["logprob"]})  # the generated token
+        return label_log_probs(top, LABELS[mode], where)
+
+    # -- the judge interface ------------------------------------------------------------------
+    def label_probs(self, conversations: list[Conversation], mode: str) -> Tensor:
+        """[N, n_labels] float64: the returned label distribution of each conversation."""
+        check_mode(mode)
+        futures = [self._pool.submit(self._label_log_probs, c, mode) for c in conversations]
+        try:
+            rows = [f.result() for f in futures]
+        except BaseException:
+            for f in futures:
+                f.cancel()
+            raise
+        return torch.softmax(torch.tensor(rows, dtype=torch.float64), dim=-1)
+
+    def score(self, requests: list[JudgeRequest], mode: Mode = "score") -> Tensor:
+        check_mode(mode)
+        if not requests:
+            return torch.zeros(0)
+        conversations = build_conversations(requests, mode, self.templates, self.view, both_orders=self.both_orders)
+        scores = scores_from_label_probs(self.label_probs(conversations, mode), mode, both_orders=self.both_orders)
+        return check_scores(scores.float().to(requests[0].edited.device), len(requests), "OpenAIJudge")
+
+    def ping(self) -> list[str]:
+        """The served model names (GET /models): a quick check that the server is up and serves `model`."""
+        req = urllib.request.Request(self.base_url + "/models", headers=(
+            {"Authorization": f"Bearer {self.api_key}"} if self.api_key else {}))
+        try:
+            with urllib.request.urlopen(req, timeout=self.timeout) as resp:
+                names = [m["id"] for m in json.loads(resp.read())["data"]]
+        except (urllib.error.URLError, OSError, KeyError, TypeError, json.JSONDecodeError) as err:
+            raise JudgeError(f"judge server {self.base_url} did not list its models ({err}); is it running? "
+                             "Start `python -m reward.serve --model DIR` or vLLM") from err
+        if self.model not in names:
+            raise JudgeError(f"judge server {self.base_url} serves {names}, not {self.model!r}: set judge.model")
+        return names
+
+    def close(self) -> None:
+        self._pool.shutdown(wait=False, cancel_futures=True)

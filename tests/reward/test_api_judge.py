@@ -1,0 +1,177 @@
+"""The OpenAI-API judge against small fake servers: retries, failures, floors, payloads, concurrency."""
+import json
+import math
+import socket
+import threading
+import time
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+import pytest
+import torch
+
+from reward.api_judge import OpenAIJudge, label_log_probs
+from reward.chat_wire import decode_image_data_url
+from reward.judge import JudgeError
+
+
+def _answer(top: dict[str, float]) -> dict:
+    entries = [{"token": t, "logprob": lp, "bytes": list(t.encode())} for t, lp in top.items()]
+    best = max(entries, key=lambda e: e["logprob"])
+    return {"choices": [{"index": 0, "message": {"role": "assistant", "content": best["token"]},
+                         "logprobs": {"content": [{**best, "top_logprobs": entries}]}}]}
+
+
+class FakeServer:
+    """Answers POSTs with `behaviour(n, payload) -> (status, body dict, delay_s)`; records what it saw."""
+
+    def __init__(self, behaviour):
+        self.behaviour, self.payloads, self.in_flight, self.max_in_flight = behaviour, [], 0, 0
+        self._lock = threading.Lock()
+        fake = self
+
+        class Handler(BaseHTTPRequestHandler):
+            def log_message(self, *args):
+                pass
+
+            def do_POST(self):  # noqa: N802
+                payload = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
+                with fake._lock:
+                    fake.payloads.append(payload)
+                    n = len(fake.payloads)
+                    fake.in_flight += 1
+                    fake.max_in_flight = max(fake.max_in_flight, fake.in_flight)
+                status, body, delay = fake.behaviour(n, payload)
+                time.sleep(delay)
+                with fake._lock:
+                    fake.in_flight -= 1
+                data = json.dumps(body).encode()
+                try:
+                    self.send_response(status)
+                    self.send_header("Content-Type", "application/json")
+                    self.send_header("Content-Length", str(len(data)))
+                    self.end_headers()
+                    self.wfile.write(data)
+                except OSError:   # the client gave up (timeout tests)
+                    pass
+
+        self.httpd = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.httpd.daemon_threads = True
+        threading.Thread(target=self.httpd.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True).start()
+        self.url = f"http://127.0.0.1:{self.httpd.server_address[1]}/v1"
+
+    def close(self):
+        self.httpd.shutdown()
+        self.httpd.server_close()
+
+
+@pytest.fixture
+def fake_server():
+    servers = []
+
+    def start(behaviour):
+        servers.append(FakeServer(behaviour))
+        return servers[-1]
+
+    yield start
+    for s in servers:
+        s.close()
+
+
+YES_70 = _answer({"Yes": math.log(0.7), "No": math.log(0.3), "Maybe": math.log(0.001)})
+
+
+def _judge(url, **kw):
+    kw.setdefault("backoff", 0.01)
+    return OpenAIJudge(url, "judge", **kw)
+
+
+def test_server_errors_are_retried_until_an_answer(fake_server, make_requests):
+    server = fake_server(lambda n, p: (500, {"error": "busy"}, 0) if n <= 2 else (200, YES_70, 0))
+    judge = _judge(server.url, retries=3)
+    scores = judge.score(make_requests()[:1], "yesno")
+    assert torch.allclose(scores, torch.tensor([0.7]), atol=1e-6)
+    assert judge.attempts == 3
+
+
+def test_persistent_failure_is_a_judge_error_never_a_zero_reward(fake_server, make_requests):
+    server = fake_server(lambda n, p: (503, {"error": "overloaded"}, 0))
+    judge = _judge(server.url, retries=2)
+    with pytest.raises(JudgeError, match=r"/v1/chat/completions failed after 3 attempt.*HTTP 503.*overloaded"):
+        judge.score(make_requests()[:1], "yesno")
+    assert len(server.payloads) == 3
+
+
+def test_rejected_request_is_not_retried(fake_server, make_requests):
+    server = fake_server(lambda n, p: (400, {"error": "bad image"}, 0))
+    with pytest.raises(JudgeError, match="rejected the request with HTTP 400.*bad image"):
+        _judge(server.url, retries=4).score(make_requests()[:1], "score")
+    assert len(server.payloads) == 1
+
+
+def test_timeouts_are_retried_then_reported(fake_server, make_requests):
+    server = fake_server(lambda n, p: (200, YES_70, 0.6 if n == 1 else 0))
+    judge = _judge(server.url, retries=1, timeout=0.2)
+    assert torch.allclose(judge.score(make_requests()[:1], "yesno"), torch.tensor([0.7]), atol=1e-6)
+    slow = fake_server(lambda n, p: (200, YES_70, 0.6))
+    with pytest.raises(JudgeError, match="failed after 2 attempt.*timed out"):
+        _judge(slow.url, retries=1, timeout=0.2).score(make_requests()[:1], "yesno")
+
+
+def test_unreachable_server_fails_fast_with_the_fix(make_requests):
+    with socket.socket() as s:   # a port nobody listens on
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    judge = _judge(f"http://127.0.0.1:{port}/v1", retries=5, backoff=1.0)
+    tic = time.perf_counter()
+    with pytest.raises(JudgeError, match=rf"127.0.0.1:{port}/v1.*connection refused.*python -m reward.serve"):
+        judge.score(make_requests()[:1], "score")
+    assert judge.attempts == 1 and time.perf_counter() - tic < 5.0   # no backoff spent on a server never seen
+
+
+def test_missing_label_gets_the_documented_floor():
+    top = [{"token": "Yes", "logprob": -0.5}, {"token": "Hmm", "logprob": -2.0}]
+    assert label_log_probs(top, ("Yes", "No"), "s") == [-0.5, -2.0 - math.log(2)]
+    with pytest.raises(JudgeError, match="none of the label tokens"):
+        label_log_probs([{"token": "Hmm", "logprob": -0.1}], ("Yes", "No"), "s")
+    with pytest.raises(JudgeError, match="malformed"):
+        label_log_probs([{"token": "Yes"}], ("Yes", "No"), "s")
+
+
+def test_score_mode_reads_digits_with_floors(fake_server, make_requests):
+    # "3" and "5" returned; 0, 1, 2, 4 floored at min - log 2
+    answer = _answer({"3": math.log(0.5), "5": math.log(0.3), "x": math.log(0.1)})
+    server = fake_server(lambda n, p: (200, answer, 0))
+    score = _judge(server.url).score(make_requests()[:1], "score")
+    lp = torch.full((6,), math.log(0.1) - math.log(2), dtype=torch.float64)
+    lp[3], lp[5] = math.log(0.5), math.log(0.3)
+    expected = (torch.softmax(lp, 0) * torch.arange(6.0, dtype=torch.float64)).sum() / 5
+    assert torch.allclose(score.double(), expected[None], atol=1e-6)
+
+
+def test_payload_and_concurrency(fake_server, make_requests):
+    server = fake_server(lambda n, p: (200, YES_70, 0.15))
+    ids = {t: i for i, t in enumerate(["Yes", "No", "0", "1", "2", "3", "4", "5"], start=100)}
+    judge = _judge(server.url, concurrency=4, label_token_ids=ids, top_logprobs=7, both_orders=True,
+                   show_crop=True, crop_size=16, api_key="k")
+    reqs = make_requests()
+    scores = judge.score(reqs, "pairwise")
+    # both orders: (0.7 + 1 - 0.7) / 2 for every request
+    assert torch.allclose(scores, torch.full((len(reqs),), 0.5), atol=1e-6)
+    assert len(server.payloads) == 2 * len(reqs) and server.max_in_flight > 1
+    p = server.payloads[0]
+    assert p["max_tokens"] == 1 and p["logprobs"] is True and p["top_logprobs"] == 7
+    assert p["logprob_token_ids"] == [100, 101] and p["model"] == "judge"
+    parts = p["messages"][-1]["content"]
+    urls = [x["image_url"]["url"] for x in parts if x["type"] == "image_url"]
+    assert len(urls) == 5 and all(u.startswith("data:image/png;base64,") for u in urls)  # source, 2 + 2 crops
+    assert torch.equal(decode_image_data_url(urls[0]), reqs[0].source)   # 8-bit images cross exactly
+    assert decode_image_data_url(urls[3]).shape == (3, 16, 16)
+
+
+def test_bad_options_are_clear_errors():
+    with pytest.raises(ValueError, match="base_url"):
+        OpenAIJudge("localhost:8000", "m")
+    with pytest.raises(ValueError, match="concurrency"):
+        OpenAIJudge("http://127.0.0.1:1/v1", "m", concurrency=0)
+    with pytest.raises(ValueError, match="label_token_ids lacks"):
+        OpenAIJudge("http://127.0.0.1:1/v1", "m", label_token_ids={"Yes": 1, "No": 2})
