@@ -41,6 +41,8 @@ from .schedules import flux_sigmas, image_seq_len
 DEFAULT_GUIDANCE = 30.0   # FluxFillPipeline's default guidance_scale for Fill [dev]
 ADAPTER = "default"
 FRAME_COMPONENTS = ("vae", "text_encoder", "tokenizer", "text_encoder_2", "tokenizer_2", "scheduler")
+#: diffusers attention backends with a CPU implementation (PyTorch SDPA's math/flash kernels, flex)
+CPU_ATTENTION_BACKENDS = frozenset({"native", "_native_math", "_native_flash", "flex"})
 _REPO_ID = re.compile(r"[A-Za-z0-9][\w.-]*/[\w.-]+")
 
 
@@ -67,8 +69,10 @@ def resolve_model_path(path: str | os.PathLike, *, local_files_only: bool = True
     return name
 
 
-def check_attention_backend(name: str, *, local_files_only: bool = True) -> str:
-    """Validate a diffusers attention backend name and that its package is importable."""
+def check_attention_backend(name: str, *, local_files_only: bool = True,
+                            device: str | torch.device | None = None) -> str:
+    """Validate a diffusers attention backend name, that its package is importable and, when
+    `device` is given, that the backend runs there (most fused backends have no CPU kernel)."""
     from diffusers.models.attention_dispatch import AttentionBackendName, _check_attention_backend_requirements
 
     valid = sorted(b.value for b in AttentionBackendName)
@@ -81,8 +85,13 @@ def check_attention_backend(name: str, *, local_files_only: bool = True) -> str:
     try:
         _check_attention_backend_requirements(AttentionBackendName(name))
     except (RuntimeError, ImportError) as err:
-        raise ValueError(f"attention backend {name!r} is not usable here: {err} Install the GPU extras "
-                         "(pip install '.[gpu]') or use attention_backend='native'.") from None
+        raise ValueError(f"attention backend {name!r} is not usable here: {err} Install that package "
+                         "(flash-attn and xformers come with pip install '.[gpu]') or use "
+                         "attention_backend='native'.") from None
+    if device is not None and torch.device(device).type == "cpu" and name not in CPU_ATTENTION_BACKENDS:
+        # otherwise SDPA fails at the first forward with "No viable backend ... was found"
+        raise ValueError(f"attention backend {name!r} has no CPU kernel; on CPU use one of "
+                         f"{', '.join(sorted(CPU_ATTENTION_BACKENDS))}")
     return name
 
 
@@ -134,7 +143,7 @@ class FluxFillPolicy(Policy):
         transformer_only=True)`); `image_size`: the resolution `schedule()` assumes by default.
         """
         if attention_backend is not None:
-            check_attention_backend(attention_backend, local_files_only=local_files_only)
+            check_attention_backend(attention_backend, local_files_only=local_files_only, device=device or "cpu")
         resolved = resolve_model_path(path, local_files_only=local_files_only)
         kwargs = {"local_files_only": local_files_only}
         if dtype is not None:
@@ -152,7 +161,7 @@ class FluxFillPolicy(Policy):
         if gradient_checkpointing:
             policy.model.enable_gradient_checkpointing()
         if attention_backend is not None:
-            policy.set_attention_backend(attention_backend)
+            policy.set_attention_backend(attention_backend, local_files_only=local_files_only)
         return policy
 
     def add_lora(self, *, r: int, alpha: float, targets: Sequence[str] = FLUX_ATTENTION_TARGETS,
@@ -172,9 +181,11 @@ class FluxFillPolicy(Policy):
     def has_lora(self) -> bool:
         return bool(getattr(self.model, "peft_config", None))
 
-    def set_attention_backend(self, name: str) -> None:
-        """Route the transformer's attention through a diffusers backend ('native', 'flash', ...)."""
-        self.model.set_attention_backend(check_attention_backend(name))
+    def set_attention_backend(self, name: str, *, local_files_only: bool = True) -> None:
+        """Route the transformer's attention through a diffusers backend ('native', 'flash', ...);
+        `*_hub` backends fetch kernels from the Hub and need `local_files_only=False`."""
+        check_attention_backend(name, local_files_only=local_files_only, device=self.device)
+        self.model.set_attention_backend(name)
 
     def to(self, device: str | torch.device | None = None, dtype: torch.dtype | None = None) -> "FluxFillPolicy":
         """Move (and optionally cast) every component; LoRA tensors stay float32."""

@@ -245,12 +245,23 @@ def test_missing_model_path_is_named(tmp_path):
         FluxFillPolicy.from_pretrained("onejudge-tests/not-a-model")
 
 
-def test_bad_attention_backend(flux_dir):
+def test_attention_backends(flux_dir, edits):
     with pytest.raises(ValueError, match="unknown attention backend 'flashy'.*native"):
         FluxFillPolicy.from_pretrained(flux_dir, attention_backend="flashy")
     with pytest.raises(ValueError, match="downloads its kernels"):
         check_attention_backend("flash_hub")
     assert check_attention_backend("native") == "native"
+    # fused SDPA kernels without a CPU implementation are refused up front, not at the first forward
+    with pytest.raises(ValueError, match="'_native_cudnn' has no CPU kernel.*_native_flash"):
+        FluxFillPolicy.from_pretrained(flux_dir, attention_backend="_native_cudnn")
+    assert check_attention_backend("_native_cudnn", device="cuda") == "_native_cudnn"
+    policy = load(flux_dir, attention_backend="_native_flash")
+    with pytest.raises(ValueError, match="no CPU kernel"):
+        policy.set_attention_backend("_native_efficient")
+    cond, x, t = probe(policy, edits)
+    with torch.no_grad():
+        torch.testing.assert_close(policy.velocity(x, t, cond), load(flux_dir).velocity(x, t, cond),
+                                   rtol=1e-4, atol=1e-5)
     if importlib.util.find_spec("flash_attn") is None:
         with pytest.raises(ValueError, match="flash-attn"):
             FluxFillPolicy.from_pretrained(flux_dir, attention_backend="flash")

@@ -94,13 +94,16 @@ def test_dpm2_last_step_is_the_data_prediction():
 
 @pytest.mark.parametrize("noise_level", [0.4, 1.0])
 def test_sde_marginals_match_the_data(noise_level):
+    # 32000 values: under torch's parallel grain size, so a busy 2-core machine does not make
+    # OpenMP threads spin (that made this test 50x slower)
     g = torch.Generator().manual_seed(0)
-    z = torch.randn(20000, 2, generator=g, dtype=torch.float64)
+    z = torch.randn(16000, 2, generator=g, dtype=torch.float64)
     out, traj = sample(gaussian_velocity, z, flux_sigmas(100).double(), method="sde", noise_level=noise_level,
                        generator=g, return_trajectory=True)
     assert abs(float(out.mean()) - M) < 0.01 and abs(float(out.std()) - S) < 0.01
-    mid = traj[50]  # t = 0.5
-    assert abs(float(mid.std()) - math.sqrt(0.25 * S**2 + 0.25)) < 0.01
+    mid = traj[50]  # t = 0.5; Euler-Maruyama's O(dt) bias is ~0.008 here at a = 1 (halves as steps double)
+    assert abs(float(mid.mean()) - 0.5 * M) < 0.01
+    assert abs(float(mid.std()) - math.sqrt(0.25 * S**2 + 0.25)) < 0.015
     # the noise really is injected: the samples leave the ODE's deterministic map z -> m + s z
     assert float((out - (M + S * z)).std()) > 0.1 * noise_level
 
