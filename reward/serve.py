@@ -155,6 +155,7 @@ class JudgeServer:
         self.httpd = ThreadingHTTPServer((host, port), _handler_for(self))
         self.httpd.daemon_threads = True
         self._thread: threading.Thread | None = None
+        self._serving = False
 
     @property
     def url(self) -> str:
@@ -163,13 +164,22 @@ class JudgeServer:
         return f"http://{host}:{port}/v1"
 
     def start(self) -> JudgeServer:
-        self._thread = threading.Thread(target=self.httpd.serve_forever, kwargs={"poll_interval": 0.1},
+        """Serve from a background thread (returns at once)."""
+        self._serving = True
+        self._thread = threading.Thread(target=self.serve_forever, kwargs={"poll_interval": 0.1},
                                         name="judge-http", daemon=True)
         self._thread.start()
         return self
 
+    def serve_forever(self, poll_interval: float = 0.5) -> None:
+        """Serve in this thread until `close()` (from another thread) or KeyboardInterrupt."""
+        self._serving = True
+        self.httpd.serve_forever(poll_interval=poll_interval)
+
     def close(self) -> None:
-        self.httpd.shutdown()
+        """Stop serving, free the port and stop the batcher."""
+        if self._serving:   # shutdown() would wait forever for a loop that never ran
+            self.httpd.shutdown()
         self.httpd.server_close()
         self.batcher.close()
 
@@ -283,7 +293,7 @@ def main(argv: list[str] | None = None) -> None:
                          max_logprobs=args.max_logprobs, max_images=args.max_images)
     print(f"judge {args.model} served at {server.url} (Ctrl-C stops)", flush=True)
     try:
-        server.httpd.serve_forever()
+        server.serve_forever()
     except KeyboardInterrupt:
         pass
     finally:

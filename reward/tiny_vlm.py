@@ -36,10 +36,18 @@ CHAT_TEMPLATE = (
 )
 
 
+FAMILIES: tuple[str, ...] = ("qwen2_5_vl", "qwen3_vl")
+
+
 @dataclasses.dataclass(frozen=True)
 class TinyVLMSpec:
-    """Sizes of the tiny judge. The defaults give about 100k parameters ("test")."""
+    """Architecture and sizes of the tiny judge. The defaults give about 150k parameters ("test").
 
+    `family` picks the model class: "qwen2_5_vl" (Qwen2.5-VL) or "qwen3_vl" (Qwen3-VL, usually with
+    patch_size 16; its image processor normalises with mean = std = 0.5 as the released one does).
+    """
+
+    family: str = "qwen2_5_vl"
     hidden: int = 32
     layers: int = 4
     heads: int = 4
@@ -56,6 +64,8 @@ class TinyVLMSpec:
     vocab_size: int = 600
 
     def __post_init__(self) -> None:
+        if self.family not in FAMILIES:
+            raise ValueError(f"unknown tiny VLM family {self.family!r}; expected one of {list(FAMILIES)}")
         head_dim = self.hidden // self.heads
         if self.hidden % self.heads or head_dim % 8:
             raise ValueError(f"hidden {self.hidden} / heads {self.heads} must give a head size divisible by 8 "
@@ -69,6 +79,7 @@ PRESETS: dict[str, TinyVLMSpec] = {
     "demo": TinyVLMSpec(hidden=96, layers=4, heads=6, kv_heads=2, intermediate=192, vision_depth=2,
                         vision_hidden=64, vision_heads=4, vision_intermediate=128,
                         min_pixels=56 * 56, max_pixels=112 * 112, vocab_size=800),
+    "qwen3-test": TinyVLMSpec(family="qwen3_vl", patch_size=16, min_pixels=64 * 64, max_pixels=64 * 64),
 }
 
 
@@ -108,20 +119,55 @@ def build_tokenizer(vocab_size: int = 600):
 
 
 def build_image_processor(spec: TinyVLMSpec):
+    """The PIL-backend Qwen2-VL image processor (Qwen3-VL uses the same one with mean = std = 0.5)."""
     from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
 
+    norm = dict(image_mean=[0.5] * 3, image_std=[0.5] * 3) if spec.family == "qwen3_vl" else {}
     return Qwen2VLImageProcessorPil(patch_size=spec.patch_size, merge_size=spec.merge_size, temporal_patch_size=2,
-                                    min_pixels=spec.min_pixels, max_pixels=spec.max_pixels)
+                                    min_pixels=spec.min_pixels, max_pixels=spec.max_pixels, **norm)
+
+
+def _config(spec: TinyVLMSpec, ids: dict[str, int], vocab_size: int, init_std: float):
+    head_dim = spec.hidden // spec.heads
+    quarter = head_dim // 8
+    rope = {"rope_type": "default", "rope_theta": 10000.0, "mrope_section": [2 * quarter, quarter, quarter]}
+    text = dict(vocab_size=vocab_size, hidden_size=spec.hidden, intermediate_size=spec.intermediate,
+                num_hidden_layers=spec.layers, num_attention_heads=spec.heads, num_key_value_heads=spec.kv_heads,
+                max_position_embeddings=4096, bos_token_id=ids["<|endoftext|>"], eos_token_id=ids["<|im_end|>"],
+                pad_token_id=ids["<|endoftext|>"], initializer_range=init_std)
+    vision = dict(depth=spec.vision_depth, hidden_size=spec.vision_hidden, intermediate_size=spec.vision_intermediate,
+                  num_heads=spec.vision_heads, patch_size=spec.patch_size, spatial_merge_size=spec.merge_size,
+                  temporal_patch_size=2, out_hidden_size=spec.hidden, initializer_range=init_std)
+    tokens = dict(image_token_id=ids["<|image_pad|>"], video_token_id=ids["<|video_pad|>"],
+                  vision_start_token_id=ids["<|vision_start|>"], vision_end_token_id=ids["<|vision_end|>"])
+    if spec.family == "qwen3_vl":
+        from transformers import Qwen3VLConfig
+
+        side = max(1, round((spec.max_pixels ** 0.5) / spec.patch_size))
+        return Qwen3VLConfig(
+            text_config=dict(text, head_dim=head_dim, rope_parameters=dict(rope, mrope_interleaved=True)),
+            vision_config=dict(vision, num_position_embeddings=max(16, side * side),
+                               deepstack_visual_indexes=[spec.vision_depth - 1]),
+            **tokens)
+    from transformers import Qwen2_5_VLConfig
+
+    return Qwen2_5_VLConfig(
+        text_config=dict(text, rope_parameters=rope),
+        vision_config=dict(vision, window_size=spec.patch_size * spec.merge_size * 2,
+                           fullatt_block_indexes=[spec.vision_depth - 1]),
+        **tokens)
 
 
 def build_tiny_vlm(spec: TinyVLMSpec | str = "test", *, seed: int = 0, dtype: torch.dtype = torch.float32,
                    init_std: float = 0.02) -> VLMParts:
-    """A randomly initialised tiny Qwen2.5-VL with its tokenizer and image processor (no downloads).
+    """A randomly initialised tiny Qwen2.5-VL (or Qwen3-VL) with its tokenizer and image processor.
 
+    Nothing is downloaded. `spec` is a `TinyVLMSpec` or a preset name ("test", "demo").
     `init_std` is the weights' initial standard deviation: at the usual 0.02 a tiny model answers
     almost uniformly whatever it sees; about 0.2 gives a judge whose answers depend on the input.
+    The global random state is left as it was.
     """
-    from transformers import Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration
+    from transformers import AutoModelForImageTextToText
 
     if isinstance(spec, str):
         if spec not in PRESETS:
@@ -129,26 +175,8 @@ def build_tiny_vlm(spec: TinyVLMSpec | str = "test", *, seed: int = 0, dtype: to
         spec = PRESETS[spec]
     tok = build_tokenizer(spec.vocab_size)
     ids = {t: tok.convert_tokens_to_ids(t) for t in SPECIAL_TOKENS}
-    head_dim = spec.hidden // spec.heads
-    quarter = head_dim // 8
-    config = Qwen2_5_VLConfig(
-        text_config=dict(
-            vocab_size=len(tok), hidden_size=spec.hidden, intermediate_size=spec.intermediate,
-            num_hidden_layers=spec.layers, num_attention_heads=spec.heads, num_key_value_heads=spec.kv_heads,
-            max_position_embeddings=4096, bos_token_id=ids["<|endoftext|>"], eos_token_id=ids["<|im_end|>"],
-            pad_token_id=ids["<|endoftext|>"], initializer_range=init_std,
-            rope_parameters={"rope_type": "default", "rope_theta": 10000.0,
-                             "mrope_section": [2 * quarter, quarter, quarter]},
-        ),
-        vision_config=dict(
-            depth=spec.vision_depth, hidden_size=spec.vision_hidden, intermediate_size=spec.vision_intermediate,
-            num_heads=spec.vision_heads, patch_size=spec.patch_size, spatial_merge_size=spec.merge_size,
-            temporal_patch_size=2, out_hidden_size=spec.hidden, window_size=spec.patch_size * spec.merge_size * 2,
-            fullatt_block_indexes=[spec.vision_depth - 1], initializer_range=init_std,
-        ),
-        image_token_id=ids["<|image_pad|>"], video_token_id=ids["<|video_pad|>"],
-        vision_start_token_id=ids["<|vision_start|>"], vision_end_token_id=ids["<|vision_end|>"],
-    )
-    torch.manual_seed(seed)
-    model = Qwen2_5_VLForConditionalGeneration(config).to(dtype).eval()
+    config = _config(spec, ids, len(tok), init_std)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        model = AutoModelForImageTextToText.from_config(config).to(dtype).eval()
     return VLMParts(model, tok, build_image_processor(spec))

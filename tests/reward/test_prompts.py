@@ -1,5 +1,7 @@
 import pytest
 import torch
+from hypothesis import given
+from hypothesis import strategies as st
 
 from reward.judge import JudgeRequest
 from reward.prompts import JudgeTemplates, build_conversation, conversation_images
@@ -70,3 +72,22 @@ def test_templates_are_data_with_checked_keys_and_fields(tmp_path):
     assert _text(conv).endswith("Good structure? Reply Yes or No.")
     with pytest.raises(ValueError, match="crop_margin"):
         JudgeView(crop_margin=-1)
+
+
+@given(h=st.integers(4, 40), w=st.integers(4, 40), data=st.data(), margin=st.floats(0, 1))
+def test_crop_box_is_a_square_inside_the_image_around_the_mask(h, w, data, margin):
+    top = data.draw(st.integers(0, h - 1))
+    left = data.draw(st.integers(0, w - 1))
+    bottom = data.draw(st.integers(top + 1, h))
+    right = data.draw(st.integers(left + 1, w))
+    mask = torch.zeros(1, h, w)
+    mask[:, top:bottom, left:right] = 1
+    y0, x0, side = crop_box(mask, margin)
+    assert 0 <= y0 and y0 + side <= h and 0 <= x0 and x0 + side <= w
+    longest = max(bottom - top, right - left)
+    assert side == min(round(longest * (1 + 2 * margin)), h, w)
+    if side >= longest:   # the box is covered along its longer side
+        if bottom - top == longest:
+            assert y0 <= top and bottom <= y0 + side
+        else:
+            assert x0 <= left and right <= x0 + side

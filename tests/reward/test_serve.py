@@ -65,7 +65,8 @@ def _post(url, body, key=None):
         return err.code, json.loads(err.read())
 
 
-def test_auth_routes_and_bad_requests(served, make_requests):
+def test_auth_routes_and_bad_requests(tiny_vlm, served, make_requests):
+    JudgeServer(TransformersJudge(tiny_vlm), port=0).close()   # closing a server that never served returns
     base = served.url.removesuffix("/v1")
     with urllib.request.urlopen(base + "/health", timeout=10) as resp:
         assert json.loads(resp.read()) == {"status": "ok"}

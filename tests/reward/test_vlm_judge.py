@@ -1,5 +1,6 @@
 import pytest
 import torch
+from PIL import Image
 
 from reward.judge import JudgeRequest
 from reward.prompts import LABELS
@@ -93,3 +94,37 @@ def test_clear_errors(tiny_vlm, tmp_path, make_requests, mixed_specs):
         TransformersJudge(tiny_vlm, batch_size=0)
     with pytest.raises(ValueError, match="unknown judge mode"):
         TransformersJudge(tiny_vlm).score(make_requests(mixed_specs[:1]), "likert")
+
+
+def test_qwen3_vl_works_through_the_same_code(tmp_path, make_requests, mixed_specs):
+    from transformers import Qwen3VLProcessor
+
+    from reward.prompts import conversation_images
+    from reward.vlm_inputs import _render, encode_conversations
+
+    parts = build_tiny_vlm("qwen3-test", init_std=0.2)
+    judge = TransformersJudge(parts, batch_size=4, both_orders=True)
+    reqs = make_requests(mixed_specs)
+    with torch.no_grad():
+        batched = judge.score(reqs, "pairwise")
+        single = torch.cat([judge.score([r], "pairwise") for r in reqs])
+    assert torch.allclose(batched, single, atol=2e-6) and batched.std() > 1e-3
+
+    class ImageOnlyProcessor(Qwen3VLProcessor):  # the stock one insists on a video processor
+        def __init__(self, image_processor=None, tokenizer=None, chat_template=None, **kwargs):
+            super().__init__(image_processor, tokenizer, chat_template=chat_template, **kwargs)
+
+    tok = parts.tokenizer
+    convs = judge.conversations(reqs[:2], "yesno")
+    ours = encode_conversations(convs, tok, judge.spec, judge.image_token_id)
+    texts = [tok.apply_chat_template(_render(c), tokenize=False, add_generation_prompt=True) for c in convs]
+    images = [Image.fromarray((x * 255).round().byte().permute(1, 2, 0).numpy())
+              for c in convs for x in conversation_images(c)]
+    ref = ImageOnlyProcessor(image_processor=parts.image_processor, tokenizer=tok)(
+        text=texts, images=images, padding=True, padding_side="left", return_tensors="pt")
+    assert torch.equal(ours["input_ids"], ref["input_ids"])
+    assert torch.equal(ours["image_grid_thw"], ref["image_grid_thw"])
+    parts.save_pretrained(tmp_path / "qwen3")
+    loaded = TransformersJudge(str(tmp_path / "qwen3"), both_orders=True)
+    assert type(loaded.model).__name__ == "Qwen3VLForConditionalGeneration"
+    assert torch.allclose(loaded.score(reqs, "pairwise"), batched, atol=1e-6)
