@@ -33,6 +33,9 @@ def nft_loss_reference(
     velocity form:  L = mean(e^2)
     adaptive form:  L = t^2 mean(e^2) / max(t mean|e|, 1e-5)   (the divisor is detached)
     loss_i = (r_i L+_i + (1 - r_i) L-_i) / beta + kl_coef * mean((v_theta - v_ref)^2)
+
+    Tensors are [B, ...] and reduced per sample; r, t, weight are [B]. reduction="mean" is the
+    weighted mean over samples with weight > 0, "none" returns the [B] losses.
     """
     acc = torch.promote_types(v_theta.dtype, torch.float32)
     B = v_theta.shape[0]
@@ -41,28 +44,30 @@ def nft_loss_reference(
     v = v_target.detach().to(acc).reshape(B, -1)
     r = r.detach().to(acc)
 
-    e_pos = (1 - beta) * vo + beta * vt - v
-    e_neg = (1 + beta) * vo - beta * vt - v
+    # e+- = d +- beta (v_theta - v_old) with d = v_old - v: the two formulas above, in fewer ops
+    d = vo - v
+    delta = beta * (vt - vo)
+    e_pos, e_neg = d + delta, d - delta
+    l_pos = e_pos.square().mean(1)
+    l_neg = e_neg.square().mean(1)
     if adaptive:
-        tt = t.detach().to(acc)[:, None]
+        tt = t.detach().to(acc)
         # DiffusionNFT normalises by the detached mean abs error in fp64.
-        w_pos = (tt * e_pos.detach().abs().to(torch.float64).mean(1, keepdim=True)).clamp_min(ADAPTIVE_FLOOR)
-        w_neg = (tt * e_neg.detach().abs().to(torch.float64).mean(1, keepdim=True)).clamp_min(ADAPTIVE_FLOOR)
-        l_pos = (tt**2 * e_pos**2 / w_pos.to(acc)).mean(1)
-        l_neg = (tt**2 * e_neg**2 / w_neg.to(acc)).mean(1)
-    else:
-        l_pos = (e_pos**2).mean(1)
-        l_neg = (e_neg**2).mean(1)
+        w_pos = (tt * e_pos.detach().abs().mean(1, dtype=torch.float64)).clamp_min(ADAPTIVE_FLOOR)
+        w_neg = (tt * e_neg.detach().abs().mean(1, dtype=torch.float64)).clamp_min(ADAPTIVE_FLOOR)
+        l_pos = tt**2 * l_pos / w_pos.to(acc)
+        l_neg = tt**2 * l_neg / w_neg.to(acc)
     loss = (r * l_pos + (1 - r) * l_neg) / beta
     if v_ref is not None:
-        loss = loss + kl_coef * ((vt - v_ref.detach().to(acc).reshape(B, -1)) ** 2).mean(1)
+        loss = loss + kl_coef * (vt - v_ref.detach().to(acc).reshape(B, -1)).square().mean(1)
 
     if reduction == "none":
         return loss
     w = torch.ones_like(loss) if weight is None else weight.detach().to(acc)
     kept = w > 0
-    # Weighted mean over kept samples; all-dropped batches give an exact 0 with zero gradient.
-    return (loss * w).sum() / w[kept].sum().clamp_min(torch.finfo(acc).tiny)
+    # Weighted mean over kept samples (dropped ones contribute nothing, not even a NaN); an
+    # all-dropped batch gives an exact 0 with zero gradient.
+    return torch.where(kept, loss * w, 0).sum() / torch.where(kept, w, 0).sum().clamp_min(torch.finfo(acc).tiny)
 
 
 class GroupRewards(NamedTuple):
