@@ -128,3 +128,23 @@ def test_qwen3_vl_works_through_the_same_code(tmp_path, make_requests, mixed_spe
     loaded = TransformersJudge(str(tmp_path / "qwen3"), both_orders=True)
     assert type(loaded.model).__name__ == "Qwen3VLForConditionalGeneration"
     assert torch.allclose(loaded.score(reqs, "pairwise"), batched, atol=1e-6)
+
+
+@pytest.mark.cuda
+def test_cuda_judge_matches_cpu_and_back_propagates(tiny_vlm, make_requests, mixed_specs):
+    import copy
+    import dataclasses
+
+    reqs = make_requests(mixed_specs)
+    with torch.no_grad():
+        expected = TransformersJudge(tiny_vlm, both_orders=True).score(reqs, "pairwise")
+    for dtype, atol in (("float32", 5e-3), ("bfloat16", None)):   # cuDNN convolutions may run in TF32
+        judge = TransformersJudge(copy.deepcopy(tiny_vlm), device="cuda", dtype=dtype, both_orders=True)
+        on_gpu = [dataclasses.replace(r, source=r.source.cuda(), mask=r.mask.cuda(), other=r.other.cuda(),
+                                      edited=r.edited.cuda().requires_grad_(True)) for r in reqs]
+        scores = judge.score(on_gpu, "pairwise")
+        assert scores.device.type == "cuda"
+        if atol is not None:
+            assert torch.allclose(scores.float().cpu(), expected, atol=atol)
+        scores.sum().backward()
+        assert all(r.edited.grad is not None and torch.isfinite(r.edited.grad).all() for r in on_gpu)
