@@ -76,7 +76,8 @@ def masked_blend_step(x_t: Tensor, v: Tensor, mask: Tensor, x0_known: Tensor, no
     """
     validate.choice("masked_blend_step", "backend", backend, BACKENDS)
     validate.masked_blend_step_args(x_t, v, mask, x0_known, noise, t, t_next)
-    fn = masked_blend_step_triton if use_triton(backend, x_t.device, "masked_blend_step") else masked_blend_step_reference
+    triton = use_triton(backend, x_t.device, "masked_blend_step")
+    fn = masked_blend_step_triton if triton else masked_blend_step_reference
     return fn(x_t, v, mask, x0_known, noise, t, t_next)
 
 

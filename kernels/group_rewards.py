@@ -36,7 +36,7 @@ def _tile_stats(s_ptr, wd_ptr, wsum, g0, S, D, G,
     m = (gs < G)[:, None] & (cs < S)[None, :]
     base = (gs[:, None] * S + cs[None, :]) * D
     s = tl.zeros([BLOCK_G, BLOCK_S], dtype=ACC)
-    for d in range(0, D):
+    for d in range(D):
         x = tl.load(s_ptr + base + d, mask=m, other=0.0).to(ACC)
         if HAS_WD:
             x = x * tl.load(wd_ptr + d).to(ACC)

@@ -181,7 +181,7 @@ class _Launch:
         self.tn, self.tn_rows = _times_arg(t_next, self.acc, x.device)
 
     def args(self):
-        rows, cols, rk, rm, m_row, m_col, rps = self.layout
+        rows, cols, rk, rm, m_row, _, rps = self.layout
         return (rows, cols, self.n_cb, rk, rm, m_row, rps)
 
     def meta(self):

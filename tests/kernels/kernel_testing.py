@@ -14,6 +14,11 @@ import torch
 
 from kernels import launch
 
+# The Triton tests run on CUDA tensors when a GPU is present (compiled kernels) and on CPU tensors
+# under the interpreter otherwise (tests/conftest.py sets TRITON_INTERPRET=1 without CUDA).
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+EXACT_FP = DEVICE == "cpu"  # the interpreter does not contract a * b + c into an fma; a GPU may
+
 PAD = 67  # elements of margin on each side (odd, so no alignment hides an overrun)
 SENTINEL = 77
 
@@ -65,14 +70,14 @@ def guarded(x: torch.Tensor) -> torch.Tensor:
     return out.requires_grad_(x.requires_grad)
 
 
-def randn(shape, dtype=torch.float64, seed=0, device="cpu", scale=1.0) -> torch.Tensor:
+def randn(shape, dtype=torch.float64, seed=0, device=DEVICE, scale=1.0) -> torch.Tensor:
     g = torch.Generator().manual_seed(seed)
-    return (torch.randn(shape, generator=g, dtype=torch.float64) * scale).to(dtype=dtype, device=device)
+    return (torch.randn(shape, generator=g, dtype=torch.float64, device="cpu") * scale).to(dtype=dtype, device=device)
 
 
-def rand(shape, dtype=torch.float64, seed=0, device="cpu") -> torch.Tensor:
+def rand(shape, dtype=torch.float64, seed=0, device=DEVICE) -> torch.Tensor:
     g = torch.Generator().manual_seed(seed)
-    return torch.rand(shape, generator=g, dtype=torch.float64).to(dtype=dtype, device=device)
+    return torch.rand(shape, generator=g, dtype=torch.float64, device="cpu").to(dtype=dtype, device=device)
 
 
 TOL = {torch.float64: dict(rtol=1e-10, atol=1e-12), torch.float32: dict(rtol=1e-5, atol=1e-6)}

@@ -4,7 +4,7 @@ import pytest
 import torch
 from hypothesis import assume, given
 from hypothesis import strategies as st
-from kernel_testing import TOL, assert_low_precision, guarded, guarded_buffers
+from kernel_testing import TOL, assert_low_precision, guarded, guarded_buffers, rand
 
 import kernels
 from kernels.group_rewards import group_rewards_triton
@@ -119,8 +119,7 @@ def test_global_std_uses_the_whole_batch():
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
 def test_low_precision_scores(dtype):
-    g = torch.Generator().manual_seed(0)
-    scores = torch.rand(6, 24, 3, generator=g).to(dtype)
+    scores = rand((6, 24, 3), dtype, seed=0)
     wd = torch.tensor([1.0, 2.0, 0.5]).to(dtype)
     got = group_rewards_triton(scores, dim_weights=wd, std="global", clip=5.0)
     eager = group_rewards_reference(scores, dim_weights=wd, std="global", clip=5.0)
@@ -132,8 +131,7 @@ def test_low_precision_scores(dtype):
 
 
 def test_two_runs_are_bit_identical_and_public_dispatch_agrees():
-    g = torch.Generator().manual_seed(1)
-    scores = torch.rand(48, 24, 2, generator=g)
+    scores = rand((48, 24, 2), torch.float32, seed=1)
     a = kernels.group_rewards(scores, std="global", clip=5.0, tau_mean=0.9, tau_std=0.05)
     b = group_rewards_triton(scores, std="global", clip=5.0, tau_mean=0.9, tau_std=0.05)
     for x, y in zip(a, b):

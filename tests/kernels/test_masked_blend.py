@@ -4,7 +4,7 @@ import pytest
 import torch
 from hypothesis import given
 from hypothesis import strategies as st
-from kernel_testing import TOL, assert_low_precision, guarded, guarded_buffers, rand, randn
+from kernel_testing import EXACT_FP, TOL, assert_low_precision, guarded, guarded_buffers, rand, randn
 
 import kernels
 from kernels.masked_blend import mask_layout, masked_blend_step_triton
@@ -102,8 +102,9 @@ def test_mask_one_is_the_euler_step_and_mask_zero_the_renoised_source(dtype):
     euler = x + (tnb - tb) * v
     renoised = (1 - tnb) * x0 + tnb * noise
     keep = mask.expand_as(x) == 0
-    assert torch.equal(out[~keep], euler[~keep])
-    assert torch.equal(out[keep], renoised[keep])
+    same = torch.equal if EXACT_FP else lambda a, b: torch.allclose(a, b, rtol=4 * torch.finfo(dtype).eps, atol=0)
+    assert same(out[~keep], euler[~keep])
+    assert same(out[keep], renoised[keep])
     # at t' = 0 the kept region is exactly the source
     out0 = masked_blend_step_triton(x, v, mask, x0, noise, t, 0.0, block=64)
     assert torch.equal(out0[keep], x0[keep])
@@ -151,7 +152,8 @@ def test_low_precision(dtype):
     want = torch.autograd.grad(eager, (x, v), go)
     for g, w in zip(got, want):
         assert g.dtype == dtype
-        torch.testing.assert_close(g.double(), w.double(), rtol=0, atol=2 * float(torch.finfo(dtype).eps) * w.abs().max().item())
+        atol = 2 * float(torch.finfo(dtype).eps) * w.abs().max().item()
+        torch.testing.assert_close(g.double(), w.double(), rtol=0, atol=atol)
 
 
 def test_gradcheck_fp64():

@@ -110,7 +110,8 @@ def test_gradcheck_fp64(kw):
 
     def f(vt):
         return nft_loss_triton(vt, args["v_old"], args["v_target"], args["r"], args["t"], beta=0.4,
-                               adaptive=adaptive, v_ref=args["v_ref"], kl_coef=0.3 if args["v_ref"] is not None else 0.0,
+                               adaptive=adaptive, v_ref=args["v_ref"],
+                               kl_coef=0.3 if args["v_ref"] is not None else 0.0,
                                weight=args["weight"], reduction=reduction, block=4, chunks=2)
 
     assert torch.autograd.gradcheck(f, (inp["v_theta"],), eps=1e-6, atol=1e-8, rtol=1e-6)
