@@ -51,15 +51,26 @@ def build_judge(cfg: JudgeConfig, device: torch.device) -> Judge:
         judge_device = device if cfg.device == "auto" else resolve_device(cfg.device)
         return TransformersJudge(cfg.model, dtype=_DTYPES.get(cfg.dtype, cfg.dtype), device=judge_device,
                                  attn_implementation=cfg.attn_implementation, batch_size=cfg.batch_size,
-                                 both_orders=cfg.both_orders, show_crop=cfg.show_crop)
+                                 both_orders=cfg.both_orders, show_crop=cfg.show_crop,
+                                 templates=cfg.templates, max_pixels=cfg.max_pixels)
     from reward.api_judge import OpenAIJudge
 
     api_key = os.environ.get(cfg.api_key_env) if cfg.api_key_env else None
     if cfg.api_key_env and not api_key:
         raise ValueError(f"judge.api_key_env names {cfg.api_key_env!r}, but that environment variable is empty")
-    return OpenAIJudge(cfg.base_url, cfg.model, api_key=api_key, concurrency=cfg.concurrency,
-                       timeout=cfg.timeout, retries=cfg.retries, both_orders=cfg.both_orders,
-                       show_crop=cfg.show_crop)
+    label_ids = None
+    if cfg.tokenizer:
+        from transformers import AutoTokenizer
+
+        from reward.labels import label_token_id_map
+
+        label_ids = label_token_id_map(AutoTokenizer.from_pretrained(cfg.tokenizer, local_files_only=True))
+    judge = OpenAIJudge(cfg.base_url, cfg.model, api_key=api_key, concurrency=cfg.concurrency,
+                        timeout=cfg.timeout, retries=cfg.retries, both_orders=cfg.both_orders,
+                        show_crop=cfg.show_crop, top_logprobs=cfg.top_logprobs, label_token_ids=label_ids,
+                        templates=cfg.templates)
+    judge.ping()  # an unreachable judge fails here, before any work, with the URL and the fix
+    return judge
 
 
 def build_data(cfg: DataConfig):

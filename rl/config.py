@@ -63,6 +63,10 @@ class JudgeConfig:
     concurrency: int = 32
     timeout: float = 60.0
     retries: int = 5
+    templates: str | None = None      # YAML file overriding prompt templates (reward/prompts.py)
+    tokenizer: str | None = None      # openai: the judge's tokenizer, to send logprob_token_ids to vLLM
+    top_logprobs: int = 20
+    max_pixels: int | None = None     # cap on image pixels the VLM sees
 
 
 @dataclasses.dataclass
