@@ -13,10 +13,11 @@ RL fine-tunes the transformer only; the text encoder is frozen and its encodings
 """
 from __future__ import annotations
 
+import contextlib
 import copy
 import json
 import os
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 
 import torch
@@ -143,6 +144,8 @@ class TinyFillPolicy(Policy):
             return self
         self.model.to(device=device, dtype=dtype)
         self.prompt_encoder.to(device=device, dtype=dtype)
+        if self.has_lora:
+            self._lora_to_float32()
         self._ids_cache.clear()
         return self
 
@@ -168,6 +171,24 @@ class TinyFillPolicy(Policy):
         self.model.requires_grad_(False)
         self.model.add_adapter(LoraConfig(r=r, lora_alpha=alpha, target_modules=list(targets),
                                           init_lora_weights=init))
+        self._lora_to_float32()
+
+    def _lora_to_float32(self) -> None:
+        # optimiser updates of small adapters vanish in bf16: keep float32 masters, as FLUX's adapter does
+        for p in self.trainable_parameters().values():
+            if p.dtype in (torch.float16, torch.bfloat16):
+                p.data = p.data.float()
+
+    @contextlib.contextmanager
+    def base(self) -> Iterator["TinyFillPolicy"]:
+        """Within the block the LoRA adapter is off: the frozen base model (a reference policy)."""
+        if not self.has_lora:
+            raise ValueError("base() needs a LoRA adapter; for a full fine-tune pass weights=<initial snapshot>")
+        self.model.disable_adapters()
+        try:
+            yield self
+        finally:
+            self.model.enable_adapters()
 
     @property
     def has_lora(self) -> bool:
@@ -191,6 +212,10 @@ class TinyFillPolicy(Policy):
     @property
     def latent_channels(self) -> int:
         return self.codec.latent_channels * 4
+
+    @property
+    def vae_scale_factor(self) -> int:
+        return self.codec.factor
 
     @property
     def latent_hw(self) -> tuple[int, int]:
