@@ -35,7 +35,7 @@ def _tile_stats(s_ptr, wd_ptr, wsum, g0, S, D, G,
     cs = tl.arange(0, BLOCK_S)
     m = (gs < G)[:, None] & (cs < S)[None, :]
     base = (gs[:, None] * S + cs[None, :]) * D
-    s = tl.zeros([BLOCK_G, BLOCK_S], dtype=ACC)
+    s = tl.full([BLOCK_G, BLOCK_S], 0.0, ACC)
     for d in range(D):
         x = tl.load(s_ptr + base + d, mask=m, other=0.0).to(ACC)
         if HAS_WD:
@@ -66,7 +66,7 @@ def _group_rewards_kernel(
         wsum = D
 
     # sweep 1: group means, stds and the filter; running total for the global mean
-    total = tl.zeros([BLOCK_G], dtype=ACC)
+    total = tl.full([BLOCK_G], 0.0, ACC)
     for g0 in range(0, G, BLOCK_G):
         s, mu, sigma, m, gs = _tile_stats(s_ptr, wd_ptr, wsum, g0, S, D, G, HAS_WD, ACC, BLOCK_G, BLOCK_S)
         gm = gs < G
@@ -84,7 +84,7 @@ def _group_rewards_kernel(
     # sweep 2 (global): population std of every score around the batch mean
     if GLOBAL:
         gmean = tl.sum(total, axis=0) / (G * S)
-        sq = tl.zeros([BLOCK_G], dtype=ACC)
+        sq = tl.full([BLOCK_G], 0.0, ACC)
         for g0 in range(0, G, BLOCK_G):
             s, mu, sigma, m, gs = _tile_stats(s_ptr, wd_ptr, wsum, g0, S, D, G, HAS_WD, ACC, BLOCK_G, BLOCK_S)
             dev = tl.where(m, s - gmean, 0.0)

@@ -153,8 +153,9 @@ def mask_layout(x_shape: tuple[int, ...], m_shape: tuple[int, ...]) -> tuple[tup
 
 def _config(cols: int, device: torch.device, block: int | None) -> tuple[int, int, int]:
     """(BLOCK_R, BLOCK_C, num_warps): 2048-element tiles, 4 warps on a GPU (16 values per thread,
-    four 16-byte loads per tensor); one big tile per program in the interpreter."""
-    total = block or (2048 if device.type == "cuda" else 16384)
+    four 16-byte loads per tensor); in the interpreter, where each program costs milliseconds of
+    Python, few big tiles (2^18 elements)."""
+    total = block or (2048 if device.type == "cuda" else 1 << 18)
     block_c = min(next_pow2(cols), total)
     return max(1, total // block_c), block_c, 4
 

@@ -47,36 +47,40 @@ N_STATS = 5  # S2+, S2-, S1+, S1-, SK per (sample, chunk)
 def _nft_forward_kernel(
     vt_ptr, vo_ptr, v_ptr, vref_ptr, r_ptr, t_ptr, w_ptr, params_ptr,
     ws_ptr, ticket_ptr, out_ptr, grad_ptr,
-    B, N, CHUNK, CHUNKS,
+    B, N, CHUNK, CHUNKS, N_PROGRAMS,
     ADAPTIVE: tl.constexpr, HAS_REF: tl.constexpr, HAS_WEIGHT: tl.constexpr, MEAN: tl.constexpr,
-    WRITE_GRAD: tl.constexpr, ACC: tl.constexpr, BLOCK: tl.constexpr, FIN_B: tl.constexpr,
-    FIN_C: tl.constexpr,
+    WRITE_GRAD: tl.constexpr, ACC: tl.constexpr, ROWS: tl.constexpr, BLOCK: tl.constexpr,
+    FIN_B: tl.constexpr, FIN_C: tl.constexpr,
 ):
+    # one program: ROWS samples (1 on a GPU) x one chunk of their elements
     pid = tl.program_id(0).to(tl.int64)
-    b = pid // CHUNKS
     c = pid % CHUNKS
-    row = b * N
+    rows = (pid // CHUNKS) * ROWS + tl.arange(0, ROWS)
+    row_ok = rows < B
+    row_base = rows[:, None] * N
     start = c * CHUNK
-    end = tl.minimum(start + CHUNK, N)
+    end = tl.where(start + CHUNK < N, start + CHUNK, N)
     beta = tl.load(params_ptr).to(ACC)
     kl = tl.load(params_ptr + 1).to(ACC)
-    if WRITE_GRAD:  # velocity form: unscaled gradient coefficients of this sample
-        r = tl.load(r_ptr + b).to(ACC)
+    if WRITE_GRAD:  # velocity form: unscaled gradient coefficients of these samples
+        r = tl.load(r_ptr + rows, mask=row_ok, other=0.0).to(ACC)[:, None]
         a_pos = 2.0 * r / N
         a_neg = 2.0 * (1.0 - r) / N
         a_kl = 2.0 * kl / N
 
-    s2p = tl.zeros([BLOCK], dtype=ACC)
-    s2n = tl.zeros([BLOCK], dtype=ACC)
-    s1p = tl.zeros([BLOCK], dtype=tl.float64)
-    s1n = tl.zeros([BLOCK], dtype=tl.float64)
-    sk = tl.zeros([BLOCK], dtype=ACC)
+    # (tl.full, not tl.zeros: the interpreter charges ~1 ms for every nested @jit call)
+    s2p = tl.full([ROWS, BLOCK], 0.0, ACC)
+    s2n = tl.full([ROWS, BLOCK], 0.0, ACC)
+    s1p = tl.full([ROWS, BLOCK], 0.0, tl.float64)
+    s1n = tl.full([ROWS, BLOCK], 0.0, tl.float64)
+    sk = tl.full([ROWS, BLOCK], 0.0, ACC)
     for off in range(start, end, BLOCK):
-        offs = off + tl.arange(0, BLOCK)
-        m = offs < end
-        vt = tl.load(vt_ptr + row + offs, mask=m, other=0.0).to(ACC)
-        vo = tl.load(vo_ptr + row + offs, mask=m, other=0.0).to(ACC)
-        v = tl.load(v_ptr + row + offs, mask=m, other=0.0).to(ACC)
+        cols = off + tl.arange(0, BLOCK)
+        m = row_ok[:, None] & (cols < end)[None, :]
+        offs = row_base + cols[None, :]
+        vt = tl.load(vt_ptr + offs, mask=m, other=0.0).to(ACC)
+        vo = tl.load(vo_ptr + offs, mask=m, other=0.0).to(ACC)
+        v = tl.load(v_ptr + offs, mask=m, other=0.0).to(ACC)
         d = vo - v
         delta = beta * (vt - vo)
         ep = d + delta
@@ -87,24 +91,26 @@ def _nft_forward_kernel(
             s1p += tl.abs(ep).to(tl.float64)
             s1n += tl.abs(en).to(tl.float64)
         if HAS_REF:
-            dk = vt - tl.load(vref_ptr + row + offs, mask=m, other=0.0).to(ACC)
+            dk = vt - tl.load(vref_ptr + offs, mask=m, other=0.0).to(ACC)
             sk += dk * dk
         if WRITE_GRAD:
             g = a_pos * ep - a_neg * en
             if HAS_REF:
                 g += a_kl * dk
-            tl.store(grad_ptr + row + offs, g.to(grad_ptr.dtype.element_ty), mask=m)
+            tl.store(grad_ptr + offs, g.to(grad_ptr.dtype.element_ty), mask=m)
 
-    part = ws_ptr + pid * 5
-    tl.store(part, tl.sum(s2p.to(tl.float64), axis=0))
-    tl.store(part + 1, tl.sum(s2n.to(tl.float64), axis=0))
-    tl.store(part + 2, tl.sum(s1p, axis=0))
-    tl.store(part + 3, tl.sum(s1n, axis=0))
-    tl.store(part + 4, tl.sum(sk.to(tl.float64), axis=0))
+    part = ws_ptr + (rows * CHUNKS + c) * 5
+    tl.store(part, tl.sum(s2p.to(tl.float64), axis=1), mask=row_ok)
+    tl.store(part + 1, tl.sum(s2n.to(tl.float64), axis=1), mask=row_ok)
+    if ADAPTIVE:
+        tl.store(part + 2, tl.sum(s1p, axis=1), mask=row_ok)
+        tl.store(part + 3, tl.sum(s1n, axis=1), mask=row_ok)
+    if HAS_REF:
+        tl.store(part + 4, tl.sum(sk.to(tl.float64), axis=1), mask=row_ok)
     # Publish the partials, then take a ticket; the last program reduces everything.
     tl.debug_barrier()
     ticket = tl.atomic_add(ticket_ptr, 1, sem="acq_rel")
-    if ticket == B * CHUNKS - 1:
+    if ticket == N_PROGRAMS - 1:
         tl.debug_barrier()
         _nft_finalize(r_ptr, t_ptr, w_ptr, params_ptr, ws_ptr, out_ptr, B, N, CHUNKS,
                       ADAPTIVE, HAS_REF, HAS_WEIGHT, MEAN, ACC, FIN_B, FIN_C)
@@ -122,8 +128,8 @@ def _nft_finalize(r_ptr, t_ptr, w_ptr, params_ptr, ws_ptr, out_ptr, B, N, CHUNKS
     floor = tl.load(params_ptr + 2).to(tl.float64)
     aux = ws_ptr + B * CHUNKS * 5
     cs = tl.arange(0, FIN_C)
-    num = tl.zeros([FIN_B], dtype=tl.float64)
-    den = tl.zeros([FIN_B], dtype=tl.float64)
+    num = tl.full([FIN_B], 0.0, tl.float64)
+    den = tl.full([FIN_B], 0.0, tl.float64)
     for b0 in range(0, B, FIN_B):
         bs = b0 + tl.arange(0, FIN_B)
         bm = bs < B
@@ -171,70 +177,78 @@ def _nft_backward_kernel(
     go_ptr, go_stride, saved_ptr, vt_ptr, vo_ptr, v_ptr, vref_ptr, r_ptr, t_ptr, w_ptr, params_ptr,
     ws_ptr, grad_ptr, B, N, CHUNK, CHUNKS,
     FROM_SAVED: tl.constexpr, HAS_REF: tl.constexpr, HAS_WEIGHT: tl.constexpr, MEAN: tl.constexpr,
-    ACC: tl.constexpr, BLOCK: tl.constexpr,
+    ACC: tl.constexpr, ROWS: tl.constexpr, BLOCK: tl.constexpr,
 ):
     pid = tl.program_id(0).to(tl.int64)
-    b = pid // CHUNKS
     c = pid % CHUNKS
-    row = b * N
+    rows = (pid // CHUNKS) * ROWS + tl.arange(0, ROWS)
+    row_ok = rows < B
+    row_base = rows[:, None] * N
     start = c * CHUNK
-    end = tl.minimum(start + CHUNK, N)
+    end = tl.where(start + CHUNK < N, start + CHUNK, N)
     aux = ws_ptr + B * CHUNKS * 5
     # f = d(output) / d(loss_b): grad_output, times c_b / sum(c) for the mean
-    f = tl.load(go_ptr + b * go_stride).to(ACC)
+    f = tl.load(go_ptr + rows * go_stride, mask=row_ok, other=0.0).to(ACC)
     if MEAN:
         if HAS_WEIGHT:
-            w = tl.load(w_ptr + b).to(ACC)
+            w = tl.load(w_ptr + rows, mask=row_ok, other=0.0).to(ACC)
             f = tl.where(w > 0, f * w, 0.0)
         f = f * tl.load(aux + 2 * B).to(ACC)
+    f = f[:, None]
     if FROM_SAVED:
         for off in range(start, end, BLOCK):
-            offs = off + tl.arange(0, BLOCK)
-            m = offs < end
-            g = tl.load(saved_ptr + row + offs, mask=m, other=0.0).to(ACC)
-            tl.store(grad_ptr + row + offs, (f * g).to(grad_ptr.dtype.element_ty), mask=m)
+            cols = off + tl.arange(0, BLOCK)
+            m = row_ok[:, None] & (cols < end)[None, :]
+            offs = row_base + cols[None, :]
+            g = tl.load(saved_ptr + offs, mask=m, other=0.0).to(ACC)
+            tl.store(grad_ptr + offs, (f * g).to(grad_ptr.dtype.element_ty), mask=m)
     else:
         beta = tl.load(params_ptr).to(ACC)
         kl = tl.load(params_ptr + 1).to(ACC)
-        r = tl.load(r_ptr + b).to(ACC)
-        t = tl.load(t_ptr + b).to(ACC)
-        a_pos = f * 2.0 * t * t * r / (N * tl.load(aux + b).to(ACC))
-        a_neg = f * 2.0 * t * t * (1.0 - r) / (N * tl.load(aux + B + b).to(ACC))
+        r = tl.load(r_ptr + rows, mask=row_ok, other=0.0).to(ACC)[:, None]
+        t = tl.load(t_ptr + rows, mask=row_ok, other=0.0).to(ACC)[:, None]
+        w_pos = tl.load(aux + rows, mask=row_ok, other=1.0).to(ACC)[:, None]
+        w_neg = tl.load(aux + B + rows, mask=row_ok, other=1.0).to(ACC)[:, None]
+        a_pos = f * 2.0 * t * t * r / (N * w_pos)
+        a_neg = f * 2.0 * t * t * (1.0 - r) / (N * w_neg)
         a_kl = f * 2.0 * kl / N
         for off in range(start, end, BLOCK):
-            offs = off + tl.arange(0, BLOCK)
-            m = offs < end
-            vt = tl.load(vt_ptr + row + offs, mask=m, other=0.0).to(ACC)
-            vo = tl.load(vo_ptr + row + offs, mask=m, other=0.0).to(ACC)
-            v = tl.load(v_ptr + row + offs, mask=m, other=0.0).to(ACC)
+            cols = off + tl.arange(0, BLOCK)
+            m = row_ok[:, None] & (cols < end)[None, :]
+            offs = row_base + cols[None, :]
+            vt = tl.load(vt_ptr + offs, mask=m, other=0.0).to(ACC)
+            vo = tl.load(vo_ptr + offs, mask=m, other=0.0).to(ACC)
+            v = tl.load(v_ptr + offs, mask=m, other=0.0).to(ACC)
             d = vo - v
             delta = beta * (vt - vo)
             g = a_pos * (d + delta) - a_neg * (d - delta)
             if HAS_REF:
-                g += a_kl * (vt - tl.load(vref_ptr + row + offs, mask=m, other=0.0).to(ACC))
-            tl.store(grad_ptr + row + offs, g.to(grad_ptr.dtype.element_ty), mask=m)
+                g += a_kl * (vt - tl.load(vref_ptr + offs, mask=m, other=0.0).to(ACC))
+            tl.store(grad_ptr + offs, g.to(grad_ptr.dtype.element_ty), mask=m)
 
 
 # -- launchers ----------------------------------------------------------------------------------------
 def _config(N: int, B: int, device: torch.device, block: int | None, chunks: int | None):
-    """(BLOCK, CHUNK, CHUNKS, num_warps). GPU: 2048-element tiles, 8 warps (8 fp32 per thread,
-    two 16-byte loads per tensor, ~100 registers with the fp64 accumulators -> 2 programs per SM),
-    about 4 programs per SM in total. Interpreter: one large tile per program, one chunk per row."""
+    """(ROWS, BLOCK, CHUNK, CHUNKS, num_warps).
+
+    GPU: one sample per program, 2048-element tiles, 8 warps (8 fp32 per thread, two 16-byte loads
+    per tensor, ~100 registers with the fp64 accumulators -> 2 programs per SM), chunks so that
+    there are about 4 programs per SM. Interpreter: every program costs milliseconds of Python, so
+    few programs: whole samples, many samples per program (up to 2^17 elements)."""
     if device.type == "cuda":
-        block = block or 2048
-        num_warps = 8
+        rows, block, num_warps = 1, block or 2048, 8
     else:
-        block = block or min(max(next_pow2(N), 16), 8192)
-        num_warps = 4
-    chunk, n_chunks = split_rows(N, B, block, device, chunks)
-    return block, chunk, n_chunks, num_warps
+        block = block or min(max(next_pow2(N), 16), 1 << 15)
+        rows, num_warps = min(next_pow2(B), max(1, (1 << 17) // block)), 4
+    chunk, n_chunks = split_rows(N, -(-B // rows), block, device, chunks)
+    return rows, block, chunk, n_chunks, num_warps
 
 
 class _Launch:
     """Everything one call needs, resolved once on the host."""
 
-    __slots__ = ("B", "N", "acc", "params", "block", "chunk", "chunks", "num_warps", "adaptive",
-                 "mean", "has_ref", "has_weight")
+    __slots__ = ("B", "N", "acc", "params", "rows", "block", "chunk", "chunks", "num_warps", "grid",
+                 "adaptive", "mean", "has_ref", "has_weight")
 
     def __init__(self, vt: Tensor, beta: float, kl_coef: float, adaptive: bool, mean: bool,
                  has_ref: bool, has_weight: bool, block: int | None, chunks: int | None):
@@ -243,7 +257,9 @@ class _Launch:
         self.acc = acc_dtype(vt.dtype)
         self.params = constants((float(beta), float(kl_coef), ADAPTIVE_FLOOR, torch.finfo(self.acc).tiny),
                                 self.acc, vt.device)
-        self.block, self.chunk, self.chunks, self.num_warps = _config(self.N, self.B, vt.device, block, chunks)
+        self.rows, self.block, self.chunk, self.chunks, self.num_warps = _config(self.N, self.B, vt.device,
+                                                                                block, chunks)
+        self.grid = (-(-self.B // self.rows) * self.chunks,)
         self.adaptive, self.mean, self.has_ref, self.has_weight = adaptive, mean, has_ref, has_weight
 
 
@@ -255,11 +271,11 @@ def _forward(L: _Launch, vt, vo, v, vref, r, t, weight, write_grad: bool):
     grad = launch.empty(vt.shape, vt.dtype, dev) if write_grad else vt
     fin_c = next_pow2(L.chunks)
     fin_b = max(1, min(next_pow2(B), 4096 // fin_c))
-    _nft_forward_kernel[(B * L.chunks,)](
+    _nft_forward_kernel[L.grid](
         vt, vo, v, vt if vref is None else vref, r, r if t is None else t, r if weight is None else weight,
-        L.params, ws, ticket, out, grad, B, L.N, L.chunk, L.chunks,
+        L.params, ws, ticket, out, grad, B, L.N, L.chunk, L.chunks, L.grid[0],
         ADAPTIVE=L.adaptive, HAS_REF=L.has_ref, HAS_WEIGHT=L.has_weight, MEAN=L.mean,
-        WRITE_GRAD=write_grad, ACC=tl_dtype(L.acc), BLOCK=L.block, FIN_B=fin_b, FIN_C=fin_c,
+        WRITE_GRAD=write_grad, ACC=tl_dtype(L.acc), ROWS=L.rows, BLOCK=L.block, FIN_B=fin_b, FIN_C=fin_c,
         num_warps=L.num_warps,
     )
     return out, ws, (grad if write_grad else None)
@@ -268,12 +284,12 @@ def _forward(L: _Launch, vt, vo, v, vref, r, t, weight, write_grad: bool):
 def _backward(L: _Launch, go: Tensor, saved, vt, vo, v, vref, r, t, weight, ws) -> Tensor:
     grad = launch.empty(vt.shape, vt.dtype, vt.device)
     go_stride = 0 if go.dim() == 0 else go.stride(0)
-    _nft_backward_kernel[(L.B * L.chunks,)](
+    _nft_backward_kernel[L.grid](
         go, go_stride, vt if saved is None else saved, vt, vo, v, vt if vref is None else vref,
         r, r if t is None else t, r if weight is None else weight, L.params, ws, grad,
         L.B, L.N, L.chunk, L.chunks,
         FROM_SAVED=saved is not None, HAS_REF=L.has_ref, HAS_WEIGHT=L.has_weight, MEAN=L.mean,
-        ACC=tl_dtype(L.acc), BLOCK=L.block, num_warps=L.num_warps,
+        ACC=tl_dtype(L.acc), ROWS=L.rows, BLOCK=L.block, num_warps=L.num_warps,
     )
     return grad
 
