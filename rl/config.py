@@ -184,7 +184,7 @@ def validate(cfg: RunConfig) -> None:
     for name in ("steps", "eval_steps"):
         if getattr(cfg.sampler, name) < 1:
             raise ConfigError(f"sampler.{name} must be >= 1")
-    if not 1 <= cfg.refl.min_step <= cfg.refl.max_step < cfg.sampler.steps:
+    if cfg.train.algorithm == "refl" and not 1 <= cfg.refl.min_step <= cfg.refl.max_step < cfg.sampler.steps:
         raise ConfigError(
             f"refl.min_step/max_step must satisfy 1 <= min <= max < sampler.steps ({cfg.sampler.steps}); "
             f"got {cfg.refl.min_step}/{cfg.refl.max_step}")

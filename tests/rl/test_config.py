@@ -34,12 +34,12 @@ def test_yaml_and_overrides(tmp_path):
     ("model.kind=flux_fill", "needs model.path"),
     ("model.path=does/not/exist", "model.path not found: does/not/exist"),
     ("judge.kind=openai", "needs judge.base_url"),
-    ("refl.max_step=99", "refl.min_step/max_step"),
+    ("train.algorithm=refl judge.mode=pairwise refl.max_step=99", "refl.min_step/max_step"),
     ("optim.lr", "must look like key.path=value"),
 ])
 def test_bad_keys_and_values_are_named(override, message):
     with pytest.raises(ConfigError, match=message.replace("[", r"\[").replace(".", r"\.")):
-        load_config(None, [override])
+        load_config(None, override.split(" "))
 
 
 def test_unknown_key_in_yaml_file(tmp_path):
