@@ -58,5 +58,6 @@ def versions() -> dict:
         triton_version = triton.__version__
     except ImportError:
         triton_version = None
+    date = datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
     return {"torch": torch.__version__, "triton": triton_version, "python": platform.python_version(),
-            "cuda": torch.version.cuda, "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")}
+            "cuda": torch.version.cuda, "date": date}

@@ -23,10 +23,12 @@
 #     keeps only B (8..48) programs busy on a 132-SM GPU and cannot reach the bandwidth; a grid-wide
 #     barrier would deadlock in the interpreter and needs co-resident programs. Writing e+- during
 #     the forward would cost 3 + 2 + 3 = 8.
-# Launches: forward = 1 kernel (+ a 4-byte memset for the ticket), backward = 1 kernel.
+# Launches: forward = the stats kernel + a one-program finalize kernel; backward = 1 kernel.
 #   Each sample is split into chunks so B x chunks programs fill the GPU; every program writes its
-#   partial sums (fp64) to a workspace; the last program to finish (atomic ticket, acq_rel) reduces
-#   the partials in a fixed order and writes the losses, so results are bit-identical run to run.
+#   partial sums (fp64) to a workspace, and the finalize kernel reduces them in a fixed order into
+#   the losses, so results are bit-identical run to run. (A "last program finalizes" ticket would
+#   save the second launch but needs a zeroed counter, i.e. a memset launch anyway, and cross-program
+#   memory ordering that the CPU interpreter cannot test; the kernel boundary orders it for free.)
 #   |e| sums accumulate in fp64 (the reference's adaptive weight is an fp64 mean); e^2 sums in the
 #   accumulation dtype per lane, fp64 across lanes and chunks.
 from __future__ import annotations
@@ -45,12 +47,10 @@ N_STATS = 5  # S2+, S2-, S1+, S1-, SK per (sample, chunk)
 
 @triton.jit
 def _nft_forward_kernel(
-    vt_ptr, vo_ptr, v_ptr, vref_ptr, r_ptr, t_ptr, w_ptr, params_ptr,
-    ws_ptr, ticket_ptr, out_ptr, grad_ptr,
-    B, N, CHUNK, CHUNKS, N_PROGRAMS,
-    ADAPTIVE: tl.constexpr, HAS_REF: tl.constexpr, HAS_WEIGHT: tl.constexpr, MEAN: tl.constexpr,
-    WRITE_GRAD: tl.constexpr, ACC: tl.constexpr, ROWS: tl.constexpr, BLOCK: tl.constexpr,
-    FIN_B: tl.constexpr, FIN_C: tl.constexpr,
+    vt_ptr, vo_ptr, v_ptr, vref_ptr, r_ptr, params_ptr,
+    ws_ptr, grad_ptr, B, N, CHUNK, CHUNKS,
+    ADAPTIVE: tl.constexpr, HAS_REF: tl.constexpr, WRITE_GRAD: tl.constexpr, ACC: tl.constexpr,
+    ROWS: tl.constexpr, BLOCK: tl.constexpr,
 ):
     # one program: ROWS samples (1 on a GPU) x one chunk of their elements
     pid = tl.program_id(0).to(tl.int64)
@@ -107,19 +107,12 @@ def _nft_forward_kernel(
         tl.store(part + 3, tl.sum(s1n, axis=1), mask=row_ok)
     if HAS_REF:
         tl.store(part + 4, tl.sum(sk.to(tl.float64), axis=1), mask=row_ok)
-    # Publish the partials, then take a ticket; the last program reduces everything.
-    tl.debug_barrier()
-    ticket = tl.atomic_add(ticket_ptr, 1, sem="acq_rel")
-    if ticket == N_PROGRAMS - 1:
-        tl.debug_barrier()
-        _nft_finalize(r_ptr, t_ptr, w_ptr, params_ptr, ws_ptr, out_ptr, B, N, CHUNKS,
-                      ADAPTIVE, HAS_REF, HAS_WEIGHT, MEAN, ACC, FIN_B, FIN_C)
 
 
 @triton.jit
-def _nft_finalize(r_ptr, t_ptr, w_ptr, params_ptr, ws_ptr, out_ptr, B, N, CHUNKS,
-                  ADAPTIVE: tl.constexpr, HAS_REF: tl.constexpr, HAS_WEIGHT: tl.constexpr,
-                  MEAN: tl.constexpr, ACC: tl.constexpr, FIN_B: tl.constexpr, FIN_C: tl.constexpr):
+def _nft_finalize_kernel(r_ptr, t_ptr, w_ptr, params_ptr, ws_ptr, out_ptr, B, N, CHUNKS,
+                         ADAPTIVE: tl.constexpr, HAS_REF: tl.constexpr, HAS_WEIGHT: tl.constexpr,
+                         MEAN: tl.constexpr, ACC: tl.constexpr, FIN_B: tl.constexpr, FIN_C: tl.constexpr):
     """Per-sample losses from the partials; the batch mean; the backward's per-sample weights.
 
     Workspace after the partials [B, CHUNKS, 5]: w+ [B], w- [B], 1 / sum of kept weights."""
@@ -135,14 +128,14 @@ def _nft_finalize(r_ptr, t_ptr, w_ptr, params_ptr, ws_ptr, out_ptr, B, N, CHUNKS
         bm = bs < B
         pm = bm[:, None] & (cs[None, :] < CHUNKS)
         base = ws_ptr + (bs[:, None] * CHUNKS + cs[None, :]) * 5
-        s2p = tl.sum(tl.load(base, mask=pm, other=0.0, cache_modifier=".cg"), axis=1)
-        s2n = tl.sum(tl.load(base + 1, mask=pm, other=0.0, cache_modifier=".cg"), axis=1)
+        s2p = tl.sum(tl.load(base, mask=pm, other=0.0), axis=1)
+        s2n = tl.sum(tl.load(base + 1, mask=pm, other=0.0), axis=1)
         r = tl.load(r_ptr + bs, mask=bm, other=0.0).to(ACC)
         l_pos = (s2p / N).to(ACC)
         l_neg = (s2n / N).to(ACC)
         if ADAPTIVE:
-            s1p = tl.sum(tl.load(base + 2, mask=pm, other=0.0, cache_modifier=".cg"), axis=1)
-            s1n = tl.sum(tl.load(base + 3, mask=pm, other=0.0, cache_modifier=".cg"), axis=1)
+            s1p = tl.sum(tl.load(base + 2, mask=pm, other=0.0), axis=1)
+            s1n = tl.sum(tl.load(base + 3, mask=pm, other=0.0), axis=1)
             t = tl.load(t_ptr + bs, mask=bm, other=0.0).to(ACC)
             t64 = t.to(tl.float64)
             w_pos = tl.maximum(t64 * (s1p / N), floor)
@@ -153,7 +146,7 @@ def _nft_finalize(r_ptr, t_ptr, w_ptr, params_ptr, ws_ptr, out_ptr, B, N, CHUNKS
             l_neg = t * t * l_neg / w_neg.to(ACC)
         loss = (r * l_pos + (1.0 - r) * l_neg) / beta
         if HAS_REF:
-            sk = tl.sum(tl.load(base + 4, mask=pm, other=0.0, cache_modifier=".cg"), axis=1)
+            sk = tl.sum(tl.load(base + 4, mask=pm, other=0.0), axis=1)
             loss += kl * (sk / N).to(ACC)
         if MEAN:
             if HAS_WEIGHT:
@@ -266,17 +259,21 @@ class _Launch:
 def _forward(L: _Launch, vt, vo, v, vref, r, t, weight, write_grad: bool):
     B, dev = L.B, vt.device
     ws = launch.empty((B * L.chunks * N_STATS + 2 * B + 1,), torch.float64, dev)
-    ticket = launch.zeros((1,), torch.int32, dev)
     out = launch.empty(() if L.mean else (B,), L.acc, dev)
     grad = launch.empty(vt.shape, vt.dtype, dev) if write_grad else vt
     fin_c = next_pow2(L.chunks)
-    fin_b = max(1, min(next_pow2(B), 4096 // fin_c))
+    fin_b = max(1, min(next_pow2(B), 2048 // fin_c))
+    w = r if weight is None else weight
+    t = r if t is None else t
     _nft_forward_kernel[L.grid](
-        vt, vo, v, vt if vref is None else vref, r, r if t is None else t, r if weight is None else weight,
-        L.params, ws, ticket, out, grad, B, L.N, L.chunk, L.chunks, L.grid[0],
-        ADAPTIVE=L.adaptive, HAS_REF=L.has_ref, HAS_WEIGHT=L.has_weight, MEAN=L.mean,
-        WRITE_GRAD=write_grad, ACC=tl_dtype(L.acc), ROWS=L.rows, BLOCK=L.block, FIN_B=fin_b, FIN_C=fin_c,
-        num_warps=L.num_warps,
+        vt, vo, v, vt if vref is None else vref, r, L.params, ws, grad, B, L.N, L.chunk, L.chunks,
+        ADAPTIVE=L.adaptive, HAS_REF=L.has_ref, WRITE_GRAD=write_grad, ACC=tl_dtype(L.acc), ROWS=L.rows,
+        BLOCK=L.block, num_warps=L.num_warps,
+    )
+    _nft_finalize_kernel[(1,)](
+        r, t, w, L.params, ws, out, B, L.N, L.chunks,
+        ADAPTIVE=L.adaptive, HAS_REF=L.has_ref, HAS_WEIGHT=L.has_weight, MEAN=L.mean, ACC=tl_dtype(L.acc),
+        FIN_B=fin_b, FIN_C=fin_c, num_warps=4,
     )
     return out, ws, (grad if write_grad else None)
 

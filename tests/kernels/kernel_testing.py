@@ -1,6 +1,6 @@
 """Helpers of the kernel tests: guard bands around every buffer, tolerances, random inputs.
 
-Guard bands: the launchers allocate through kernels.launch.empty/zeros; `guarded_buffers` swaps
+Guard bands: the launchers allocate through kernels.launch.empty; `guarded_buffers` swaps
 those for views into larger buffers whose margins hold NaN (floats) or a sentinel (integers), and
 `guarded` puts inputs in NaN margins too. An out-of-bounds write changes a margin (checked after
 the call); an out-of-bounds read pulls a NaN into the result.
@@ -31,11 +31,9 @@ class GuardedBuffers:
     def __init__(self):
         self.blocks: list[tuple[torch.Tensor, int]] = []
 
-    def make(self, shape, dtype, device, fill=None) -> torch.Tensor:
+    def make(self, shape, dtype, device) -> torch.Tensor:
         n = math.prod(shape)
         buf = torch.full((n + 2 * PAD,), _margin_value(dtype), dtype=dtype, device=device)
-        if fill is not None:
-            buf[PAD:PAD + n] = fill
         self.blocks.append((buf, n))
         return buf[PAD:PAD + n].view(shape)
 
@@ -51,13 +49,12 @@ def guarded_buffers():
     """Within the block every launcher buffer is guard-banded; margins are checked at exit.
     (A plain swap, not pytest's monkeypatch: hypothesis tests cannot take function fixtures.)"""
     g = GuardedBuffers()
-    saved = launch.empty, launch.zeros
+    saved = launch.empty
     launch.empty = lambda shape, dtype, device: g.make(shape, dtype, device)
-    launch.zeros = lambda shape, dtype, device: g.make(shape, dtype, device, fill=0)
     try:
         yield g
     finally:
-        launch.empty, launch.zeros = saved
+        launch.empty = saved
     g.check()
 
 

@@ -110,6 +110,16 @@ def test_filter_rules():
     assert torch.equal(paper.r, none.r) and torch.equal(strict.r, none.r)
 
 
+def test_filter_boundaries_are_strict_inequalities():
+    # mean exactly tau_mean, std exactly tau_std (both exact in binary): the paper rule keeps the
+    # group (it is not above / below), the strict rule drops it (it is not below / above)
+    scores = torch.tensor([[0.25, 0.75]], dtype=torch.float64)
+    for kw in (dict(tau_mean=0.5, tau_std=0.1), dict(tau_mean=0.9, tau_std=0.25)):
+        assert group_rewards_triton(scores, rule="paper", **kw).keep.tolist() == [True]
+        assert group_rewards_triton(scores, rule="strict", **kw).keep.tolist() == [False]
+        assert group_rewards_reference(scores, rule="strict", **kw).keep.tolist() == [False]
+
+
 def test_global_std_uses_the_whole_batch():
     scores = torch.tensor([[0.0, 1.0], [0.4, 0.6]], dtype=torch.float64)
     out = group_rewards_triton(scores, std="global", clip=5.0, eps=0.0 + 1e-12)
