@@ -237,6 +237,13 @@ def _config(N: int, B: int, device: torch.device, block: int | None, chunks: int
     return rows, block, chunk, n_chunks, num_warps
 
 
+def finalize_tile(B: int, chunks: int, device: torch.device) -> tuple[int, int]:
+    """(FIN_B, FIN_C): samples x chunks reduced per step by the finalize kernel. Five fp64 tiles
+    are live at once: 512 elements on a GPU (4 warps, no spills); bigger in the interpreter."""
+    fin_c = next_pow2(chunks)
+    return max(1, min(next_pow2(B), (512 if device.type == "cuda" else 4096) // fin_c)), fin_c
+
+
 class _Launch:
     """Everything one call needs, resolved once on the host."""
 
@@ -261,8 +268,7 @@ def _forward(L: _Launch, vt, vo, v, vref, r, t, weight, write_grad: bool):
     ws = launch.empty((B * L.chunks * N_STATS + 2 * B + 1,), torch.float64, dev)
     out = launch.empty(() if L.mean else (B,), L.acc, dev)
     grad = launch.empty(vt.shape, vt.dtype, dev) if write_grad else vt
-    fin_c = next_pow2(L.chunks)
-    fin_b = max(1, min(next_pow2(B), 2048 // fin_c))
+    fin_b, fin_c = finalize_tile(B, L.chunks, dev)
     w = r if weight is None else weight
     t = r if t is None else t
     _nft_forward_kernel[L.grid](
