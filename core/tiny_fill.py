@@ -44,6 +44,16 @@ DEFAULT_TRANSFORMER = dict(num_layers=1, num_single_layers=2, num_attention_head
 DEFAULT_TEXT = dict(hidden_size=64, num_layers=2, num_heads=2, intermediate_size=128)
 
 
+def rope_axes(head_dim: int) -> tuple[int, int, int]:
+    """Rope dimensions per position axis, summing to `head_dim`: FLUX's first axis is always 0 for
+    images and text alike, so it gets the fewest (4, or more to make the rest even); rows and
+    columns share the remainder equally."""
+    if head_dim < 8 or head_dim % 2:
+        raise ValueError(f"attention head dim must be even and >= 8 for rope over three axes, got {head_dim}")
+    side = (head_dim - 4) // 2 // 2 * 2
+    return head_dim - 2 * side, side, side
+
+
 class TinyFillPolicy(Policy):
     """Mask-guided flow-matching editor of `image_size` x `image_size` RGB images (see module doc)."""
 

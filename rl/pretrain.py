@@ -38,7 +38,7 @@ from core.metrics import ground_truth_metrics, summarize
 from core.samplers import METHODS, sample_policy
 from core.schedules import flux_sigmas
 from core.tasks import TASKS, TaskMixture
-from core.tiny_fill import SHIPPED_DIR, TinyFillPolicy
+from core.tiny_fill import DEFAULT_TRANSFORMER, SHIPPED_DIR, TinyFillPolicy, rope_axes
 from core.world import SyntheticWorld, collate
 
 UNIFORM_T_SHARE = 0.1
@@ -58,6 +58,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--seed", type=int, default=0, help="seed of initialisation, data order and noise")
     p.add_argument("--world-seed", type=int, default=0, help="seed of the synthetic world")
     p.add_argument("--out", type=Path, default=SHIPPED_DIR, help="output model directory (default: the shipped assets)")
+    p.add_argument("--double-blocks", type=int, default=DEFAULT_TRANSFORMER["num_layers"], help="FLUX double-stream blocks")
+    p.add_argument("--single-blocks", type=int, default=DEFAULT_TRANSFORMER["num_single_layers"], help="FLUX single-stream blocks")
+    p.add_argument("--heads", type=int, default=DEFAULT_TRANSFORMER["num_attention_heads"], help="attention heads")
+    p.add_argument("--head-dim", type=int, default=DEFAULT_TRANSFORMER["attention_head_dim"],
+                   help="attention head dim (a multiple of 4, >= 8; split over the three rope axes)")
     p.add_argument("--eval-per-task", type=int, default=64, help="held-out conditions per task for quality.json")
     p.add_argument("--eval-steps", type=int, default=8, help="sampler steps for the evaluation")
     p.add_argument("--eval-method", choices=METHODS, default="dpm2", help="sampler for the evaluation (RL's default: dpm2)")
@@ -71,6 +76,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
             raise SystemExit(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
     if not 0 <= args.ema_decay < 1:
         raise SystemExit(f"--ema-decay must be in [0, 1), got {args.ema_decay}")
+    if args.head_dim < 8 or args.head_dim % 4:
+        raise SystemExit(f"--head-dim must be a multiple of 4 and >= 8, got {args.head_dim}")
     if not args.shift > 0:
         raise SystemExit(f"--shift must be > 0, got {args.shift}")
     return args
@@ -141,7 +148,10 @@ def format_table(summary: dict[str, dict[str, float]]) -> str:
 
 
 def train(args: argparse.Namespace) -> tuple[TinyFillPolicy, dict]:
-    policy = TinyFillPolicy.create(seed=args.seed, default_steps=args.eval_steps, default_shift=args.shift)
+    size = dict(num_layers=args.double_blocks, num_single_layers=args.single_blocks, num_attention_heads=args.heads,
+                attention_head_dim=args.head_dim, axes_dims_rope=rope_axes(args.head_dim))
+    policy = TinyFillPolicy.create(seed=args.seed, default_steps=args.eval_steps, default_shift=args.shift,
+                                   transformer=size)
     text_model = policy.prompt_encoder.text_model
     text_model.requires_grad_(True).train()
     policy.model.train()
