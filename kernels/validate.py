@@ -79,20 +79,24 @@ def no_grad_needed(op: str, names_values: list[tuple[str, object]]) -> None:
 def value_ranges(op: str, checks: list[tuple[str, Tensor, float, float, str]]) -> None:
     """Each (name, tensor, low, high, hint): all values finite and within [low, high].
 
-    One host round trip for all checks together (a single sync on CUDA)."""
+    One host round trip for all checks together (a single sync on CUDA): min and max of every
+    tensor (NaN propagates through both), gathered into one small tensor. Tensors of one shape and
+    dtype (the per-sample r, t, weight) take one stack and one aminmax."""
     checks = [c for c in checks if c[1] is not None and c[1].numel() > 0]
     if not checks:
         return
+    xs = [c[1].detach() for c in checks]
     with torch.no_grad():
-        parts = []
-        for _, x, _, _, _ in checks:
-            lo_hi = torch.aminmax(x.detach().reshape(-1))
-            bad = (~torch.isfinite(x.detach())).any()
-            parts.append(torch.stack([lo_hi.min.double(), lo_hi.max.double(), bad.double()]))
-        stats = torch.stack(parts).tolist()
-    for (name, _, low, high, hint), (lo, hi, nonfinite) in zip(checks, stats):
-        if nonfinite or lo < low or hi > high:
-            what = "non-finite values" if nonfinite else f"values in [{lo:.6g}, {hi:.6g}]"
+        if all(x.shape == xs[0].shape and x.dtype == xs[0].dtype for x in xs):
+            lo_hi = torch.aminmax(torch.stack(xs).reshape(len(xs), -1), dim=1)
+            stats = torch.stack([lo_hi.min, lo_hi.max], 1).tolist()
+        else:
+            pairs = [torch.aminmax(x.reshape(-1)) for x in xs]
+            stats = torch.stack([torch.stack([p.min.double(), p.max.double()]) for p in pairs]).tolist()
+    for (name, _, low, high, hint), (lo, hi) in zip(checks, stats):
+        if not (low <= lo and hi <= high and math.isfinite(lo) and math.isfinite(hi)):
+            finite = math.isfinite(lo) and math.isfinite(hi)
+            what = f"values in [{lo:.6g}, {hi:.6g}]" if finite else "non-finite values"
             fail(op, f"{name} must be finite and within [{low:g}, {high:g}], got {what}{hint}")
 
 
