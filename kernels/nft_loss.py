@@ -11,7 +11,8 @@
 #       adaptive: a+ = 2 t^2 r / (N w+),        a- = 2 t^2 (1 - r) / (N w-)
 #   reduction "mean": sum_b c_b loss_b / sum_b c_b over samples with weight c_b > 0.
 #
-# Memory-pass budget (one pass = one read or write of a [B, N] tensor; +1 read with v_ref):
+# Memory-pass budget (one pass = one read or write of a [B, N] tensor; v_ref adds 1 pass in the
+# velocity form, 2 in the adaptive form):
 #   velocity form: forward reads v_theta, v_old, v and writes the unscaled gradient (the loss is
 #     the last op, so its gradient is known during the forward); backward reads it once and writes
 #     it scaled by grad_output (which cannot be known to be 1 without a host sync)  -> 4 + 2 = 6.
@@ -224,9 +225,10 @@ def _nft_backward_kernel(
 def _config(N: int, B: int, device: torch.device, block: int | None, chunks: int | None):
     """(ROWS, BLOCK, CHUNK, CHUNKS, num_warps).
 
-    GPU: one sample per program, 2048-element tiles, 8 warps (8 fp32 per thread, two 16-byte loads
-    per tensor, ~100 registers with the fp64 accumulators -> 2 programs per SM), chunks so that
-    there are about 4 programs per SM. Interpreter: every program costs milliseconds of Python, so
+    GPU: one sample per program, 2048-element tiles, 8 warps (8 values per thread, 16-byte loads;
+    the adaptive forward with its fp64 accumulators needs ~126 registers on sm_90, so 2 programs
+    fit per SM: tests/kernels/test_gpu_compile.py), chunks so that there are about 4 programs per
+    SM. Interpreter: every program costs milliseconds of Python, so
     few programs: whole samples, many samples per program (up to 2^17 elements)."""
     if device.type == "cuda":
         rows, block, num_warps = 1, block or 2048, 8
