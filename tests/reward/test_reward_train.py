@@ -1,0 +1,106 @@
+import json
+import sys
+import types
+
+import pytest
+import torch
+
+from core.image_io import save_image
+from reward.preference_data import load_pair, read_preferences
+from reward.train import (RewardTrainConfig, format_table, main, pairwise_p_yes, pairwise_requests, split_records,
+                          train_reward_model)
+from reward.vlm_judge import TransformersJudge
+
+# short questions keep the tiny model's sequences short (the wording is data: reward/prompts.py)
+SHORT = {"system": "", "pairwise": "{images}{dimension_name}: is the first better?",
+         "image_source": "", "image_first": "", "image_second": ""}
+TASKS = [("fill", ["consistency", "aesthetics"]), ("removal", ["removal_quality"])]
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    # tiny models on a shared 2-core machine run several times faster on one thread
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+def build_bright_square_data(root, n_pairs, seed=0):
+    """Winners carry a bright square in the mask, losers a dark patch: learnable in a few dozen steps."""
+    g = torch.Generator().manual_seed(seed)
+    root.mkdir(parents=True, exist_ok=True)
+    lines = []
+    for i in range(n_pairs):
+        task, dims = TASKS[i % 2]
+        src = (torch.rand(3, 1, 1, generator=g) * 0.5 + 0.1 + 0.05 * torch.rand(3, 56, 56, generator=g)).clamp(0, 1)
+        y, x = (int(v) for v in torch.randint(4, 28, (2,), generator=g))
+        mask = torch.zeros(1, 56, 56)
+        mask[:, y:y + 24, x:x + 24] = 1
+        good, bad = src.clone(), src.clone()
+        good[:, y + 4:y + 20, x + 4:x + 20] = 1.0
+        bad[:, y:y + 24, x:x + 24] = 0.4 * src.mean((1, 2), keepdim=True)
+        for name, img in (("src", src), ("mask", mask), ("good", good), ("bad", bad)):
+            save_image(img, root / f"{i}_{name}.png")
+        lines.append({"source": f"{i}_src.png", "mask": f"{i}_mask.png", "prompt": "", "task": task,
+                      "dimensions": dims, "winner": f"{i}_good.png", "loser": f"{i}_bad.png"})
+    (root / "prefs.jsonl").write_text("".join(json.dumps(rec) + "\n" for rec in lines))
+    return root / "prefs.jsonl"
+
+
+def test_lora_training_learns_the_preference_and_the_checkpoint_reloads(tmp_path):
+    data = build_bright_square_data(tmp_path / "data", 30)
+    cfg = RewardTrainConfig(data=str(data), out=str(tmp_path / "run"), model="tiny", tiny_preset="test",
+                            lora=True, lr=5e-3, epochs=5, batch_size=4, templates=SHORT, progress=False)
+    result = train_reward_model(cfg)
+    before, after = result.metrics["before"], result.metrics["after"]
+    assert after["overall"]["n"] == before["overall"]["n"] >= 8
+    assert after["overall"]["accuracy"] >= 0.9 > before["overall"]["accuracy"]
+    assert set(after["cells"]) == {"fill", "removal"} and set(after["cells"]["fill"]) == {"consistency", "aesthetics"}
+    saved = json.loads((tmp_path / "run" / "metrics.json").read_text())
+    assert saved["after"]["overall"] == after["overall"] and saved["steps"] == result.metrics["steps"] > 0
+    table = format_table(after)
+    assert table.splitlines()[0].split() == ["task", "consistency", "aesthetics", "removal", "quality"]
+    # the merged checkpoint answers exactly like the trained (unmerged LoRA) model did
+    loaded = TransformersJudge(str(result.judge_dir), both_orders=True, templates=SHORT)
+    _, heldout = split_records(read_preferences(data), cfg.heldout_fraction, cfg.seed)
+    with torch.no_grad():
+        p_yes = pairwise_p_yes(loaded, pairwise_requests([load_pair(r) for r in heldout])[0])
+    assert torch.allclose(p_yes, result.heldout_p_yes, atol=1e-5)
+    assert (p_yes[0::2] - p_yes[1::2]).min() > 0   # "Yes" is likelier whenever the winner comes first
+
+
+def test_command_line_with_a_plugged_in_demo_builder(tmp_path, monkeypatch, capsys):
+    calls = []
+
+    def build_demo_data(out_dir, *, n_pairs, seed, label_noise):
+        calls.append((n_pairs, seed, label_noise))
+        return build_bright_square_data(out_dir, n_pairs, seed)
+
+    demo = types.ModuleType("onejudge_test_demo")
+    demo.build_demo_data = build_demo_data
+    monkeypatch.setitem(sys.modules, "onejudge_test_demo", demo)
+    (tmp_path / "short.yaml").write_text("".join(f"{k}: {json.dumps(v)}\n" for k, v in SHORT.items()))
+    result = main(["--out", str(tmp_path / "run"), "--demo-builder", "onejudge_test_demo:build_demo_data", "--demo-pairs", "8",
+                   "--label-noise", "0.25", "--tiny-preset", "test", "--no-lora", "--epochs", "1",
+                   "--batch-size", "4", "--lr", "1e-3", "--templates", str(tmp_path / "short.yaml"), "--no-progress"])
+    printed = capsys.readouterr().out
+    assert "held-out pairwise accuracy before training" in printed and "judge saved to" in printed
+    assert (result.judge_dir / "model.safetensors").is_file() and (result.judge_dir / "tokenizer.json").is_file()
+    assert json.loads((tmp_path / "run" / "config.json").read_text())["lora"] is False
+    assert result.metrics["steps"] == 2   # 8 pairs, 2 held out at random, batches of 4 -> 2 steps
+    assert calls == [(8, 0, 0.25)] and (tmp_path / "run" / "demo_data" / "prefs.jsonl").is_file()
+
+
+def test_clear_errors(tmp_path):
+    with pytest.raises(ValueError, match="pass --data"):
+        train_reward_model(RewardTrainConfig(out=str(tmp_path), demo_builder="no_such_module:build"))
+    with pytest.raises(ValueError, match="heldout_fraction"):
+        RewardTrainConfig(heldout_fraction=1.0)
+    with pytest.raises(ValueError, match="unknown dtype"):
+        RewardTrainConfig(dtype="float8")
+    data = build_bright_square_data(tmp_path / "d", 2)
+    lines = [json.loads(x) | {"split": "train"} for x in data.read_text().splitlines()]
+    data.write_text("".join(json.dumps(x) + "\n" for x in lines))
+    with pytest.raises(ValueError, match="training and held-out"):
+        train_reward_model(RewardTrainConfig(data=str(data), out=str(tmp_path / "r"), tiny_preset="test"))
