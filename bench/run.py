@@ -1,8 +1,10 @@
 """Benchmarks: `python bench/run.py [--quick] [--only kernels] [--out FILE]`.
 
 Sections (named, run in order; `--only` picks some):
-    kernels   the fused kernels against eager PyTorch and torch.compile (bench/kernel_sweep.py)
-A new section is a function (device, args, log) -> list of row dicts, registered in SECTIONS.
+    kernels     the fused kernels against eager PyTorch and torch.compile (bench/kernel_sweep.py)
+    train_step  one DiffusionNFT step of the tiny model: rollout / judge / update (bench/train_step.py)
+A new section is a function (device, args, log) -> list of row dicts plus its table columns,
+registered in SECTIONS.
 
 Prints a table per section. On a GPU the results (device, versions, date, rows) are also written to
 bench/results/<device-slug>.json unless --out names another file; on a CPU they are only printed
@@ -22,14 +24,16 @@ if str(ROOT) not in sys.path:  # runnable from a checkout without installing
 import torch  # noqa: E402
 
 from bench import device as device_info  # noqa: E402
-from bench import kernel_sweep  # noqa: E402
+from bench import kernel_sweep, train_step  # noqa: E402
 
 
 def kernels_section(device: torch.device, args: argparse.Namespace, log) -> list[dict]:
     return kernel_sweep.run(device, args.quick, args.peak, log)
 
 
-SECTIONS = {"kernels": kernels_section}
+def train_step_section(device: torch.device, args: argparse.Namespace, log) -> list[dict]:
+    return train_step.run(device, args.quick, log)
+
 
 COLUMNS = [  # (header, key, format)
     ("kernel", "kernel", "{}"), ("variant", "variant", "{}"), ("size", "size", "{}"), ("dtype", "dtype", "{}"),
@@ -40,12 +44,16 @@ COLUMNS = [  # (header, key, format)
 ]
 
 
-def table(rows: list[dict]) -> str:
-    cells = [[h for h, _, _ in COLUMNS]]
+SECTIONS = {"kernels": (kernels_section, COLUMNS, 5), "train_step": (train_step_section, train_step.COLUMNS, 1)}
+
+
+def table(rows: list[dict], columns=COLUMNS, left: int = 5) -> str:
+    """Text table; the first `left` columns are left-aligned labels, the rest right-aligned numbers."""
+    cells = [[h for h, _, _ in columns]]
     for row in rows:
-        cells.append(["n/a" if row.get(k) is None else f.format(row[k]) for _, k, f in COLUMNS])
-    widths = [max(len(c[i]) for c in cells) for i in range(len(COLUMNS))]
-    lines = ["  ".join(c.ljust(w) if i < 5 else c.rjust(w) for i, (c, w) in enumerate(zip(line, widths)))
+        cells.append(["n/a" if row.get(k) is None else f.format(row[k]) for _, k, f in columns])
+    widths = [max(len(c[i]) for c in cells) for i in range(len(columns))]
+    lines = ["  ".join(c.ljust(w) if i < left else c.rjust(w) for i, (c, w) in enumerate(zip(line, widths)))
              for line in cells]
     lines.insert(1, "-" * len(lines[0]))
     return "\n".join(lines)
@@ -72,9 +80,10 @@ def main(argv: list[str] | None = None) -> int:
     print(f"# {info['name']}  peak {args.peak or 'n/a'} GB/s  {report['versions']}", flush=True)
     for name in args.only or list(SECTIONS):
         print(f"\n## {name}", flush=True)
-        rows = SECTIONS[name](device, args, lambda line: print(line, flush=True))
+        fn, columns, left = SECTIONS[name]
+        rows = fn(device, args, lambda line: print(line, flush=True))
         report["sections"][name] = rows
-        print("\n" + table(rows), flush=True)
+        print("\n" + table(rows, columns, left), flush=True)
 
     out = args.out or (ROOT / "bench" / "results" / f"{info['slug']}.json" if device.type == "cuda" else None)
     if out is not None:

@@ -1,0 +1,94 @@
+"""Preference data for the reward-model demo, built the way OneReward built theirs, on the world.
+
+For each synthetic-world condition the built-in tiny editor makes four candidates with different
+sampler settings (step count, solver, stochastic noise — as the paper varied its generator), the
+rule judge plays the annotator: per dimension of the task it picks the best and the worst
+candidate (best-of-N / worst-of-N), and with probability `label_noise` the annotator errs and the
+pair is flipped. Dimensions that share the same (best, worst) pair become one multi-label record.
+Conditions are split 80/20 into train and held-out records.
+"""
+from __future__ import annotations
+
+import json
+import random
+from pathlib import Path
+
+import torch
+
+from core.image_io import save_image
+from core.samplers import sample_policy
+from core.tasks import dimensions_for
+from core.world import SyntheticWorld, collate
+
+from .judge import JudgeRequest
+from .rule_judge import RuleJudge
+
+#: (steps, method, noise_level): candidates of visibly different quality, as in the paper's data
+CANDIDATE_SETTINGS = ((2, "euler", 0.0), (4, "dpm2", 0.0), (8, "dpm2", 0.0), (8, "sde", 0.9))
+DEMO_TASKS = ("fill", "extend", "removal", "text")
+MIN_GAP = 0.03  # a best/worst pair closer than this in rule-judge quality is too ambiguous to label
+
+
+def _candidates(policy, samples, seed: int) -> torch.Tensor:
+    """Images [N, 4, 3, H, W]: each condition edited with every candidate setting."""
+    batch = collate(samples)
+    with torch.no_grad():
+        cond = policy.encode(batch.images, batch.masks, batch.prompts)
+        out = []
+        for k, (steps, method, level) in enumerate(CANDIDATE_SETTINGS):
+            g = torch.Generator().manual_seed(seed * 31 + k)
+            noise = torch.randn(cond.x0_known.shape, generator=g)
+            x0 = sample_policy(policy, cond, sigmas=policy.schedule(steps), method=method, noise=noise,
+                               noise_level=level, generator=g)
+            out.append(policy.decode(x0, cond))
+    return torch.stack(out, 1)
+
+
+def build_demo_data(out_dir: str | Path, *, n_pairs: int = 240, seed: int = 0, label_noise: float = 0.1,
+                    policy=None, world: SyntheticWorld | None = None, batch: int = 32) -> Path:
+    """Write images and `preferences.jsonl` (reward/preference_data.py format) into `out_dir`."""
+    from core.tiny_fill import TinyFillPolicy
+
+    out = Path(out_dir)
+    (out / "img").mkdir(parents=True, exist_ok=True)
+    policy = policy or TinyFillPolicy.from_pretrained()
+    world = world or SyntheticWorld(seed=seed + 101)
+    judge = RuleJudge()
+    rng = random.Random(seed)
+    records: list[dict] = []
+    index = 0
+    while len(records) < n_pairs:
+        samples = [world.sample(DEMO_TASKS[(index + i) % len(DEMO_TASKS)], index + i) for i in range(batch)]
+        images = _candidates(policy, samples, seed + index)
+        for i, s in enumerate(samples):
+            n = index + i
+            split = "heldout" if n % 5 == 4 else "train"
+            dims = dimensions_for(s.task, has_prompt=s.truth.get("has_prompt", True))
+            reqs = [JudgeRequest(s.task, d, s.source, images[i, c], s.mask, s.prompt, truth=s)
+                    for d in dims for c in range(len(CANDIDATE_SETTINGS))]
+            with torch.no_grad():
+                q = torch.stack([judge.quality(r.task, r.dimension, r.edited, s) for r in reqs])
+            q = q.view(len(dims), len(CANDIDATE_SETTINGS))
+            pairs: dict[tuple[int, int], list[str]] = {}
+            for d, dim in enumerate(dims):
+                best, worst = int(q[d].argmax()), int(q[d].argmin())
+                if float(q[d, best] - q[d, worst]) < MIN_GAP:
+                    continue
+                if rng.random() < label_noise:  # the annotator errs
+                    best, worst = worst, best
+                pairs.setdefault((best, worst), []).append(dim)
+            if not pairs:
+                continue
+            stem = f"img/{n:05d}"
+            save_image(s.source, out / f"{stem}_source.png")
+            save_image(s.mask, out / f"{stem}_mask.png")
+            for c in {c for pair in pairs for c in pair}:
+                save_image(images[i, c], out / f"{stem}_cand{c}.png")
+            for (best, worst), dim_list in pairs.items():
+                records.append({"source": f"{stem}_source.png", "mask": f"{stem}_mask.png", "prompt": s.prompt,
+                                "task": s.task, "dimensions": dim_list, "winner": f"{stem}_cand{best}.png",
+                                "loser": f"{stem}_cand{worst}.png", "split": split, "id": s.key})
+        index += batch
+    path = out / "preferences.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in records))
+    return path
