@@ -16,6 +16,9 @@
 #   velocity form: forward reads v_theta, v_old, v and writes the unscaled gradient (the loss is
 #     the last op, so its gradient is known during the forward); backward reads it once and writes
 #     it scaled by grad_output (which cannot be known to be 1 without a host sync)  -> 4 + 2 = 6.
+#     The saved tensor (v_theta's dtype) is r e+ - (1 - r) e- + kl_coef (v_theta - v_ref), O(|e|):
+#     the factor 2 / N is applied in the backward, in fp32, because 2 e / N at FLUX sizes (N = 2^18)
+#     is subnormal in fp16 and would lose most of its bits before a loss scale multiplies it back.
 #   adaptive form: the gradient needs the per-sample weights w+-, i.e. a full reduction over the
 #     sample first. Strategy "two passes, split across the whole GPU": the forward is the stats
 #     pass (reads 3, writes nothing large); the backward recomputes e+- and writes the gradient
@@ -63,11 +66,8 @@ def _nft_forward_kernel(
     end = tl.where(start + CHUNK < N, start + CHUNK, N)
     beta = tl.load(params_ptr).to(ACC)
     kl = tl.load(params_ptr + 1).to(ACC)
-    if WRITE_GRAD:  # velocity form: unscaled gradient coefficients of these samples
+    if WRITE_GRAD:  # velocity form: the gradient without its factor 2 / N (see the header)
         r = tl.load(r_ptr + rows, mask=row_ok, other=0.0).to(ACC)[:, None]
-        a_pos = 2.0 * r / N
-        a_neg = 2.0 * (1.0 - r) / N
-        a_kl = 2.0 * kl / N
 
     # (tl.full, not tl.zeros: the interpreter charges ~1 ms for every nested @jit call)
     s2p = tl.full([ROWS, BLOCK], 0.0, ACC)
@@ -95,9 +95,9 @@ def _nft_forward_kernel(
             dk = vt - tl.load(vref_ptr + offs, mask=m, other=0.0).to(ACC)
             sk += dk * dk
         if WRITE_GRAD:
-            g = a_pos * ep - a_neg * en
+            g = r * ep - (1.0 - r) * en
             if HAS_REF:
-                g += a_kl * dk
+                g += kl * dk
             tl.store(grad_ptr + offs, g.to(grad_ptr.dtype.element_ty), mask=m)
 
     part = ws_ptr + (rows * CHUNKS + c) * 5
@@ -190,6 +190,7 @@ def _nft_backward_kernel(
         f = f * tl.load(aux + 2 * B).to(ACC)
     f = f[:, None]
     if FROM_SAVED:
+        f = f * 2.0 / N  # (not f * (2.0 / N): that quotient would be fp32)
         for off in range(start, end, BLOCK):
             cols = off + tl.arange(0, BLOCK)
             m = row_ok[:, None] & (cols < end)[None, :]

@@ -92,6 +92,31 @@ def test_low_precision(dtype, adaptive, reduction):
     assert_low_precision(grad, eager_grad, exact_grad, dtype, scale=exact_grad.abs().max().item())
 
 
+def test_fp16_saved_gradient_survives_a_loss_scale():
+    """Small errors (a converging policy) and a large grad_output (fp16 loss scaling): the velocity
+    form's gradient saved during the forward must not sit in fp16's subnormal range, where 2 e / N
+    loses most of its bits before the loss scale multiplies it back."""
+    g = torch.Generator().manual_seed(0)
+    B, n = 2, 4096
+    vt = (1e-2 * torch.randn(B, n, generator=g)).half().requires_grad_()
+    vo = (vt.detach().double() + 1e-3 * torch.randn(B, n, generator=g, dtype=torch.float64)).half()
+    v = (vo.double() + 3e-3 * torch.randn(B, n, generator=g, dtype=torch.float64)).half()
+    r, t = rand(B, seed=1), rand(B, seed=2)
+    exact_vt = vt.detach().double().requires_grad_()
+    for reduction in ("mean", "none"):
+        kw = dict(beta=0.1, adaptive=False, v_ref=vo, kl_coef=0.5, reduction=reduction)
+        grads = []
+        for fn, x, args, extra in ((nft_loss_triton, vt, (vo, v), dict(block=1024, chunks=2)),
+                                   (nft_loss_reference, vt, (vo, v), {}),
+                                   (nft_loss_reference, exact_vt, (vo.double(), v.double()), {})):
+            kwx = dict(kw, v_ref=kw["v_ref"].to(x.dtype))
+            out = fn(x, *args, r, t, **kwx, **extra)
+            (grad,) = torch.autograd.grad(out, x, torch.full_like(out, 3000.0))
+            grads.append(grad)
+        assert grads[0].dtype == torch.float16
+        assert_low_precision(*grads, torch.float16, scale=grads[2].abs().max().item())
+
+
 @pytest.mark.parametrize("kw", [
     dict(adaptive=False, reduction="mean", has_ref=True, has_weight=True),
     dict(adaptive=False, reduction="none", has_ref=False, has_weight=False),
