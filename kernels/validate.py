@@ -156,6 +156,8 @@ def group_rewards_args(scores, *, dim_weights, std, clip, eps, tau_mean, tau_std
         tensor(op, "dim_weights", dim_weights, device=scores.device)
         if dim_weights.shape != (scores.shape[2],):
             fail(op, f"dim_weights must have shape [D] = [{scores.shape[2]}], got {tuple(dim_weights.shape)}")
+    # the Triton kernel has no backward: refuse, rather than differ from the differentiable reference
+    no_grad_needed(op, [("scores", scores), ("dim_weights", dim_weights)])
     value_ranges(op, [
         ("scores", scores, 0.0, 1.0, " (judge scores are in [0, 1])"),
         ("dim_weights", dim_weights, 0.0, HUGE, ""),

@@ -95,6 +95,7 @@ GR_BAD = [
     (dict(tau_mean=0.9), "needs both tau_mean and tau_std"),
     (dict(tau_mean=0.9, tau_std=NAN), "tau_std must be a finite number"),
     (dict(backend="triton!"), "unknown backend"),
+    (dict(scores=torch.rand(2, 3, requires_grad=True)), r"gradients with respect to scores are not supported"),
 ]
 
 
