@@ -111,7 +111,7 @@ class ReFLConfig:
 
 @dataclasses.dataclass
 class OptimConfig:
-    lr: float = 3e-4
+    lr: float = 3e-5                  # full fine-tune rate; LoRA configs use ~3e-4 (DiffusionNFT)
     weight_decay: float = 1e-4
     betas: list[float] = dataclasses.field(default_factory=lambda: [0.9, 0.999])
     grad_clip: float = 1.0
