@@ -25,7 +25,7 @@ from __future__ import annotations
 import contextlib
 import os
 import re
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Mapping
 from pathlib import Path
 
 import torch
@@ -33,13 +33,13 @@ from diffusers import FluxFillPipeline, FluxTransformer2DModel
 from torch import Tensor
 
 from . import packing
-from .lora import FLUX_ATTENTION_TARGETS, lora_config, merged_state_dict
+from .lora import merged_state_dict
 from .masks import validate_mask
 from .policy import Condition, Policy, swapped_weights
 from .schedules import flux_sigmas, image_seq_len
 
 DEFAULT_GUIDANCE = 30.0   # FluxFillPipeline's default guidance_scale for Fill [dev]
-ADAPTER = "default"
+ADAPTER = Policy.LORA_ADAPTER
 FRAME_COMPONENTS = ("vae", "text_encoder", "tokenizer", "text_encoder_2", "tokenizer_2", "scheduler")
 #: diffusers attention backends with a CPU implementation (PyTorch SDPA's math/flash kernels, flex)
 CPU_ATTENTION_BACKENDS = frozenset({"native", "_native_math", "_native_flash", "flex"})
@@ -164,23 +164,6 @@ class FluxFillPolicy(Policy):
             policy.set_attention_backend(attention_backend, local_files_only=local_files_only)
         return policy
 
-    def add_lora(self, *, r: int, alpha: float, targets: Sequence[str] = FLUX_ATTENTION_TARGETS,
-                 init: str | bool = "gaussian") -> None:
-        """Add a LoRA adapter; from now on only its tensors are trainable (float32 masters when
-        the model runs in reduced precision)."""
-        if self.has_lora:
-            raise ValueError("this policy already has a LoRA adapter; add_lora once per policy")
-        config = lora_config(self.model, r=r, alpha=alpha, targets=targets, init=init)
-        self.model.requires_grad_(False)
-        self.model.add_adapter(config, adapter_name=ADAPTER)
-        for p in self.trainable_parameters().values():
-            if p.dtype in (torch.float16, torch.bfloat16):
-                p.data = p.data.float()
-
-    @property
-    def has_lora(self) -> bool:
-        return bool(getattr(self.model, "peft_config", None))
-
     def set_attention_backend(self, name: str, *, local_files_only: bool = True) -> None:
         """Route the transformer's attention through a diffusers backend ('native', 'flash', ...);
         `*_hub` backends fetch kernels from the Hub and need `local_files_only=False`."""
@@ -191,8 +174,7 @@ class FluxFillPolicy(Policy):
         """Move (and optionally cast) every component; LoRA tensors stay float32."""
         self.pipe.to(device=device, dtype=dtype)
         if dtype is not None and self.has_lora:
-            for p in self.trainable_parameters().values():
-                p.data = p.data.float()
+            self._lora_to_float32()
         return self
 
     @property
@@ -297,17 +279,6 @@ class FluxFillPolicy(Policy):
         return (image.float() / 2 + 0.5).clamp(0, 1)
 
     # -- reference policy and persistence -------------------------------------------------------
-    @contextlib.contextmanager
-    def base(self) -> Iterator["FluxFillPolicy"]:
-        """Within the block the LoRA adapter is off: the frozen base model (the reference policy)."""
-        if not self.has_lora:
-            raise ValueError("base() needs a LoRA adapter; for a full fine-tune pass weights=<initial snapshot>")
-        self.model.disable_adapters()
-        try:
-            yield self
-        finally:
-            self.model.enable_adapters()
-
     def save_lora_weights(self, directory: str | os.PathLike, weights: Mapping[str, Tensor] | None = None) -> None:
         """Write the adapter (or the adapter weight set `weights`) in diffusers' LoRA format."""
         from peft.utils import get_peft_model_state_dict

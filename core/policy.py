@@ -135,6 +135,44 @@ class Policy(abc.ABC):
         shape = cond.x0_known.shape
         return torch.randn(shape, generator=generator, device=cond.x0_known.device, dtype=cond.x0_known.dtype)
 
+    # -- LoRA (peft adapters on `model`): shared by every policy --------------------------------
+    #: adapter name used by add_lora
+    LORA_ADAPTER = "default"
+
+    @property
+    def has_lora(self) -> bool:
+        return bool(getattr(self.model, "peft_config", None))
+
+    def add_lora(self, *, r: int, alpha: float, targets=None, init: str | bool = "gaussian") -> None:
+        """Put a LoRA adapter (peft) on `model`'s `targets` (default: FLUX's attention projections,
+        Edit-R1's choice); from then on only its tensors are trainable, kept in float32 even when the
+        model runs in reduced precision (small updates vanish in bf16)."""
+        from .lora import FLUX_ATTENTION_TARGETS, lora_config
+
+        if self.has_lora:
+            raise ValueError(f"this {type(self).__name__} already has a LoRA adapter; add_lora once per policy")
+        config = lora_config(self.model, r=r, alpha=alpha, targets=targets or FLUX_ATTENTION_TARGETS, init=init)
+        self.model.requires_grad_(False)
+        self.model.add_adapter(config, adapter_name=self.LORA_ADAPTER)
+        self._lora_to_float32()
+
+    def _lora_to_float32(self) -> None:
+        for p in self.trainable_parameters().values():
+            if p.dtype in (torch.float16, torch.bfloat16):
+                p.data = p.data.float()
+
+    @contextlib.contextmanager
+    def base(self):
+        """Within the block the LoRA adapter is off: the frozen base model (the reference policy)
+        without a second copy. A full fine-tune passes `weights=<initial snapshot>` instead."""
+        if not self.has_lora:
+            raise ValueError("base() needs a LoRA adapter; for a full fine-tune pass weights=<initial snapshot>")
+        self.model.disable_adapters()
+        try:
+            yield self
+        finally:
+            self.model.enable_adapters()
+
     def trainable_parameters(self) -> dict[str, nn.Parameter]:
         """Named parameters that RL updates (all of them for a full fine-tune, adapters for LoRA)."""
         return {n: p for n, p in self.model.named_parameters() if p.requires_grad}

@@ -13,11 +13,9 @@ RL fine-tunes the transformer only; the text encoder is frozen and its encodings
 """
 from __future__ import annotations
 
-import contextlib
 import copy
 import json
 import os
-from collections.abc import Iterator, Sequence
 from pathlib import Path
 
 import torch
@@ -158,51 +156,6 @@ class TinyFillPolicy(Policy):
             self._lora_to_float32()
         self._ids_cache.clear()
         return self
-
-    def add_lora(self, *, r: int, alpha: float, targets: Sequence[str], init: str | bool = "gaussian") -> None:
-        """Put a LoRA adapter (peft) on the transformer's `targets`; only its tensors stay trainable.
-
-        Disable it with `self.model.disable_adapters()` to evaluate the base model (a reference
-        policy without a second copy).
-        """
-        if self.has_lora:
-            raise ValueError("the tiny Fill model already has a LoRA adapter; add_lora once per policy")
-        if r < 1:
-            raise ValueError(f"LoRA rank r must be >= 1, got {r}")
-        from peft import LoraConfig
-
-        names = {n.rsplit(".", 1)[-1] for n, _ in self.model.named_modules()} | \
-                {".".join(n.rsplit(".", 2)[-2:]) for n, _ in self.model.named_modules()}
-        unknown = [t for t in targets if t not in names]
-        if unknown:
-            raise ValueError(f"LoRA targets {unknown} name no module of the transformer; "
-                             "FLUX attention has to_q, to_k, to_v, to_out.0, add_q_proj, add_k_proj, "
-                             "add_v_proj, to_add_out")
-        self.model.requires_grad_(False)
-        self.model.add_adapter(LoraConfig(r=r, lora_alpha=alpha, target_modules=list(targets),
-                                          init_lora_weights=init))
-        self._lora_to_float32()
-
-    def _lora_to_float32(self) -> None:
-        # optimiser updates of small adapters vanish in bf16: keep float32 masters, as FLUX's adapter does
-        for p in self.trainable_parameters().values():
-            if p.dtype in (torch.float16, torch.bfloat16):
-                p.data = p.data.float()
-
-    @contextlib.contextmanager
-    def base(self) -> Iterator["TinyFillPolicy"]:
-        """Within the block the LoRA adapter is off: the frozen base model (a reference policy)."""
-        if not self.has_lora:
-            raise ValueError("base() needs a LoRA adapter; for a full fine-tune pass weights=<initial snapshot>")
-        self.model.disable_adapters()
-        try:
-            yield self
-        finally:
-            self.model.enable_adapters()
-
-    @property
-    def has_lora(self) -> bool:
-        return bool(getattr(self.model, "peft_config", None))
 
     def schedule(self, steps: int | None = None) -> Tensor:
         """The sampler's step times (steps + 1 values from 1 to 0) with this model's default shift."""

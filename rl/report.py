@@ -73,7 +73,7 @@ def _fmt(iv: dict[str, float], signed: bool = False) -> str:
 
 
 def markdown(report: dict[str, Any]) -> str:
-    lines = [f"# Evaluation report\n", f"- model A: {report['models']['A']}"]
+    lines = ["# Evaluation report\n", f"- model A: {report['models']['A']}"]
     if "B" in report["models"]:
         lines.append(f"- model B: {report['models']['B']}")
     lines += [f"- judge: {report['judge']}; {report['n_per_task']} held-out conditions per task, "

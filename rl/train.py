@@ -29,7 +29,7 @@ from .checkpoint import latest_checkpoint, load_checkpoint, restore_rng_states, 
 from .config import RunConfig, load_config
 from .config_io import ConfigError, to_dict
 from .distributed import DistContext, init_distributed, shutdown
-from .run_log import RunLog, read_metrics, save_sample_grid
+from .run_log import RunLog, save_sample_grid
 from .summary import final_summary
 
 
