@@ -2,7 +2,7 @@ import pytest
 import torch
 
 from core.tasks import TASKS, dimensions_for
-from core.world import SyntheticWorld
+from core.world import COLOURS, SyntheticWorld
 from reward.judge import JudgeError, JudgeRequest
 from reward.rule_judge import RuleJudge
 
@@ -27,7 +27,7 @@ def test_truth_beats_noise_beats_no_edit(task, samples):
     noisy = judge.score(_requests(task, samples[task],
                                   lambda s: (s.target + 0.05 * torch.randn(s.target.shape, generator=g)).clamp(0, 1)))
     untouched = judge.score(_requests(task, samples[task], lambda s: s.source * (1 - s.mask) + 0.5 * s.mask))
-    assert perfect.min() > 0.9
+    assert perfect.min() > 0.8 and perfect.mean() > 0.9
     assert perfect.mean() > noisy.mean() + 0.1 > untouched.mean() + 0.2
 
 
@@ -75,3 +75,24 @@ def test_needs_ground_truth_and_other():
         judge.score([JudgeRequest("fill", "structure", s.source, s.target, s.mask, truth=s)], "pairwise")
     with pytest.raises(ValueError, match="unknown judge mode"):
         judge.score([], "stars")
+
+
+def test_leaving_the_region_empty_is_not_rewarded():
+    """Doing nothing must not beat a rough attempt at the requested content (the reward hack RL
+    found with an ungated judge): every dimension of fill and text needs the content."""
+    judge = RuleJudge()
+    for task in ("fill", "text"):
+        for s in SyntheticWorld(seed=5).held_out(task, 4):
+            empty = s.source * (1 - s.mask) + s.truth["background"] * s.mask
+            # the right content, two pixels off: a rough but honest attempt
+            if task == "fill":
+                ink = torch.roll(s.truth["object"]["mask"], (2, 2), (1, 2)) * s.mask
+                colour = torch.tensor(COLOURS[s.truth["object"]["colour"]])[:, None, None]
+            else:
+                ink = torch.roll(s.truth["ink"], (1, 1), (1, 2)) * s.mask
+                colour = torch.full((3, 1, 1), s.truth["ink_value"])
+            rough = empty * (1 - ink) + colour * ink
+            for d in dimensions_for(task):
+                q_empty = judge.quality(task, d, empty, s)
+                q_rough = judge.quality(task, d, rough, s)
+                assert q_rough > q_empty, (task, d, float(q_rough), float(q_empty))
