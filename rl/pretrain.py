@@ -69,6 +69,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--shift", type=float, default=1.0, help="static time shift of the sampler (saved as the default)")
     p.add_argument("--eval-only", action="store_true", help="evaluate the model in --out and rewrite its quality.json and grid")
     p.add_argument("--threads", type=int, default=0, help="torch CPU threads (0 = torch's default)")
+    p.add_argument("--checkpoint-every", type=int, default=250,
+                   help="save the training state every N steps (0 = never), for --resume")
+    p.add_argument("--resume", action="store_true",
+                   help="continue from the saved training state of --out if there is one")
+    p.add_argument("--stop-after", type=int, default=0, help="stop after this step, keeping the state for --resume")
     p.add_argument("--log-every", type=int, default=250, help="print a line with per-task losses every N steps")
     args = p.parse_args(argv)
     for name in ("steps", "batch", "eval_per_task", "eval_steps", "log_every"):
@@ -147,7 +152,25 @@ def format_table(summary: dict[str, dict[str, float]]) -> str:
     return "\n".join(lines)
 
 
-def train(args: argparse.Namespace) -> tuple[TinyFillPolicy, dict]:
+#: arguments a resumed run must share with the run that saved the state
+RESUME_KEYS = ("steps", "batch", "lr", "warmup", "weight_decay", "ema_decay", "known_weight", "seed",
+               "world_seed", "double_blocks", "single_blocks", "heads", "head_dim")
+
+
+def state_path(out: Path) -> Path:
+    """Where an unfinished run keeps its training state (next to the output directory)."""
+    out = out.resolve()
+    return out.parent / f".{out.name}.pretrain-state.pt"
+
+
+def _save_state(path: Path, state: dict) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    torch.save(state, tmp)
+    os.replace(tmp, path)
+
+
+def train(args: argparse.Namespace) -> tuple[TinyFillPolicy, dict] | None:
+    """Pretrain; returns (EMA policy, info), or None when stopped early by --stop-after."""
     size = dict(num_layers=args.double_blocks, num_single_layers=args.single_blocks, num_attention_heads=args.heads,
                 attention_head_dim=args.head_dim, axes_dims_rope=rope_axes(args.head_dim))
     policy = TinyFillPolicy.create(seed=args.seed, default_steps=args.eval_steps, default_shift=args.shift,
@@ -168,10 +191,38 @@ def train(args: argparse.Namespace) -> tuple[TinyFillPolicy, dict]:
     mixture = TaskMixture({t: 1.0 for t in TASKS})
     rng = random.Random(args.seed)
     generator = torch.Generator().manual_seed(args.seed)
+    first, smoothed, elapsed = 0, None, 0.0
+    saved = state_path(args.out)
+    settings = {k: getattr(args, k) for k in RESUME_KEYS}
+    if args.resume and saved.is_file():
+        state = torch.load(saved, weights_only=False)
+        if state["settings"] != settings:
+            diff = {k: (state["settings"].get(k), v) for k, v in settings.items() if state["settings"].get(k) != v}
+            raise ValueError(f"{saved} was saved by a run with other settings (saved, now): {diff}; "
+                             "rerun with the saved settings or delete the state file to start afresh")
+        with torch.no_grad():
+            for n, p in params.items():
+                p.copy_(state["params"][n])
+                ema[n].copy_(state["ema"][n])
+        opt.load_state_dict(state["optimizer"])
+        sched.load_state_dict(state["scheduler"])
+        rng.setstate(state["rng"])
+        generator.set_state(state["generator"])
+        first, smoothed, elapsed = state["step"], state["smoothed"], state["elapsed"]
+        tqdm.write(f"resuming from step {first} ({saved})", file=sys.stdout)
+    elif args.resume:
+        tqdm.write(f"no saved state at {saved}: starting from step 0", file=sys.stdout)
+
+    def snapshot(step: int) -> dict:
+        return {"step": step, "settings": settings, "smoothed": smoothed, "elapsed": elapsed + time.time() - start,
+                "params": {n: p.detach().clone() for n, p in params.items()}, "ema": ema,
+                "optimizer": opt.state_dict(), "scheduler": sched.state_dict(), "rng": rng.getstate(),
+                "generator": generator.get_state()}
+
     task_loss = {t: [] for t in TASKS}
-    smoothed = None
     start = time.time()
-    bar = tqdm(range(args.steps), desc="pretrain", dynamic_ncols=True, mininterval=2.0)
+    bar = tqdm(range(first, args.steps), initial=first, total=args.steps, desc="pretrain", dynamic_ncols=True,
+               mininterval=2.0)
     for step in bar:
         batch = collate(world.batch(mixture.sample(rng, args.batch), rng))
         per_sample = flow_matching_loss(policy, batch, generator, args.known_weight)
@@ -191,11 +242,18 @@ def train(args: argparse.Namespace) -> tuple[TinyFillPolicy, dict]:
             task_loss[task].append(value)
         smoothed = loss.item() if smoothed is None else 0.98 * smoothed + 0.02 * loss.item()
         bar.set_postfix(loss=f"{smoothed:.4f}", lr=f"{sched.get_last_lr()[0]:.2e}", refresh=False)
-        if (step + 1) % args.log_every == 0 or step + 1 == args.steps:
+        done = step + 1
+        if done % args.log_every == 0 or done == args.steps:
             per_task = "  ".join(f"{t}={sum(v) / max(len(v), 1):.4f}" for t, v in task_loss.items())
-            tqdm.write(f"step {step + 1}/{args.steps}  loss {smoothed:.4f}  {per_task}  "
-                       f"{time.time() - start:.0f}s", file=sys.stdout)
+            tqdm.write(f"step {done}/{args.steps}  loss {smoothed:.4f}  {per_task}  "
+                       f"{elapsed + time.time() - start:.0f}s", file=sys.stdout)
             task_loss = {t: [] for t in TASKS}
+        if done == args.stop_after:
+            _save_state(saved, snapshot(done))
+            tqdm.write(f"stopped after step {done}; continue with --resume", file=sys.stdout)
+            return None
+        if args.checkpoint_every and done % args.checkpoint_every == 0 and done < args.steps:
+            _save_state(saved, snapshot(done))
     with torch.no_grad():  # the saved model is the EMA
         for n, p in params.items():
             p.copy_(ema[n])
@@ -204,7 +262,9 @@ def train(args: argparse.Namespace) -> tuple[TinyFillPolicy, dict]:
     policy.prompt_encoder.clear_cache()
     info = {"steps": args.steps, "batch": args.batch, "lr": args.lr, "seed": args.seed,
             "world_seed": args.world_seed, "known_weight": args.known_weight, "ema_decay": args.ema_decay,
-            "final_loss": round(smoothed, 5), "minutes": round((time.time() - start) / 60, 1)}
+            "transformer": {k: list(v) if isinstance(v, tuple) else v for k, v in size.items()},
+            "parameters": sum(p.numel() for p in policy.model.parameters()),
+            "final_loss": round(smoothed, 5), "minutes": round((elapsed + time.time() - start) / 60, 1)}
     return policy, info
 
 
@@ -236,7 +296,10 @@ def main(argv: list[str] | None = None) -> None:
         info = previous.get("training", {})
         policy.default_steps, policy.default_shift = args.eval_steps, args.shift
     else:
-        policy, info = train(args)
+        trained = train(args)
+        if trained is None:
+            return
+        policy, info = trained
     summary, grid = evaluate(policy, world, per_task=args.eval_per_task, steps=args.eval_steps, shift=args.shift,
                              method=args.eval_method)
     quality = {"held_out_per_task": args.eval_per_task,
@@ -250,6 +313,7 @@ def main(argv: list[str] | None = None) -> None:
         save_image(grid, tmp / GRID_FILE)
 
     write_atomically(args.out, fill)
+    state_path(args.out).unlink(missing_ok=True)
     print(format_table(summary))
     print(f"saved to {args.out}")
 

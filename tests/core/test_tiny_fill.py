@@ -205,16 +205,22 @@ def test_flow_matching_loss_learns_a_fixed_batch(world):
     assert losses[-1] < 0.6 * losses[0]
 
 
-def test_pretrain_command_is_deterministic_and_writes_a_loadable_model(tmp_path):
-    argv = ["--steps", "3", "--batch", "4", "--eval-per-task", "2", "--eval-steps", "2", "--log-every", "1"]
+def test_pretrain_command_resumes_exactly_and_writes_a_loadable_model(tmp_path):
+    argv = ["--steps", "4", "--batch", "3", "--eval-per-task", "2", "--eval-steps", "2", "--log-every", "1"]
     pretrain.main(argv + ["--out", str(tmp_path / "a")])
-    pretrain.main(argv + ["--out", str(tmp_path / "b")])
+    pretrain.main(argv + ["--out", str(tmp_path / "b"), "--stop-after", "2"])
+    assert not (tmp_path / "b").exists() and pretrain.state_path(tmp_path / "b").is_file()
+    with pytest.raises(ValueError, match="other settings"):
+        pretrain.main(argv[:-2] + ["--log-every", "1", "--out", str(tmp_path / "b"), "--resume", "--lr", "0.1"])
+    pretrain.main(argv + ["--out", str(tmp_path / "b"), "--resume"])
     quality = json.loads((tmp_path / "a" / "quality.json").read_text())
-    assert set(quality["metrics"]) == set(TASKS) and quality["training"]["steps"] == 3
+    assert set(quality["metrics"]) == set(TASKS) and quality["training"]["steps"] == 4
     assert (tmp_path / "a" / "samples.png").is_file()
     a, b = (TinyFillPolicy.from_pretrained(tmp_path / d) for d in "ab")
     for (n, pa), (_, pb) in zip(a.model.state_dict().items(), b.model.state_dict().items()):
-        assert torch.equal(pa, pb), n
+        assert torch.equal(pa, pb), n  # interrupted + resumed == straight through
+    assert torch.equal(a.prompt_encoder.text_model.embeddings.token_embedding.weight,
+                       b.prompt_encoder.text_model.embeddings.token_embedding.weight)
     assert a.default_steps == 2 and not any(p.name.startswith(".") for p in tmp_path.iterdir())
 
 
