@@ -1,17 +1,18 @@
 """Preference data for the reward-model demo, built the way OneReward built theirs, on the world.
 
 For each synthetic-world condition the built-in tiny editor makes four candidates with different
-sampler settings (step count, solver, stochastic noise — as the paper varied its generator), the
-rule judge plays the annotator: per dimension of the task it picks the best and the worst
-candidate (best-of-N / worst-of-N), and with probability `label_noise` the annotator errs and the
-pair is flipped. Dimensions that share the same (best, worst) pair become one multi-label record.
-Conditions are split 80/20 into train and held-out records.
+sampler settings (step count, solver, stochastic noise, guidance — as the paper varied its
+generator), the rule judge plays the annotator: per dimension of the task it picks the best and
+the worst candidate (best-of-N / worst-of-N), and with probability `label_noise` the annotator errs
+and the pair is flipped. Dimensions that share the same (best, worst) pair become one multi-label
+record. Conditions are split 80/20 into train and held-out records.
 """
 from __future__ import annotations
 
 import json
 import random
 from pathlib import Path
+from typing import NamedTuple
 
 import torch
 
@@ -23,32 +24,50 @@ from core.world import SyntheticWorld, collate
 from .judge import JudgeRequest
 from .rule_judge import RuleJudge
 
-#: (steps, method, noise_level): candidates of visibly different quality, as in the paper's data
-CANDIDATE_SETTINGS = ((2, "euler", 0.0), (4, "dpm2", 0.0), (8, "dpm2", 0.0), (8, "sde", 0.9))
+
+class Candidate(NamedTuple):
+    """One sampler setting of the editor."""
+
+    steps: int
+    method: str                 # core.samplers.METHODS
+    noise_level: float = 0.0    # "sde" only
+    cfg_scale: float = 1.0      # true CFG against the empty prompt; 1 = off, 0 = unconditional
+
+
+CANDIDATE_SETTINGS: tuple[Candidate, ...] = (
+    Candidate(8, "dpm2"), Candidate(8, "dpm2", cfg_scale=3.0), Candidate(8, "dpm2", cfg_scale=0.0),
+    Candidate(8, "sde", noise_level=1.4))
 DEMO_TASKS = ("fill", "extend", "removal", "text")
 MIN_GAP = 0.03  # a best/worst pair closer than this in rule-judge quality is too ambiguous to label
+NEGATIVE_PROMPT = ""
 
 
-def _candidates(policy, samples, seed: int) -> torch.Tensor:
-    """Images [N, 4, 3, H, W]: each condition edited with every candidate setting."""
+def _candidates(policy, samples, seed: int, settings=CANDIDATE_SETTINGS) -> torch.Tensor:
+    """Images [N, K, 3, H, W]: each condition edited with every candidate setting."""
     batch = collate(samples)
     with torch.no_grad():
         cond = policy.encode(batch.images, batch.masks, batch.prompts)
+        uncond = None
         out = []
-        for k, (steps, method, level) in enumerate(CANDIDATE_SETTINGS):
+        for k, c in enumerate(settings):
+            if c.cfg_scale != 1.0 and uncond is None:
+                uncond = policy.encode(batch.images, batch.masks, [NEGATIVE_PROMPT] * len(samples))
             g = torch.Generator().manual_seed(seed * 31 + k)
             noise = torch.randn(cond.x0_known.shape, generator=g)
-            x0 = sample_policy(policy, cond, sigmas=policy.schedule(steps), method=method, noise=noise,
-                               noise_level=level, generator=g)
-            out.append(policy.decode(x0, cond))
+            x0 = sample_policy(policy, cond, sigmas=policy.schedule(c.steps), method=c.method, noise=noise,
+                               noise_level=c.noise_level, generator=g, cfg_scale=c.cfg_scale,
+                               uncond=uncond if c.cfg_scale != 1.0 else None)
+            out.append(policy.decode(x0, cond).clamp(0, 1))
     return torch.stack(out, 1)
 
 
 def build_demo_data(out_dir: str | Path, *, n_pairs: int = 240, seed: int = 0, label_noise: float = 0.1,
-                    policy=None, world: SyntheticWorld | None = None, batch: int = 32) -> Path:
+                    policy=None, world: SyntheticWorld | None = None, batch: int = 32,
+                    settings=CANDIDATE_SETTINGS, min_gap: float = MIN_GAP) -> Path:
     """Write images and `preferences.jsonl` (reward/preference_data.py format) into `out_dir`."""
     from core.tiny_fill import TinyFillPolicy
 
+    settings = tuple(Candidate(*c) for c in settings)
     out = Path(out_dir)
     (out / "img").mkdir(parents=True, exist_ok=True)
     policy = policy or TinyFillPolicy.from_pretrained()
@@ -59,20 +78,20 @@ def build_demo_data(out_dir: str | Path, *, n_pairs: int = 240, seed: int = 0, l
     index = 0
     while len(records) < n_pairs:
         samples = [world.sample(DEMO_TASKS[(index + i) % len(DEMO_TASKS)], index + i) for i in range(batch)]
-        images = _candidates(policy, samples, seed + index)
+        images = _candidates(policy, samples, seed + index, settings)
         for i, s in enumerate(samples):
             n = index + i
             split = "heldout" if n % 5 == 4 else "train"
             dims = dimensions_for(s.task, has_prompt=s.truth.get("has_prompt", True))
             reqs = [JudgeRequest(s.task, d, s.source, images[i, c], s.mask, s.prompt, truth=s)
-                    for d in dims for c in range(len(CANDIDATE_SETTINGS))]
+                    for d in dims for c in range(len(settings))]
             with torch.no_grad():
                 q = torch.stack([judge.quality(r.task, r.dimension, r.edited, s) for r in reqs])
-            q = q.view(len(dims), len(CANDIDATE_SETTINGS))
+            q = q.view(len(dims), len(settings))
             pairs: dict[tuple[int, int], list[str]] = {}
             for d, dim in enumerate(dims):
                 best, worst = int(q[d].argmax()), int(q[d].argmin())
-                if float(q[d, best] - q[d, worst]) < MIN_GAP:
+                if float(q[d, best] - q[d, worst]) < min_gap:
                     continue
                 if rng.random() < label_noise:  # the annotator errs
                     best, worst = worst, best
