@@ -20,18 +20,25 @@ from .evaluate import EvalResult  # noqa: E402
 from .stats import bootstrap_mean  # noqa: E402
 
 
+def _dimensions(result: EvalResult, idx: list[int]) -> list[str]:
+    """The dimensions scored on any of these edits, in first-seen order."""
+    return list(dict.fromkeys(d for i in idx for d in result.by_dimension[i]))
+
+
 def model_section(result: EvalResult, usability_threshold: float) -> dict[str, Any]:
     out: dict[str, Any] = {}
     for task in result.tasks():
         idx = result.indices(task)
-        dims = sorted({d for i in idx for d in result.by_dimension[i]},
-                      key=[d for i in idx for d in result.by_dimension[i]].index)
+        dims = _dimensions(result, idx)
         usable = [float(all(v >= usability_threshold for v in result.by_dimension[i].values())) for i in idx]
         section: dict[str, Any] = {
             "n": len(idx),
             "reward": bootstrap_mean(result.reward[idx]).as_dict(),
             "usability": bootstrap_mean(usable).as_dict(),
-            "dimensions": {d: bootstrap_mean([result.by_dimension[i][d] for i in idx]).as_dict() for d in dims},
+            # a dimension is averaged over the edits it applies to (extend without a prompt has
+            # no text alignment), so its n can be smaller than the task's
+            "dimensions": {d: bootstrap_mean([result.by_dimension[i][d] for i in idx if d in result.by_dimension[i]]
+                                             ).as_dict() for d in dims},
         }
         if result.ground_truth is not None:
             metrics = result.ground_truth[idx[0]].keys()
@@ -45,10 +52,10 @@ def paired_section(a: EvalResult, b: EvalResult) -> dict[str, Any]:
     out: dict[str, Any] = {}
     for task in a.tasks():
         idx = a.indices(task)
-        dims = list(a.by_dimension[idx[0]])
+        dims = _dimensions(a, idx)
         section = {"reward_diff": bootstrap_mean(a.reward[idx] - b.reward[idx]).as_dict(),
-                   "dimension_diff": {d: bootstrap_mean([a.by_dimension[i][d] - b.by_dimension[i][d] for i in idx]
-                                                        ).as_dict() for d in dims}}
+                   "dimension_diff": {d: bootstrap_mean([a.by_dimension[i][d] - b.by_dimension[i][d] for i in idx
+                                                         if d in a.by_dimension[i]]).as_dict() for d in dims}}
         if a.ground_truth is not None and b.ground_truth is not None:
             section["ground_truth_diff"] = {
                 m: bootstrap_mean([a.ground_truth[i][m] - b.ground_truth[i][m] for i in idx]).as_dict()

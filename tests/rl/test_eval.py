@@ -42,3 +42,24 @@ def test_gsb_counts_and_margin():
 def test_unknown_model_is_named(tmp_path, capsys):
     assert rl.eval.main(["--model", str(tmp_path / "nothing"), "--out", str(tmp_path / "r")]) == 1
     assert "nothing" in capsys.readouterr().err
+
+
+def test_report_handles_edits_without_a_dimension():
+    # extend without a prompt has no text alignment; the first held-out run of the default crashed on it
+    from rl.evaluate import EvalResult
+    from rl.report import model_section, paired_section
+
+    class S:
+        def __init__(self, task):
+            self.task = task
+
+    dims = [{"consistency": 0.5}, {"text_alignment": 0.8, "consistency": 0.7}, {"consistency": 0.9}]
+    a = EvalResult([S("extend")] * 3, torch.zeros(3, 3, 4, 4), torch.tensor([0.5, 0.75, 0.9]), dims, None)
+    b = EvalResult(a.samples, a.images, a.reward - 0.1, [{k: v - 0.1 for k, v in d.items()} for d in dims], None)
+    section = model_section(a, usability_threshold=0.6)["extend"]
+    assert section["dimensions"]["text_alignment"]["n"] == 1
+    assert section["dimensions"]["text_alignment"]["mean"] == pytest.approx(0.8)
+    assert section["dimensions"]["consistency"]["n"] == 3
+    assert section["usability"]["mean"] == pytest.approx(2 / 3)
+    diff = paired_section(a, b)["extend"]["dimension_diff"]
+    assert diff["text_alignment"]["n"] == 1 and diff["text_alignment"]["mean"] == pytest.approx(0.1)
