@@ -2,11 +2,12 @@
 
 For every pair and every dimension it carries, the judge sees the pairwise question twice: winner
 first (target "Yes") and loser first (target "No"); the loss is the cross-entropy of the target
-token over the whole vocabulary at the answer position. Training is LoRA (peft) by default, or
-full fine-tuning. Held-out pairwise accuracy is reported per task and dimension (OneReward's
-table 1: rows tasks, columns dimensions; a pair counts as right when the both-orders P(winner
-better) exceeds 0.5), before and after training, printed and saved as JSON. The checkpoint
-(LoRA merged, plus tokenizer and image processor) loads in `TransformersJudge(dir)`.
+token over the whole vocabulary at the answer position. Training is LoRA (peft) for a pretrained
+VLM and full fine-tuning for the built-in tiny one (force either with --lora / --no-lora).
+Held-out pairwise accuracy is reported per task and dimension (OneReward's table 1: rows tasks,
+columns dimensions; a pair counts as right when the both-orders P(winner better) exceeds 0.5),
+before and after training, printed and saved as JSON. The checkpoint (LoRA merged, plus tokenizer
+and image processor) loads in `TransformersJudge(dir)`.
 
 Without --data the built-in demo runs: a data builder named by --demo-builder ("module:function",
 called as `fn(out_dir: Path, *, n_pairs: int, seed: int, label_noise: float) -> Path` of a JSONL
@@ -47,15 +48,17 @@ class RewardTrainConfig:
     tiny_init_std: float = 0.1               # see build_tiny_vlm: at 0.02 its Yes/No logits barely move
     loss_over: str = "vocab"                 # "vocab": cross-entropy over every token (OneReward);
                                              # "labels": over Yes/No only (what the judge's score reads)
-    lora: bool = True                        # False: full fine-tuning
+    lora: bool | None = None                 # None: full fine-tuning for the tiny model (its weights are
+                                             # random: adapters over frozen random features learned nothing,
+                                             # 50% held-out), LoRA for a pretrained VLM
     lora_r: int = 8
     lora_alpha: int = 16
     lora_dropout: float = 0.0
     lora_targets: list[str] = dataclasses.field(default_factory=lambda: [
         "q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"])
-    lr: float | None = None                  # None: 5e-3 for the tiny model, 1e-4 otherwise
+    lr: float | None = None                  # None: 1e-3 (tiny, full) / 5e-3 (tiny, LoRA) / 1e-4 otherwise
     weight_decay: float = 0.0
-    epochs: int = 3
+    epochs: int = 6
     batch_size: int = 4                      # pairs per step (each shown in both orders)
     grad_clip: float = 1.0
     heldout_fraction: float = 0.2            # used when no record has a "split"
@@ -65,15 +68,18 @@ class RewardTrainConfig:
     attn_implementation: str | None = None
     max_pixels: int | None = None
     show_source: bool = True                 # pairwise queries also show the input image
-    show_crop: bool = False
+    show_crop: bool = True                   # also show a crop around the mask: on 64x64 edits the
+                                             # edited region is a few patches of the full view
     crop_size: int = 224
     templates: str | dict[str, str] | None = None   # judge template overrides (YAML path or mapping)
     demo_builder: str = "reward.demo_data:build_demo_data"
-    demo_pairs: int = 240
+    demo_pairs: int = 480
     label_noise: float = 0.1
     progress: bool = True
 
     def __post_init__(self) -> None:
+        if self.lora is None:
+            self.lora = self.model != "tiny"
         for name in ("lora_r", "epochs", "batch_size"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
@@ -221,7 +227,7 @@ def train_reward_model(cfg: RewardTrainConfig) -> TrainResult:
     trainable = [p for p in model.parameters() if p.requires_grad]
     # a tiny random model needs big steps to lift Yes/No out of a flat distribution; a pretrained
     # VLM needs small ones (OneReward fully fine-tuned Qwen2.5-VL-7B at 1e-6)
-    lr = cfg.lr if cfg.lr is not None else (5e-3 if cfg.model == "tiny" else 1e-4)
+    lr = cfg.lr if cfg.lr is not None else ((5e-3 if cfg.lora else 1e-3) if cfg.model == "tiny" else 1e-4)
     optimizer = torch.optim.AdamW(trainable, lr=lr, weight_decay=cfg.weight_decay)
     yes_id, no_id = judge.label_ids["pairwise"]
     rng = random.Random(cfg.seed)
@@ -279,7 +285,7 @@ def _parser() -> argparse.ArgumentParser:
     for f in dataclasses.fields(RewardTrainConfig):
         flag, default, hint = "--" + f.name.replace("_", "-"), (
             f.default_factory() if f.default_factory is not dataclasses.MISSING else f.default), hints[f.name]
-        if hint is bool:
+        if hint in (bool, bool | None):
             p.add_argument(flag, action=argparse.BooleanOptionalAction, default=default)
         elif hint == list[str]:
             p.add_argument(flag, nargs="+", default=default)

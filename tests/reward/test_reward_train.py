@@ -51,7 +51,8 @@ def build_bright_square_data(root, n_pairs, seed=0):
 def test_lora_training_learns_the_preference_and_the_checkpoint_reloads(tmp_path):
     data = build_bright_square_data(tmp_path / "data", 30)
     cfg = RewardTrainConfig(data=str(data), out=str(tmp_path / "run"), model="tiny", tiny_preset="test",
-                            lora=True, lr=5e-3, epochs=5, batch_size=4, templates=SHORT, progress=False)
+                            lora=True, lr=5e-3, epochs=5, batch_size=4, templates=SHORT, show_crop=False,
+                            progress=False)
     result = train_reward_model(cfg)
     before, after = result.metrics["before"], result.metrics["after"]
     assert after["overall"]["n"] == before["overall"]["n"] >= 8
