@@ -32,7 +32,7 @@ def run(device: torch.device, quick: bool, log) -> list[dict]:
         trainer = NFTTrainer(cfg, policy, build_judge(cfg.judge, device), build_data(cfg.data), ctx,
                              rollout_sigmas(policy, cfg.sampler.steps, cfg.sampler.shift))
         trainer.train_step(0)  # warm-up (first calls compile kernels, fill caches)
-        times = {"rollout": [], "judge": [], "update": []}
+        times: dict[str, list[float]] = {"rollout": [], "judge": [], "update": [], "step": []}
         for step in range(1, repeats + 1):
             if device.type == "cuda":
                 torch.cuda.synchronize()
@@ -40,9 +40,9 @@ def run(device: torch.device, quick: bool, log) -> list[dict]:
             m = trainer.train_step(step)
             if device.type == "cuda":
                 torch.cuda.synchronize()
-            for k in times:
+            for k in ("rollout", "judge", "update"):
                 times[k].append(m[f"time_{k}"])
-            times.setdefault("step", []).append(time.perf_counter() - tic)
+            times["step"].append(time.perf_counter() - tic)
         med = {k: statistics.median(v) for k, v in times.items()}
         row = {"batch": f"{groups} x {size}", "steps": cfg.sampler.steps, "rollout_s": med["rollout"],
                "judge_s": med["judge"], "update_s": med["update"], "step_s": med["step"],
