@@ -35,7 +35,7 @@ from torch import Tensor
 from . import packing
 from .lora import merged_state_dict
 from .masks import validate_mask
-from .policy import Condition, Policy, swapped_weights
+from .policy import Condition, Policy, check_edit_batch, swapped_weights
 from .schedules import flux_sigmas, image_seq_len
 
 DEFAULT_GUIDANCE = 30.0   # FluxFillPipeline's default guidance_scale for Fill [dev]
@@ -220,12 +220,7 @@ class FluxFillPolicy(Policy):
         if H % m or W % m:
             raise ValueError(f"FLUX Fill needs image sides divisible by {m} (VAE factor x 2x2 packing), got {H}x{W}: "
                              f"resize with core.image_io.resize_to_multiple(image, {m}) (and the mask alike)")
-        if masks.dim() != 4 or masks.shape[1] != 1:
-            raise ValueError(f"masks must be [B, 1, H, W] (1 = generate), got {tuple(masks.shape)}")
-        if isinstance(prompts, str) or len(prompts) != images.shape[0] or masks.shape[0] != images.shape[0]:
-            n = 1 if isinstance(prompts, str) else len(prompts)
-            raise ValueError(f"batch sizes differ: {images.shape[0]} images, {masks.shape[0]} masks, {n} prompts; "
-                             "give one mask and one prompt (a list of str) per image")
+        check_edit_batch(images, masks, prompts)
         lo, hi = float(images.min()), float(images.max())
         if not (lo >= -1e-3 and hi <= 1 + 1e-3):
             raise ValueError(f"images must be floats in [0, 1], got values in [{lo:.3g}, {hi:.3g}]")

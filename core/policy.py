@@ -182,6 +182,16 @@ class Policy(abc.ABC):
         return {n: p.detach().clone() for n, p in self.trainable_parameters().items()}
 
 
+def check_edit_batch(images: Tensor, masks: Tensor, prompts: list[str]) -> None:
+    """One [B, 1, H, W] mask and one prompt per image, else a ValueError saying what to pass."""
+    if masks.dim() != 4 or masks.shape[1] != 1:
+        raise ValueError(f"masks must be [B, 1, H, W] (1 = generate), got {tuple(masks.shape)}")
+    if isinstance(prompts, str) or len(prompts) != images.shape[0] or masks.shape[0] != images.shape[0]:
+        n = 1 if isinstance(prompts, str) else len(prompts)
+        raise ValueError(f"batch sizes differ: {images.shape[0]} images, {masks.shape[0]} masks, {n} prompts; "
+                         "give one mask and one prompt (a list of str) per image")
+
+
 @contextlib.contextmanager
 def swapped_weights(model: nn.Module, weights: Mapping[str, Tensor]):
     """Within the block, the named parameters of `model` are the given tensors (no copies).

@@ -26,7 +26,7 @@ from transformers import AutoTokenizer, CLIPTextModel
 from . import packing
 from .codec import PixelCodec
 from .masks import validate_mask
-from .policy import Condition, Policy
+from .policy import Condition, Policy, check_edit_batch
 from .tiny_text import PromptEncoder, build_tokenizer, text_encoder_config
 
 #: where the shipped weights live (installed with the package: package-data core/assets/**)
@@ -198,12 +198,7 @@ class TinyFillPolicy(Policy):
             raise ValueError(
                 f"the tiny Fill model edits {S}x{S} images, got {tuple(images.shape[2:])}: resize them "
                 f"(core.image_io.resize_image, or resize_to_multiple for other models) to {S}x{S}")
-        if masks.dim() != 4 or masks.shape[1] != 1:
-            raise ValueError(f"masks must be [B, 1, H, W] (1 = generate), got {tuple(masks.shape)}")
-        if isinstance(prompts, str) or len(prompts) != images.shape[0] or masks.shape[0] != images.shape[0]:
-            n = 1 if isinstance(prompts, str) else len(prompts)
-            raise ValueError(f"batch sizes differ: {images.shape[0]} images, {masks.shape[0]} masks, "
-                             f"{n} prompts; give one mask and one prompt (a list of str) per image")
+        check_edit_batch(images, masks, prompts)
         lo, hi = float(images.min()), float(images.max())
         if not (lo >= -1e-3 and hi <= 1 + 1e-3):
             raise ValueError(f"images must be floats in [0, 1], got values in [{lo:.3g}, {hi:.3g}]")

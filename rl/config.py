@@ -91,6 +91,8 @@ class NFTConfig:
     mask_loss: bool = True            # train only the generated region (the known one is blended)
     std: Literal["group", "global"] = "group"  # "global" = DiffusionNFT's code (one task per batch)
     clip: float = 1.0                 # c in r = 1/2 + clip(A, -c, c) / 2c
+    std_eps: float = 1e-4             # A = (s - mean) / (std + std_eps); raise it (e.g. 0.05) so that a
+                                      # group whose scores barely differ gets a small advantage, not noise
     tau_mean: float | None = 0.9
     tau_std: float | None = 0.05
     filter_rule: Literal["paper", "strict"] = "paper"
@@ -177,6 +179,8 @@ def validate(cfg: RunConfig) -> None:
     _positive(cfg.optim.lr, "optim.lr")
     _positive(cfg.nft.beta, "nft.beta")
     _positive(cfg.nft.clip, "nft.clip")
+    if not cfg.nft.std_eps > 0:
+        raise ConfigError(f"nft.std_eps must be > 0, got {cfg.nft.std_eps}")
     if not 0 < cfg.nft.timestep_fraction <= 1:
         raise ConfigError(f"nft.timestep_fraction must be in (0, 1], got {cfg.nft.timestep_fraction}")
     if cfg.nft.group_size < 2:

@@ -56,8 +56,8 @@ class NFTTrainer(Trainer):
             table = judge_images(self.judge, group_samples, images, mode=cfg.judge.mode)
         scores = ctx.all_gather_cat(table.per_image.detach().float().to(self.device))
         groups = kernels.group_rewards(
-            scores.view(K, G), std=nft.std, clip=nft.clip, tau_mean=nft.tau_mean, tau_std=nft.tau_std,
-            rule=nft.filter_rule)
+            scores.view(K, G), std=nft.std, clip=nft.clip, eps=nft.std_eps, tau_mean=nft.tau_mean,
+            tau_std=nft.tau_std, rule=nft.filter_rule)
         r = groups.r.reshape(N)[mine].float()
         keep = groups.keep.repeat_interleave(G)[mine].float()
         kept_total = float(groups.keep.float().sum()) * G
