@@ -30,6 +30,7 @@ def test_yaml_and_overrides(tmp_path):
     ("train.steps=1.5", "train.steps: expected an integer"),
     ("data.mixture.paint=1", "unknown task 'paint'"),
     ("optim.lr=-1", "optim.lr must be > 0"),
+    ("nft.std_eps=0", "nft.std_eps must be > 0"),
     ("train.algorithm=refl", "set judge.mode=pairwise"),
     ("model.kind=flux_fill", "needs model.path"),
     ("model.path=does/not/exist", "model.path not found: does/not/exist"),
