@@ -80,12 +80,16 @@ class RewardTrainConfig:
     def __post_init__(self) -> None:
         if self.lora is None:
             self.lora = self.model != "tiny"
+        if self.lr is None:
+            # a tiny random model needs big steps to lift Yes/No out of a flat distribution; a
+            # pretrained VLM needs small ones (OneReward fully fine-tuned Qwen2.5-VL-7B at 1e-6)
+            self.lr = (5e-3 if self.lora else 1e-3) if self.model == "tiny" else 1e-4
         for name in ("lora_r", "epochs", "batch_size"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
         if not 0 < self.heldout_fraction < 1:
             raise ValueError(f"heldout_fraction must be in (0, 1), got {self.heldout_fraction}")
-        if self.lr is not None and self.lr <= 0:
+        if self.lr <= 0:
             raise ValueError(f"lr must be > 0, got {self.lr}")
         resolve_dtype(self.dtype)
         if self.loss_over not in ("vocab", "labels"):
@@ -225,10 +229,7 @@ def train_reward_model(cfg: RewardTrainConfig) -> TrainResult:
     model.eval()
     before = accuracy_table(judge, heldout)
     trainable = [p for p in model.parameters() if p.requires_grad]
-    # a tiny random model needs big steps to lift Yes/No out of a flat distribution; a pretrained
-    # VLM needs small ones (OneReward fully fine-tuned Qwen2.5-VL-7B at 1e-6)
-    lr = cfg.lr if cfg.lr is not None else ((5e-3 if cfg.lora else 1e-3) if cfg.model == "tiny" else 1e-4)
-    optimizer = torch.optim.AdamW(trainable, lr=lr, weight_decay=cfg.weight_decay)
+    optimizer = torch.optim.AdamW(trainable, lr=cfg.lr, weight_decay=cfg.weight_decay)
     yes_id, no_id = judge.label_ids["pairwise"]
     rng = random.Random(cfg.seed)
     steps_per_epoch = -(-len(train_records) // cfg.batch_size)

@@ -179,8 +179,7 @@ def validate(cfg: RunConfig) -> None:
     _positive(cfg.optim.lr, "optim.lr")
     _positive(cfg.nft.beta, "nft.beta")
     _positive(cfg.nft.clip, "nft.clip")
-    if not cfg.nft.std_eps > 0:
-        raise ConfigError(f"nft.std_eps must be > 0, got {cfg.nft.std_eps}")
+    _positive(cfg.nft.std_eps, "nft.std_eps")
     if not 0 < cfg.nft.timestep_fraction <= 1:
         raise ConfigError(f"nft.timestep_fraction must be in (0, 1], got {cfg.nft.timestep_fraction}")
     if cfg.nft.group_size < 2:

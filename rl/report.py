@@ -25,6 +25,12 @@ def _dimensions(result: EvalResult, idx: list[int]) -> list[str]:
     return list(dict.fromkeys(d for i in idx for d in result.by_dimension[i]))
 
 
+def _scored(result: EvalResult, idx: list[int], dim: str) -> list[int]:
+    """The edits among `idx` that have `dim` (extend without a prompt has no text alignment), so a
+    dimension's n can be smaller than its task's."""
+    return [i for i in idx if dim in result.by_dimension[i]]
+
+
 def model_section(result: EvalResult, usability_threshold: float) -> dict[str, Any]:
     out: dict[str, Any] = {}
     for task in result.tasks():
@@ -35,9 +41,7 @@ def model_section(result: EvalResult, usability_threshold: float) -> dict[str, A
             "n": len(idx),
             "reward": bootstrap_mean(result.reward[idx]).as_dict(),
             "usability": bootstrap_mean(usable).as_dict(),
-            # a dimension is averaged over the edits it applies to (extend without a prompt has
-            # no text alignment), so its n can be smaller than the task's
-            "dimensions": {d: bootstrap_mean([result.by_dimension[i][d] for i in idx if d in result.by_dimension[i]]
+            "dimensions": {d: bootstrap_mean([result.by_dimension[i][d] for i in _scored(result, idx, d)]
                                              ).as_dict() for d in dims},
         }
         if result.ground_truth is not None:
@@ -54,8 +58,8 @@ def paired_section(a: EvalResult, b: EvalResult) -> dict[str, Any]:
         idx = a.indices(task)
         dims = _dimensions(a, idx)
         section = {"reward_diff": bootstrap_mean(a.reward[idx] - b.reward[idx]).as_dict(),
-                   "dimension_diff": {d: bootstrap_mean([a.by_dimension[i][d] - b.by_dimension[i][d] for i in idx
-                                                         if d in a.by_dimension[i]]).as_dict() for d in dims}}
+                   "dimension_diff": {d: bootstrap_mean([a.by_dimension[i][d] - b.by_dimension[i][d]
+                                                         for i in _scored(a, idx, d)]).as_dict() for d in dims}}
         if a.ground_truth is not None and b.ground_truth is not None:
             section["ground_truth_diff"] = {
                 m: bootstrap_mean([a.ground_truth[i][m] - b.ground_truth[i][m] for i in idx]).as_dict()
