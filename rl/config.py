@@ -89,14 +89,18 @@ class NFTConfig:
     kl_coef: float = 0.0
     timestep_fraction: float = 0.25   # share of the rollout's step times trained per sample
     mask_loss: bool = True            # train only the generated region (the known one is blended)
+    shared_noise: bool = True         # a group's images share training timesteps and noise: common
+                                      # random numbers, the noise cancels in the group's gradient (rl/nft.py)
     std: Literal["group", "global"] = "group"  # "global" = DiffusionNFT's code (one task per batch)
-    clip: float = 1.0                 # c in r = 1/2 + clip(A, -c, c) / 2c
+    clip: float = 5.0                 # c in r = 1/2 + clip(A, -c, c) / 2c (DiffusionNFT's 5: with a
+                                      # group's std no advantage is clipped, so r sums to G/2 per group)
     std_eps: float = 1e-4             # A = (s - mean) / (std + std_eps); raise it (e.g. 0.05) so that a
                                       # group whose scores barely differ gets a small advantage, not noise
     tau_mean: float | None = 0.9
     tau_std: float | None = 0.05
     filter_rule: Literal["paper", "strict"] = "paper"
-    old_decay_rate: float = 0.001     # old <- d old + (1 - d) current, d = min(rate * step, max)
+    old_decay_rate: float = 0.003     # old <- d old + (1 - d) current, d = min(rate * step, max);
+                                      # 0 = on-policy (and the old policy's forward pass is skipped)
     old_decay_max: float = 0.5
 
 
@@ -124,7 +128,7 @@ class OptimConfig:
 @dataclasses.dataclass
 class TrainConfig:
     algorithm: Literal["nft", "refl"] = "nft"
-    steps: int = 180
+    steps: int = 200
     seed: int = 0
     time_budget_s: float = 0.0        # stop early (with a checkpoint) after this many seconds; 0 = off
     eval_per_task: int = 24           # held-out conditions per task for the base/final summary

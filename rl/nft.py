@@ -10,6 +10,10 @@ One step:
    each, x_t = (1 - t) x0 + t eps; the old policy (and, for the KL term, the reference) give
    velocities without gradients, the trained policy with; `kernels.nft_loss` mixes them by r.
    The loss is a weighted mean over kept images (and over timesteps) of the whole step.
+   With `shared_noise` the G images of a group share their timesteps and eps (common random
+   numbers): the gradient on the output is sum_i (2 r_i - 1)(v_old_i - eps + x0_i), and the
+   (2 r_i - 1) of a group sum to zero when no advantage is clipped (nft.clip=5), so the shared eps
+   cancels instead of adding noise; each image's loss keeps its expectation.
 4. The old policy follows the trained one by a soft update, and the evaluation EMA is updated.
 """
 from __future__ import annotations
@@ -72,8 +76,12 @@ class NFTTrainer(Trainer):
         n_times = len(self.sigmas) - 1
         n_train = max(1, round(nft.timestep_fraction * n_times))
         gen = step_generator(seed, step, _TIMESTEPS)
-        order = torch.stack([torch.randperm(n_times, generator=gen)[:n_train] for _ in range(N)])[mine]
-        train_noise = self.draw_noise(step, _TRAIN_NOISE, (n_train, *shape))[:, mine]
+        # shared_noise: one draw of timesteps and noise per group, used by all its G images
+        n_draws, rep = (K, G) if nft.shared_noise else (N, 1)
+        order = torch.stack([torch.randperm(n_times, generator=gen)[:n_train] for _ in range(n_draws)])
+        order = order.repeat_interleave(rep, 0)[mine]
+        train_noise = self.draw_noise(step, _TRAIN_NOISE, (n_train, n_draws, *shape[1:]))
+        train_noise = train_noise.repeat_interleave(rep, 1)[:, mine]
         n_local = x0.shape[0]
         micro = cfg.optim.micro_batch or n_local
         chunks = [slice(i, min(i + micro, n_local)) for i in range(0, n_local, micro)]
@@ -83,6 +91,10 @@ class NFTTrainer(Trainer):
             # gradients over processes, hence the world-size factor
             scale = ctx.world_size / (kept_total * n_train)
             passes = [(j, c) for j in range(n_train) for c in chunks]
+            # with old_decay_rate 0 the old policy is the trained one until the optimiser steps at
+            # the end of this update, so its velocity is the trained velocity, detached: one
+            # forward pass saved per training pass
+            on_policy = nft.old_decay_rate == 0
             nonfinite = False
             for p, (j, c) in enumerate(passes):
                 t = self.sigmas.to(self.device)[order[c, j]]
@@ -92,9 +104,11 @@ class NFTTrainer(Trainer):
                 v_target = eps - x0[c]
                 sub = cond.index(c)
                 with torch.no_grad():
-                    v_old = self.policy.velocity(x_t, t, sub, weights=self.old)
+                    v_old = None if on_policy else self.policy.velocity(x_t, t, sub, weights=self.old)
                     v_ref = self.policy.velocity(x_t, t, sub, weights=self.ref) if nft.kl_coef > 0 else None
                 v_theta = self.trained_velocity(x_t, t, sub)
+                if on_policy:
+                    v_old = v_theta.detach()
                 if not self._all_finite(v_theta):  # a diverged policy: skip the step, do not crash
                     nonfinite = True
                     break

@@ -115,7 +115,8 @@ def run(config: RunConfig, out_dir: str | os.PathLike | None = None, resume: str
                     f"{bad_in_a_row} steps in a row had a non-finite loss or gradient (last: step {step}); "
                     f"stopped after saving a checkpoint in {run_dir}. Lower optim.lr or check the judge's scores.")
             last = step == cfg.train.steps - 1
-            over_budget = cfg.train.time_budget_s > 0 and time.perf_counter() - t_start > cfg.train.time_budget_s
+            over_budget = cfg.train.time_budget_s > 0 and ctx.broadcast_object(  # rank 0's clock decides for all
+                time.perf_counter() - t_start > cfg.train.time_budget_s)
             if ctx.is_main and cfg.train.sample_every and (step % cfg.train.sample_every == 0 or last):
                 _sample_grid(trainer, run_dir, step, base)
             if (cfg.train.checkpoint_every and (step + 1) % cfg.train.checkpoint_every == 0) or last or over_budget:

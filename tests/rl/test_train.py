@@ -107,3 +107,11 @@ def test_missing_weights_fail_before_any_work(tmp_path, capsys):
     assert rl.train.main(["--set", f"model.path={tmp_path}/nope", "--out", str(tmp_path / "run")]) == 2
     assert "model.path not found" in capsys.readouterr().err
     assert not (tmp_path / "run").exists()
+
+
+def test_time_budget_stops_with_a_checkpoint_and_a_summary(quick, tmp_path):
+    cfg = load_config(None, quick(**{"train.steps": 4, "train.checkpoint_every": 0, "train.time_budget_s": 1e-6}))
+    summary = rl.train.run(cfg, out_dir=tmp_path)
+    assert summary["steps"] == 1  # the budget is spent by the end of the first step
+    assert load_checkpoint(tmp_path)["step"] == 0
+    assert (tmp_path / "summary.json").exists()
