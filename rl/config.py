@@ -100,7 +100,7 @@ class NFTConfig:
     tau_std: float | None = 0.05
     filter_rule: Literal["paper", "strict"] = "paper"
     old_decay_rate: float = 0.003     # old <- d old + (1 - d) current, d = min(rate * step, max);
-                                      # 0 = on-policy (and the old policy's forward pass is skipped)
+                                      # 0 (or max 0) = on-policy: the old policy's forward pass is skipped
     old_decay_max: float = 0.5
 
 
@@ -184,6 +184,9 @@ def validate(cfg: RunConfig) -> None:
     _positive(cfg.nft.beta, "nft.beta")
     _positive(cfg.nft.clip, "nft.clip")
     _positive(cfg.nft.std_eps, "nft.std_eps")
+    if cfg.nft.old_decay_rate < 0 or not 0 <= cfg.nft.old_decay_max < 1:
+        raise ConfigError(f"nft.old_decay_rate must be >= 0 and nft.old_decay_max in [0, 1) (1 would freeze the "
+                          f"sampling policy), got {cfg.nft.old_decay_rate} / {cfg.nft.old_decay_max}")
     if not 0 < cfg.nft.timestep_fraction <= 1:
         raise ConfigError(f"nft.timestep_fraction must be in (0, 1], got {cfg.nft.timestep_fraction}")
     if cfg.nft.group_size < 2:

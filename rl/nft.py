@@ -27,7 +27,7 @@ import kernels
 
 from .rewards import judge_images
 from .trainer import Trainer, step_generator
-from .weight_copies import lerp_, old_policy_decay
+from .weight_copies import always_on_policy, lerp_, old_policy_decay
 
 # streams of the per-step generators
 _ROLLOUT_NOISE, _TIMESTEPS, _TRAIN_NOISE, _SDE = 1, 2, 3, 4
@@ -91,10 +91,9 @@ class NFTTrainer(Trainer):
             # gradients over processes, hence the world-size factor
             scale = ctx.world_size / (kept_total * n_train)
             passes = [(j, c) for j in range(n_train) for c in chunks]
-            # with old_decay_rate 0 the old policy is the trained one until the optimiser steps at
-            # the end of this update, so its velocity is the trained velocity, detached: one
-            # forward pass saved per training pass
-            on_policy = nft.old_decay_rate == 0
+            # on-policy, the old velocity is the trained one, detached (the weights only change at
+            # the optimiser step after all passes): one forward pass saved per training pass
+            on_policy = always_on_policy(nft.old_decay_rate, nft.old_decay_max)
             nonfinite = False
             for p, (j, c) in enumerate(passes):
                 t = self.sigmas.to(self.device)[order[c, j]]

@@ -26,6 +26,11 @@ def old_policy_decay(step: int, rate: float, maximum: float) -> float:
     return min(rate * step, maximum)
 
 
+def always_on_policy(rate: float, maximum: float) -> bool:
+    """The decay is 0 at every step: the old policy is the trained one until each optimiser step."""
+    return rate == 0 or maximum == 0
+
+
 def ema_decay(step: int, maximum: float) -> float:
     return min((1.0 + step) / (10.0 + step), maximum)
 

@@ -31,6 +31,7 @@ def test_yaml_and_overrides(tmp_path):
     ("data.mixture.paint=1", "unknown task 'paint'"),
     ("optim.lr=-1", "optim.lr must be > 0"),
     ("nft.std_eps=0", "nft.std_eps must be > 0"),
+    ("nft.old_decay_max=1", "nft.old_decay_max in"),
     ("train.algorithm=refl", "set judge.mode=pairwise"),
     ("model.kind=flux_fill", "needs model.path"),
     ("model.path=does/not/exist", "model.path not found: does/not/exist"),
