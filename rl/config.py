@@ -82,12 +82,14 @@ class SamplerConfig:
 
 @dataclasses.dataclass
 class NFTConfig:
-    group_size: int = 8               # images per condition
-    groups_per_step: int = 6          # conditions per step
+    group_size: int = 4               # images per condition
+    groups_per_step: int = 12         # conditions per step
     beta: float = 1.0
     adaptive: bool = True             # adaptive (x0-space) weight; False = velocity form
     kl_coef: float = 0.0
     timestep_fraction: float = 0.25   # share of the rollout's step times trained per sample
+    time_sampling: Literal["rollout", "uniform"] = "uniform"  # "rollout": at the rollout's own step
+                                      # times (DiffusionNFT); "uniform": stratified uniform times in (0, 1)
     mask_loss: bool = True            # train only the generated region (the known one is blended)
     shared_noise: bool = True         # a group's images share training timesteps and noise: common
                                       # random numbers, the noise cancels in the group's gradient (rl/nft.py)
@@ -123,12 +125,16 @@ class OptimConfig:
     grad_clip: float = 1.0
     micro_batch: int = 0              # samples per forward/backward (0 = the whole batch)
     warmup_steps: int = 0
+    decay: Literal["constant", "cosine", "linear"] = "constant"  # after the warm-up, to min_lr_ratio
+                                      # at the last of train.steps (a resume that changes train.steps
+                                      # changes the schedule)
+    min_lr_ratio: float = 0.0         # the decayed rate at the last step, as a share of lr
 
 
 @dataclasses.dataclass
 class TrainConfig:
     algorithm: Literal["nft", "refl"] = "nft"
-    steps: int = 200
+    steps: int = 220
     seed: int = 0
     time_budget_s: float = 0.0        # stop early (with a checkpoint) after this many seconds; 0 = off
     eval_per_task: int = 24           # held-out conditions per task for the base/final summary
@@ -181,6 +187,10 @@ def validate(cfg: RunConfig) -> None:
         if not Path(cfg.data.jsonl).is_file():
             raise ConfigError(f"data.jsonl file not found: {cfg.data.jsonl}")
     _positive(cfg.optim.lr, "optim.lr")
+    if not 0 <= cfg.optim.min_lr_ratio <= 1:
+        raise ConfigError(f"optim.min_lr_ratio must be in [0, 1], got {cfg.optim.min_lr_ratio}")
+    if cfg.optim.warmup_steps < 0:
+        raise ConfigError(f"optim.warmup_steps must be >= 0, got {cfg.optim.warmup_steps}")
     _positive(cfg.nft.beta, "nft.beta")
     _positive(cfg.nft.clip, "nft.clip")
     _positive(cfg.nft.std_eps, "nft.std_eps")

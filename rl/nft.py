@@ -6,8 +6,11 @@ One step:
 2. The judge scores each image on every dimension of its task; the dimension mean is the score.
    Scores are gathered from all processes and `kernels.group_rewards` turns each group into
    rewards r in [0, 1] (normalised, clipped) and drops low-spread, high-mean groups.
-3. Training: per image, a random `timestep_fraction` of the rollout's own step times, fresh noise
-   each, x_t = (1 - t) x0 + t eps; the old policy (and, for the KL term, the reference) give
+3. Training: per image, n = `timestep_fraction` x (rollout steps) times, fresh noise each,
+   x_t = (1 - t) x0 + t eps; the times are n distinct rollout step times (DiffusionNFT's,
+   time_sampling="rollout") or one uniform time in each of n equal bins of (0, 1) ("uniform": with
+   FLUX's shifted schedules the rollout grid is crowded at high noise, and the tiny default gained on
+   fill from also training the low-noise end); the old policy (and, for the KL term, the reference) give
    velocities without gradients, the trained policy with; `kernels.nft_loss` mixes them by r.
    The loss is a weighted mean over kept images (and over timesteps) of the whole step.
    With `shared_noise` the G images of a group share their timesteps and eps (common random
@@ -79,7 +82,13 @@ class NFTTrainer(Trainer):
         # shared_noise: one draw of timesteps and noise per group, used by all its G images
         n_draws, rep = (K, G) if nft.shared_noise else (N, 1)
         order = torch.stack([torch.randperm(n_times, generator=gen)[:n_train] for _ in range(n_draws)])
-        order = order.repeat_interleave(rep, 0)[mine]
+        times = self.sigmas[order]
+        if nft.time_sampling == "uniform":
+            # stratified: one time in each of n_train equal bins, in random order over the passes;
+            # kept off t = 0, where x_t is the sample itself and the loss carries no reward signal
+            bins = torch.stack([torch.randperm(n_train, generator=gen) for _ in range(n_draws)])
+            times = (bins + torch.rand(n_draws, n_train, generator=gen)) / n_train * (1 - 1e-3) + 1e-3
+        times = times.repeat_interleave(rep, 0)[mine].to(self.device)
         train_noise = self.draw_noise(step, _TRAIN_NOISE, (n_train, n_draws, *shape[1:]))
         train_noise = train_noise.repeat_interleave(rep, 1)[:, mine]
         n_local = x0.shape[0]
@@ -96,7 +105,7 @@ class NFTTrainer(Trainer):
             on_policy = always_on_policy(nft.old_decay_rate, nft.old_decay_max)
             nonfinite = False
             for p, (j, c) in enumerate(passes):
-                t = self.sigmas.to(self.device)[order[c, j]]
+                t = times[c, j]
                 eps = train_noise[j, c]
                 tb = t.view(-1, *([1] * (x0.dim() - 1)))
                 x_t = (1 - tb) * x0[c] + tb * eps

@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import os
 import random
 import shutil
@@ -40,6 +39,8 @@ from core.schedules import flux_sigmas
 from core.tasks import TASKS, TaskMixture
 from core.tiny_fill import DEFAULT_TRANSFORMER, SHIPPED_DIR, TinyFillPolicy, rope_axes
 from core.world import SyntheticWorld, collate
+
+from .lr_schedule import lr_factor
 
 UNIFORM_T_SHARE = 0.1
 QUALITY_FILE = "quality.json"
@@ -94,14 +95,6 @@ def sample_times(n: int, generator: torch.Generator) -> Tensor:
     uniform = torch.rand(n, generator=generator)
     pick = torch.rand(n, generator=generator) < UNIFORM_T_SHARE
     return torch.where(pick, uniform, t)
-
-
-def lr_factor(step: int, warmup: int, total: int) -> float:
-    """Linear warmup to 1, then cosine decay to 0 at `total`."""
-    if step < warmup:
-        return (step + 1) / warmup
-    progress = (step - warmup) / max(1, total - warmup)
-    return 0.5 * (1 + math.cos(math.pi * min(progress, 1.0)))
 
 
 def flow_matching_loss(policy: TinyFillPolicy, batch, generator: torch.Generator, known_weight: float
@@ -184,7 +177,8 @@ def train(args: argparse.Namespace) -> tuple[TinyFillPolicy, dict] | None:
     no_decay = [p for p in params.values() if p.dim() < 2]  # norms and biases
     opt = torch.optim.AdamW([{"params": decay, "weight_decay": args.weight_decay},
                              {"params": no_decay, "weight_decay": 0.0}], lr=args.lr)
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: lr_factor(s, args.warmup, args.steps))
+    # total + 1: the cosine reaches 0 one step after the last (the schedule the shipped model used)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: lr_factor(s, args.steps + 1, args.warmup, "cosine"))
     ema = {n: p.detach().clone() for n, p in params.items()}
 
     world = SyntheticWorld(seed=args.world_seed)

@@ -102,6 +102,7 @@ def run(config: RunConfig, out_dir: str | os.PathLike | None = None, resume: str
                     f"fix the cause, then continue with: python -m rl.train --resume {run_dir}") from err
             bad_in_a_row = bad_in_a_row + 1 if metrics.get("nonfinite") else 0
             metrics["wall_time"] = time.perf_counter() - t_start
+            metrics["lr"] = trainer.optimizer.param_groups[0]["lr"]
             spent = sum(metrics.get(k, 0.0) for k in ("time_rollout", "time_judge", "time_update"))
             metrics["images_per_second"] = metrics.get("images", 0) / max(spent, 1e-9)
             if log is not None:

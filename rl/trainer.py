@@ -22,6 +22,7 @@ from reward.judge import Judge
 
 from .config import RunConfig
 from .distributed import DistContext
+from .lr_schedule import lr_factor
 from .weight_copies import clone, ema_decay, lerp_
 
 
@@ -94,10 +95,10 @@ class Trainer(abc.ABC):
         norm = torch.nn.utils.clip_grad_norm_(params, self.cfg.optim.grad_clip)
         ok = bool(torch.isfinite(norm))
         if ok:
-            if self.cfg.optim.warmup_steps:
-                scale = min(1.0, (self.step_index + 1) / self.cfg.optim.warmup_steps)
-                for group in self.optimizer.param_groups:
-                    group["lr"] = self.cfg.optim.lr * scale
+            o = self.cfg.optim
+            scale = lr_factor(self.step_index, self.cfg.train.steps, o.warmup_steps, o.decay, o.min_lr_ratio)
+            for group in self.optimizer.param_groups:
+                group["lr"] = o.lr * scale
             self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
         return float(norm), ok

@@ -13,9 +13,9 @@ def test_defaults_are_the_builtin_job():
 
 def test_yaml_and_overrides(tmp_path):
     path = tmp_path / "c.yaml"
-    path.write_text("optim:\n  lr: 1.0e-4\nnft:\n  group_size: 4\n")
+    path.write_text("optim:\n  lr: 1.0e-4\nnft:\n  group_size: 6\n")
     cfg = load_config(str(path), ["nft.beta=0.1", "nft.tau_mean=null", "model.lora.r=8", "optim.betas=[0.9, 0.99]"])
-    assert cfg.optim.lr == 1e-4 and cfg.nft.group_size == 4 and cfg.nft.beta == 0.1
+    assert cfg.optim.lr == 1e-4 and cfg.nft.group_size == 6 and cfg.nft.beta == 0.1
     assert cfg.nft.tau_mean is None and cfg.model.lora.r == 8 and cfg.optim.betas == [0.9, 0.99]
     # the saved, resolved config loads back to the same thing
     save_yaml(cfg, tmp_path / "resolved.yaml")

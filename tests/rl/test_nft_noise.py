@@ -65,3 +65,22 @@ def test_on_policy_shortcut_gives_the_full_gradient(quick):
     assert sum(float(g.abs().sum()) for g in grads[0].values()) > 0
     for name, g in grads[0].items():
         torch.testing.assert_close(grads[1][name], g, rtol=1e-4, atol=1e-8)
+
+
+@pytest.mark.parametrize("sampling", ["rollout", "uniform"])
+def test_training_times_come_from_the_chosen_distribution(quick, sampling):
+    cfg = load_config(None, quick(**{"nft.time_sampling": sampling, "nft.timestep_fraction": 0.5,
+                                     "nft.groups_per_step": 8}))
+    trainer = make_trainer(cfg, DistContext())
+    _, passes = _training_inputs(cfg)
+    times = torch.stack([t for t, _ in passes], 1)  # [images, passes]
+    grid = trainer.sigmas[:-1]
+    on_grid = (times[..., None] - grid).abs().min(-1).values < 1e-6
+    if sampling == "rollout":
+        assert bool(on_grid.all())
+        assert bool((times[:, 0] != times[:, 1]).all())  # distinct rollout steps per image
+    else:
+        assert not bool(on_grid.any())
+        assert bool(((times > 0) & (times < 1)).all())
+        # stratified: each image has one time in [0, 1/2) and one in [1/2, 1)
+        assert bool(((times < 0.5).sum(1) == 1).all())
