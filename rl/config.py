@@ -87,7 +87,7 @@ class NFTConfig:
     beta: float = 1.0
     adaptive: bool = True             # adaptive (x0-space) weight; False = velocity form
     kl_coef: float = 0.0
-    timestep_fraction: float = 0.25   # share of the rollout's step times trained per sample
+    timestep_fraction: float = 0.25   # training times per sample, as a share of the rollout's steps
     time_sampling: Literal["rollout", "uniform"] = "uniform"  # "rollout": at the rollout's own step
                                       # times (DiffusionNFT); "uniform": stratified uniform times in (0, 1)
     mask_loss: bool = True            # train only the generated region (the known one is blended)

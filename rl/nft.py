@@ -34,6 +34,21 @@ from .weight_copies import always_on_policy, lerp_, old_policy_decay
 
 # streams of the per-step generators
 _ROLLOUT_NOISE, _TIMESTEPS, _TRAIN_NOISE, _SDE = 1, 2, 3, 4
+# uniform training times start here: at t = 0, x_t is the sample itself and carries no reward signal
+_T_MIN = 1e-3
+
+
+def training_times(sigmas: torch.Tensor, n_draws: int, n_train: int, sampling: str,
+                   gen: torch.Generator) -> torch.Tensor:
+    """[n_draws, n_train] training times: distinct rollout step times ("rollout"), or one uniform
+    time in each of n_train equal bins of (_T_MIN, 1), in random order over the passes ("uniform").
+    The rollout draw is made in both modes so that each mode's stream stays as it was measured."""
+    n_times = len(sigmas) - 1
+    order = torch.stack([torch.randperm(n_times, generator=gen)[:n_train] for _ in range(n_draws)])
+    if sampling == "rollout":
+        return sigmas[order]
+    bins = torch.stack([torch.randperm(n_train, generator=gen) for _ in range(n_draws)])
+    return (bins + torch.rand(n_draws, n_train, generator=gen)) / n_train * (1 - _T_MIN) + _T_MIN
 
 
 class NFTTrainer(Trainer):
@@ -76,18 +91,11 @@ class NFTTrainer(Trainer):
 
         # 3. update
         tic = time.perf_counter()
-        n_times = len(self.sigmas) - 1
-        n_train = max(1, round(nft.timestep_fraction * n_times))
+        n_train = max(1, round(nft.timestep_fraction * (len(self.sigmas) - 1)))
         gen = step_generator(seed, step, _TIMESTEPS)
         # shared_noise: one draw of timesteps and noise per group, used by all its G images
         n_draws, rep = (K, G) if nft.shared_noise else (N, 1)
-        order = torch.stack([torch.randperm(n_times, generator=gen)[:n_train] for _ in range(n_draws)])
-        times = self.sigmas[order]
-        if nft.time_sampling == "uniform":
-            # stratified: one time in each of n_train equal bins, in random order over the passes;
-            # kept off t = 0, where x_t is the sample itself and the loss carries no reward signal
-            bins = torch.stack([torch.randperm(n_train, generator=gen) for _ in range(n_draws)])
-            times = (bins + torch.rand(n_draws, n_train, generator=gen)) / n_train * (1 - 1e-3) + 1e-3
+        times = training_times(self.sigmas, n_draws, n_train, nft.time_sampling, gen)
         times = times.repeat_interleave(rep, 0)[mine].to(self.device)
         train_noise = self.draw_noise(step, _TRAIN_NOISE, (n_train, n_draws, *shape[1:]))
         train_noise = train_noise.repeat_interleave(rep, 1)[:, mine]

@@ -7,9 +7,9 @@ from rl.distributed import DistContext
 from rl.train import make_trainer
 
 
-def _training_inputs(cfg):
+def _training_inputs(cfg, trainer=None):
     """(x0, [(t, x_t)] per training pass) of one NFT step, read off the trained policy's calls."""
-    trainer = make_trainer(cfg, DistContext())
+    trainer = trainer or make_trainer(cfg, DistContext())
     seen, rollouts = [], []
     trained = trainer.trained_velocity
     generate = trainer.generate
@@ -72,7 +72,7 @@ def test_training_times_come_from_the_chosen_distribution(quick, sampling):
     cfg = load_config(None, quick(**{"nft.time_sampling": sampling, "nft.timestep_fraction": 0.5,
                                      "nft.groups_per_step": 8}))
     trainer = make_trainer(cfg, DistContext())
-    _, passes = _training_inputs(cfg)
+    _, passes = _training_inputs(cfg, trainer)
     times = torch.stack([t for t, _ in passes], 1)  # [images, passes]
     grid = trainer.sigmas[:-1]
     on_grid = (times[..., None] - grid).abs().min(-1).values < 1e-6
