@@ -1,12 +1,15 @@
 """Atomic checkpoints: written to a temporary directory, then renamed into place.
 
-A checkpoint directory `ckpt-<step>` holds `state.pt` (trainable weights, old policy, EMA,
-reference, optimiser, RNG states, step, metrics so far) and `config.yaml`. `latest` names the
-newest complete checkpoint; it is itself replaced atomically, so a crash at any moment leaves the
-previous checkpoint usable. A resumed run restores everything and continues at the next step.
+A checkpoint directory `ckpt-<step>` holds `state.safetensors` + `state.json` (trainable weights,
+old policy, EMA, reference, optimiser, RNG states, step, run id; no pickle, see rl/tensor_store.py)
+and `config.yaml`. `latest` names the newest complete checkpoint; it is itself replaced
+atomically, so a crash at any moment leaves the previous checkpoint usable. A resumed run restores
+everything and continues at the next step. A checkpoint is never written with a non-finite weight
+in any copy, and temporary directories left by a killed writer are removed at the next start.
 """
 from __future__ import annotations
 
+import errno
 import os
 import random
 import shutil
@@ -16,6 +19,14 @@ from typing import Any
 
 import numpy as np
 import torch
+
+from .tensor_store import has_tree, load_tree, save_tree
+
+_COPIES = ("weights", "old", "ema", "ref")
+
+
+class CheckpointError(RuntimeError):
+    """A checkpoint cannot be written or read; the message names the cause and the fix."""
 
 
 def rng_states() -> dict[str, Any]:
@@ -42,25 +53,62 @@ def _write_atomic(path: Path, text: str) -> None:
     os.replace(tmp, path)
 
 
+def nonfinite_copies(state: dict[str, Any]) -> list[str]:
+    """Names "copy/param" of every weight tensor in `state` holding a NaN or an infinity."""
+    bad = []
+    for copy in _COPIES:
+        for name, t in (state.get(copy) or {}).items():
+            if t.is_floating_point() and not bool(torch.isfinite(t).all()):
+                bad.append(f"{copy}/{name}")
+    return bad
+
+
+def disk_error(err: OSError, where: Path) -> CheckpointError:
+    """A one-line explanation of a failed write (full disk, read-only, no permission)."""
+    reason = {errno.ENOSPC: "no space left on the device", errno.EDQUOT: "disk quota exceeded",
+              errno.EROFS: "the file system is read-only", errno.EACCES: "permission denied"}.get(
+        err.errno, err.strerror or str(err))
+    return CheckpointError(f"cannot write to {where}: {reason}; free space or choose another --out")
+
+
 def save_checkpoint(run_dir: Path, step: int, state: dict[str, Any], config_yaml: str, keep: int = 2) -> Path:
     """Write ckpt-<step> atomically, point `latest` at it, and prune older checkpoints."""
     run_dir = Path(run_dir)
+    bad = nonfinite_copies(state)
+    if bad:
+        raise CheckpointError(f"refusing to checkpoint step {step}: non-finite weights in {bad[:4]}"
+                              f"{' ...' if len(bad) > 4 else ''}")
     final = run_dir / f"ckpt-{step:06d}"
-    tmp = Path(tempfile.mkdtemp(dir=run_dir, prefix=f".tmp-ckpt-{step:06d}-"))
     try:
-        torch.save({**state, "step": step, "rng": rng_states()}, tmp / "state.pt")
-        (tmp / "config.yaml").write_text(config_yaml)
-        if final.exists():  # a re-save of the same step (e.g. after resume): replace it whole
-            shutil.rmtree(final)
-        os.replace(tmp, final)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    _write_atomic(run_dir / "latest", final.name + "\n")
+        tmp = Path(tempfile.mkdtemp(dir=run_dir, prefix=f".tmp-ckpt-{step:06d}-"))
+        try:
+            save_tree({**state, "step": step, "rng": rng_states()}, tmp)
+            (tmp / "config.yaml").write_text(config_yaml)
+            if final.exists():  # a re-save of the same step (e.g. after resume): replace it whole
+                shutil.rmtree(final)
+            os.replace(tmp, final)
+        except BaseException:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
+        _write_atomic(run_dir / "latest", final.name + "\n")
+    except OSError as err:
+        raise disk_error(err, run_dir) from err
     if keep > 0:
         for old in sorted(run_dir.glob("ckpt-*"))[:-keep]:
             shutil.rmtree(old, ignore_errors=True)
     return final
+
+
+def remove_stale_temporaries(run_dir: Path) -> list[Path]:
+    """Delete `.tmp-ckpt-*` directories a killed writer left behind; returns what was removed."""
+    stale = sorted(Path(run_dir).glob(".tmp-ckpt-*"))
+    for p in stale:
+        shutil.rmtree(p, ignore_errors=True)
+    return stale
+
+
+def _complete(path: Path) -> bool:
+    return has_tree(path)
 
 
 def latest_checkpoint(run_dir: Path) -> Path | None:
@@ -68,20 +116,22 @@ def latest_checkpoint(run_dir: Path) -> Path | None:
     pointer = run_dir / "latest"
     if pointer.is_file():
         path = run_dir / pointer.read_text().strip()
-        if (path / "state.pt").is_file():
+        if _complete(path):
             return path
-    done = sorted(p for p in run_dir.glob("ckpt-*") if (p / "state.pt").is_file())
+    done = sorted(p for p in run_dir.glob("ckpt-*") if _complete(p))
     return done[-1] if done else None
 
 
 def load_checkpoint(path: Path) -> dict[str, Any]:
+    """The state of a checkpoint directory, or of a run directory's latest checkpoint."""
     path = Path(path)
-    if path.is_dir() and not (path / "state.pt").is_file():
+    if path.is_dir() and not _complete(path):
         found = latest_checkpoint(path)
         if found is None:
-            raise FileNotFoundError(f"no checkpoint in {path} (expected ckpt-*/state.pt or a 'latest' file)")
+            legacy = " (it holds a pickled state.pt from an older version, which is no longer loaded: " \
+                     "pickles can execute code)" if list(path.glob("**/state.pt")) else ""
+            raise FileNotFoundError(f"no checkpoint in {path} (expected ckpt-*/state.safetensors){legacy}")
         path = found
-    file = path / "state.pt" if path.is_dir() else path
-    if not file.is_file():
-        raise FileNotFoundError(f"checkpoint not found: {file}")
-    return torch.load(file, map_location="cpu", weights_only=False)
+    if not path.is_dir():
+        raise FileNotFoundError(f"checkpoint not found: {path}")
+    return load_tree(path)

@@ -1,18 +1,16 @@
 """The run configuration of `python -m rl.train`. Defaults are the built-in CPU job.
 
 Sections: model, data, judge, sampler, nft, refl, optim, train. Load with `load_config(path,
-overrides)`; every key is typed and checked (rl/config_io.py), and `validate` checks values and
-paths before any work starts.
+overrides)`; every key is typed and checked (rl/config_io.py), and `validate` (rl/config_checks.py)
+checks every value's range and the paths before any work starts.
 """
 from __future__ import annotations
 
 import dataclasses
-from pathlib import Path
 from typing import Literal
 
-from core.tasks import TASKS
-
-from .config_io import ConfigError, load_yaml
+from .config_checks import validate
+from .config_io import ConfigError, load_yaml  # noqa: F401  (ConfigError re-exported)
 
 
 @dataclasses.dataclass
@@ -41,6 +39,7 @@ class ModelConfig:
 class DataConfig:
     source: Literal["world", "jsonl"] = "world"
     jsonl: str | None = None          # records of image / mask / prompt / task (source = jsonl)
+    allow_absolute_paths: bool = False  # jsonl: records may name files outside the JSONL's folder
     world_seed: int = 0
     image_size: int = 64
     mixture: dict[str, float] = dataclasses.field(
@@ -166,59 +165,3 @@ def load_config(path: str | None = None, overrides: list[str] | None = None) -> 
     validate(cfg)
     return cfg
 
-
-def _positive(value: float, name: str) -> None:
-    if not value > 0:
-        raise ConfigError(f"{name} must be > 0, got {value}")
-
-
-def validate(cfg: RunConfig) -> None:
-    """Value checks that types cannot express; raises ConfigError naming the key and the fix."""
-    for task, w in cfg.data.mixture.items():
-        if task not in TASKS:
-            raise ConfigError(f"data.mixture: unknown task {task!r}; tasks are {list(TASKS)}")
-        if w < 0:
-            raise ConfigError(f"data.mixture.{task} must be >= 0, got {w}")
-    if sum(cfg.data.mixture.values()) <= 0:
-        raise ConfigError("data.mixture gives every task zero weight")
-    if cfg.data.source == "jsonl":
-        if not cfg.data.jsonl:
-            raise ConfigError("data.source is 'jsonl' but data.jsonl is not set: give the JSONL file path")
-        if not Path(cfg.data.jsonl).is_file():
-            raise ConfigError(f"data.jsonl file not found: {cfg.data.jsonl}")
-    _positive(cfg.optim.lr, "optim.lr")
-    if not 0 <= cfg.optim.min_lr_ratio <= 1:
-        raise ConfigError(f"optim.min_lr_ratio must be in [0, 1], got {cfg.optim.min_lr_ratio}")
-    if cfg.optim.warmup_steps < 0:
-        raise ConfigError(f"optim.warmup_steps must be >= 0, got {cfg.optim.warmup_steps}")
-    _positive(cfg.nft.beta, "nft.beta")
-    _positive(cfg.nft.clip, "nft.clip")
-    _positive(cfg.nft.std_eps, "nft.std_eps")
-    if cfg.nft.old_decay_rate < 0 or not 0 <= cfg.nft.old_decay_max < 1:
-        raise ConfigError(f"nft.old_decay_rate must be >= 0 and nft.old_decay_max in [0, 1) (1 would freeze the "
-                          f"sampling policy), got {cfg.nft.old_decay_rate} / {cfg.nft.old_decay_max}")
-    if not 0 < cfg.nft.timestep_fraction <= 1:
-        raise ConfigError(f"nft.timestep_fraction must be in (0, 1], got {cfg.nft.timestep_fraction}")
-    if cfg.nft.group_size < 2:
-        raise ConfigError(f"nft.group_size must be >= 2 (group statistics), got {cfg.nft.group_size}")
-    for name in ("steps", "eval_steps"):
-        if getattr(cfg.sampler, name) < 1:
-            raise ConfigError(f"sampler.{name} must be >= 1")
-    if cfg.train.algorithm == "refl" and not 1 <= cfg.refl.min_step <= cfg.refl.max_step < cfg.sampler.steps:
-        raise ConfigError(
-            f"refl.min_step/max_step must satisfy 1 <= min <= max < sampler.steps ({cfg.sampler.steps}); "
-            f"got {cfg.refl.min_step}/{cfg.refl.max_step}")
-    if not 0 < cfg.refl.reward_upper_bound <= 1:
-        raise ConfigError("refl.reward_upper_bound must be in (0, 1]")
-    if cfg.train.algorithm == "refl" and cfg.judge.mode != "pairwise":
-        raise ConfigError("train.algorithm 'refl' compares against a reference image: set judge.mode=pairwise")
-    if cfg.model.kind == "flux_fill" and not cfg.model.path:
-        raise ConfigError("model.kind 'flux_fill' needs model.path (a local directory or a cached Hub id)")
-    if cfg.model.kind == "tiny" and cfg.model.path and not Path(cfg.model.path).exists():
-        raise ConfigError(f"model.path not found: {cfg.model.path}")
-    if cfg.judge.kind == "transformers" and not cfg.judge.model:
-        raise ConfigError("judge.kind 'transformers' needs judge.model (a local directory or a cached Hub id)")
-    if cfg.judge.kind == "openai" and not (cfg.judge.base_url and cfg.judge.model):
-        raise ConfigError("judge.kind 'openai' needs judge.base_url and judge.model")
-    if cfg.judge.kind == "rule" and cfg.data.source != "world":
-        raise ConfigError("the rule judge needs the synthetic world's ground truth: use data.source=world")

@@ -14,6 +14,7 @@ from core.policy import Policy
 
 from .builders import build_policy
 from .checkpoint import latest_checkpoint, load_checkpoint
+from .tensor_store import has_tree
 from .config import ModelConfig, RunConfig, load_config
 
 
@@ -24,7 +25,7 @@ def resolve_model(spec: str, device: torch.device, default: ModelConfig | None =
     - "base": the configured base model (the shipped tiny model by default);
     - a run directory (config.yaml + final/ or ckpt-*): its exported final model, else the EMA
       weights of its latest checkpoint on its own base model;
-    - a checkpoint directory (ckpt-*/state.pt): the EMA weights on the base model of its config;
+    - a checkpoint directory (ckpt-*/state.safetensors + state.json): the EMA weights on the base model of its config;
     - a model directory saved by `save_pretrained` (tiny format).
     """
     model_cfg = default or ModelConfig()
@@ -33,7 +34,7 @@ def resolve_model(spec: str, device: torch.device, default: ModelConfig | None =
     path = Path(spec)
     if not path.exists():
         raise FileNotFoundError(f"model {spec!r} not found: give 'base', a run directory, a checkpoint or a model directory")
-    if (path / "config.yaml").is_file() and not (path / "state.pt").is_file():  # a run directory
+    if (path / "config.yaml").is_file() and not has_tree(path):  # a run directory
         cfg: RunConfig = load_config(str(path / "config.yaml"))
         final = path / "final"
         if final.is_dir():
@@ -49,7 +50,7 @@ def resolve_model(spec: str, device: torch.device, default: ModelConfig | None =
         if ckpt is None:
             raise FileNotFoundError(f"run directory {path} has neither final/ nor a checkpoint")
         return _from_checkpoint(ckpt, cfg.model, device)
-    if (path / "state.pt").is_file():
+    if has_tree(path):
         cfg = load_config(str(path / "config.yaml")) if (path / "config.yaml").is_file() else None
         return _from_checkpoint(path, cfg.model if cfg else model_cfg, device)
     return build_policy(_with_path(model_cfg, path), device), None, f"model directory {path}"

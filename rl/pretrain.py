@@ -41,6 +41,7 @@ from core.tiny_fill import DEFAULT_TRANSFORMER, SHIPPED_DIR, TinyFillPolicy, rop
 from core.world import SyntheticWorld, collate
 
 from .lr_schedule import lr_factor
+from .tensor_store import has_tree, load_tree, save_tree
 
 UNIFORM_T_SHARE = 0.1
 QUALITY_FILE = "quality.json"
@@ -153,13 +154,12 @@ RESUME_KEYS = ("steps", "batch", "lr", "warmup", "weight_decay", "ema_decay", "k
 def state_path(out: Path) -> Path:
     """Where an unfinished run keeps its training state (next to the output directory)."""
     out = out.resolve()
-    return out.parent / f".{out.name}.pretrain-state.pt"
+    return out.parent / f".{out.name}.pretrain-state"
 
 
 def _save_state(path: Path, state: dict) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    torch.save(state, tmp)
-    os.replace(tmp, path)
+    """Tensors as safetensors and the rest as JSON (rl/tensor_store.py: no pickle), replaced whole."""
+    write_atomically(path, lambda tmp: (tmp.mkdir(parents=True), save_tree(state, tmp)))
 
 
 def train(args: argparse.Namespace) -> tuple[TinyFillPolicy, dict] | None:
@@ -188,8 +188,8 @@ def train(args: argparse.Namespace) -> tuple[TinyFillPolicy, dict] | None:
     first, smoothed, elapsed = 0, None, 0.0
     saved = state_path(args.out)
     settings = {k: getattr(args, k) for k in RESUME_KEYS}
-    if args.resume and saved.is_file():
-        state = torch.load(saved, weights_only=False)
+    if args.resume and has_tree(saved):
+        state = load_tree(saved)
         if state["settings"] != settings:
             diff = {k: (state["settings"].get(k), v) for k, v in settings.items() if state["settings"].get(k) != v}
             raise ValueError(f"{saved} was saved by a run with other settings (saved, now): {diff}; "
@@ -307,7 +307,7 @@ def main(argv: list[str] | None = None) -> None:
         save_image(grid, tmp / GRID_FILE)
 
     write_atomically(args.out, fill)
-    state_path(args.out).unlink(missing_ok=True)
+    shutil.rmtree(state_path(args.out), ignore_errors=True)
     print(format_table(summary))
     print(f"saved to {args.out}")
 

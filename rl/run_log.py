@@ -51,7 +51,8 @@ class RunLog:
     def log(self, step: int, metrics: dict[str, Any]) -> None:
         clean = {k: v for k, v in metrics.items() if v is not None}
         record = {"step": step, **clean}
-        self._file.write(json.dumps(record, default=_json_default) + "\n")
+        # strict JSON (readers other than Python refuse bare NaN): a non-finite number is logged as null
+        self._file.write(json.dumps(strict_json(record), allow_nan=False, default=_json_default) + "\n")
         self._file.flush()
         if self.writer is not None:
             for k, v in flatten(clean).items():
@@ -62,6 +63,19 @@ class RunLog:
         self._file.close()
         if self.writer is not None:
             self.writer.close()
+
+
+def strict_json(value: Any) -> Any:
+    """`value` with every NaN / infinity (also inside dicts, lists and tensors) replaced by None."""
+    if isinstance(value, Tensor):
+        value = value.tolist()
+    if isinstance(value, float):
+        return value if math.isfinite(value) else None
+    if isinstance(value, dict):
+        return {k: strict_json(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [strict_json(v) for v in value]
+    return value
 
 
 def _json_default(o: Any) -> Any:

@@ -17,6 +17,7 @@ from .evaluate import EvalResult, evaluate, held_out_samples
 from .plots import plot_reward_curves, plot_time_split
 from .run_log import read_metrics
 from .stats import bootstrap_mean
+from .tensor_store import load_tree, save_tree
 
 GRID_ROWS_PER_TASK = 2
 
@@ -42,13 +43,24 @@ def evaluate_weights(trainer, weights: dict[str, Tensor] | None, label: str) -> 
             progress.close()
 
 
-def save_eval(result: EvalResult, path: Path) -> None:
-    torch.save({"images": result.images, "reward": result.reward, "by_dimension": result.by_dimension,
-                "ground_truth": result.ground_truth, "keys": [s.key for s in result.samples]}, path)
+def eval_fingerprint(cfg) -> dict[str, Any]:
+    """What a held-out evaluation depends on: the base model, the data, the judge and the sampler."""
+    from .config_io import to_dict
+
+    return {"model": to_dict(cfg.model), "data": to_dict(cfg.data), "judge_kind": cfg.judge.kind,
+            "judge_model": cfg.judge.model, "sampler": to_dict(cfg.sampler), "seed": cfg.train.seed,
+            "eval_per_task": cfg.train.eval_per_task}
+
+
+def save_eval(result: EvalResult, path: Path, fingerprint: dict[str, Any] | None = None) -> None:
+    """`path`.json + `path`.safetensors (no pickle); `fingerprint` records what the result depends on."""
+    save_tree({"images": result.images, "reward": result.reward, "by_dimension": result.by_dimension,
+               "ground_truth": result.ground_truth, "keys": [s.key for s in result.samples],
+               "fingerprint": fingerprint}, path.parent, path.name)
 
 
 def load_eval(path: Path) -> dict[str, Any]:
-    return torch.load(path, map_location="cpu", weights_only=False)
+    return load_tree(path.parent, path.name)
 
 
 def _base_images(base, n: int) -> Tensor | None:
@@ -97,7 +109,7 @@ def final_summary(trainer, run_dir: Path, base, steps_done: int) -> dict[str, An
                                "train_wall_time_s": metrics[-1]["wall_time"] if metrics else 0.0}
     if base is not None and cfg.train.eval_per_task > 0:
         final = evaluate_weights(trainer, trainer.ema, "final")
-        save_eval(final, run_dir / "eval_final.pt")
+        save_eval(final, run_dir / "eval_final", eval_fingerprint(cfg))
         b, f = _reward_of(base), final.reward
         summary["reward_base"] = float(b.mean())
         summary["reward_final"] = float(f.mean())

@@ -25,10 +25,12 @@ from typing import Any
 import torch
 
 from .builders import build_data, build_judge, build_policy, rollout_sigmas
-from .checkpoint import latest_checkpoint, load_checkpoint, restore_rng_states, save_checkpoint
+from .checkpoint import (CheckpointError, disk_error, latest_checkpoint, load_checkpoint, remove_stale_temporaries,
+                         restore_rng_states, save_checkpoint)
 from .config import RunConfig, load_config
 from .config_io import ConfigError, to_dict
 from .distributed import DistContext, init_distributed, shutdown
+from .run_dir import RunDirError, check_resume_config, new_run_dir, run_id_of
 from .run_log import RunLog, save_sample_grid
 from .summary import final_summary
 
@@ -54,9 +56,39 @@ def _default_out(cfg: RunConfig) -> Path:
     return Path("runs") / f"{cfg.train.algorithm}-{stamp}"
 
 
+def _claim_run_dir(cfg: RunConfig, run_dir: Path, resume: bool, fresh: bool, ctx: DistContext):
+    """Rank 0 checks and claims the directory; every rank raises the same error if it cannot."""
+    error, run_id = None, None
+    if ctx.is_main:
+        try:
+            if resume:
+                stored = run_dir / "config.yaml"
+                if not stored.is_file():
+                    raise RunDirError(f"--resume {run_dir}: no config.yaml there; is it a run directory?")
+                check_resume_config(load_config(str(stored)), cfg)
+                remove_stale_temporaries(run_dir)
+                run_id = run_id_of(run_dir)
+            else:
+                run_id = new_run_dir(run_dir, fresh=fresh)
+            (run_dir / "config.yaml").write_text(_yaml(cfg))
+        except (RunDirError, ConfigError) as err:
+            error = f"{type(err).__name__}: {err}"
+        except OSError as err:
+            error = f"OSError: {disk_error(err, run_dir)}"
+    error, run_id = ctx.broadcast_object((error, run_id))
+    if error is not None:
+        kind, message = error.split(": ", 1)
+        raise {"ConfigError": ConfigError, "OSError": CheckpointError}.get(kind, RunDirError)(message)
+    return run_id
+
+
 def run(config: RunConfig, out_dir: str | os.PathLike | None = None, resume: str | os.PathLike | None = None,
-        ctx: DistContext | None = None) -> dict[str, Any]:
-    """Train with `config`; returns the run summary (also written to summary.json)."""
+        ctx: DistContext | None = None, fresh: bool = False) -> dict[str, Any]:
+    """Train with `config`; returns the run summary (also written to summary.json).
+
+    `out_dir` must be new or empty (`fresh=True` moves an existing one aside); `resume` continues
+    the run in that directory from its latest checkpoint, refusing config changes outside
+    rl.run_dir.RESUMABLE_KEYS."""
     cfg = config
     if cfg.train.threads:
         torch.set_num_threads(cfg.train.threads)
@@ -67,14 +99,19 @@ def run(config: RunConfig, out_dir: str | os.PathLike | None = None, resume: str
     if resume:
         ckpt = latest_checkpoint(run_dir)
         if ckpt is None:
-            raise FileNotFoundError(f"--resume {run_dir}: no checkpoint found there (ckpt-*/state.pt)")
+            raise RunDirError(f"--resume {run_dir}: no checkpoint there to continue from; "
+                              f"start a new run with --out {run_dir} --fresh")
         state = load_checkpoint(ckpt)
-    if ctx.is_main:
-        run_dir.mkdir(parents=True, exist_ok=True)
-        (run_dir / "config.yaml").write_text(_yaml(cfg))
-    ctx.barrier()
+        if state["step"] + 1 >= cfg.train.steps:
+            raise RunDirError(f"the run in {run_dir} already finished its {state['step'] + 1} steps; to train "
+                              f"longer, resume with --set train.steps=N (N > {state['step'] + 1})")
+    run_id = _claim_run_dir(cfg, run_dir, bool(resume), fresh, ctx)
+    if state is not None and run_id is not None and state.get("run_id") not in (None, run_id):
+        raise RunDirError(f"{ckpt} belongs to another run ({state.get('run_id')}; this directory's is {run_id}): "
+                          "the directory was mixed; resume from the directory that wrote it")
 
     trainer = make_trainer(cfg, ctx)
+    trainer.run_id = run_id
     start = 0
     if state is not None:
         trainer.load_state_dict(state)
@@ -93,28 +130,34 @@ def run(config: RunConfig, out_dir: str | os.PathLike | None = None, resume: str
     try:
         for step in range(start, cfg.train.steps):
             trainer.step_index = step
+            trainer.updated = False
             try:
                 metrics = trainer.train_step(step)
             except Exception as err:
-                _save(trainer, run_dir, step - 1, cfg, ctx)
-                raise RunStopped(
-                    f"step {step} failed: {err}\nA checkpoint of the last completed step is in {run_dir}; "
-                    f"fix the cause, then continue with: python -m rl.train --resume {run_dir}") from err
+                # a failure before the optimiser step leaves the state of the last step: save it
+                saved = None if trainer.updated else _save(trainer, run_dir, step - 1, cfg, ctx)
+                raise RunStopped(f"step {step} failed: {err}\n" + _continue_advice(run_dir, saved)) from err
             bad_in_a_row = bad_in_a_row + 1 if metrics.get("nonfinite") else 0
             metrics["wall_time"] = time.perf_counter() - t_start
             metrics["lr"] = trainer.optimizer.param_groups[0]["lr"]
             spent = sum(metrics.get(k, 0.0) for k in ("time_rollout", "time_judge", "time_update"))
             metrics["images_per_second"] = metrics.get("images", 0) / max(spent, 1e-9)
+            metrics["weights_nonfinite"] = trainer.weights_nonfinite
             if log is not None:
                 log.log(step, metrics)
             if progress is not None:
                 progress.set_postfix(reward=f"{metrics['reward']:.3f}", loss=f"{metrics.get('loss', 0):.3g}")
                 progress.update(1)
+            if trainer.weights_nonfinite:  # never saved: the last checkpoint stays the newest
+                raise RunStopped(
+                    f"step {step}'s update made the weights non-finite (optim.lr {cfg.optim.lr:g} too high, or "
+                    f"a non-finite gradient); no checkpoint was written from them.\n"
+                    + _continue_advice(run_dir, latest_checkpoint(run_dir), "lower optim.lr"))
             if bad_in_a_row >= cfg.train.max_bad_steps:
-                _save(trainer, run_dir, step, cfg, ctx)
+                saved = _save(trainer, run_dir, step, cfg, ctx)
                 raise RunStopped(
                     f"{bad_in_a_row} steps in a row had a non-finite loss or gradient (last: step {step}); "
-                    f"stopped after saving a checkpoint in {run_dir}. Lower optim.lr or check the judge's scores.")
+                    f"stopped. Lower optim.lr or check the judge's scores.\n" + _continue_advice(run_dir, saved))
             last = step == cfg.train.steps - 1
             over_budget = cfg.train.time_budget_s > 0 and ctx.broadcast_object(  # rank 0's clock decides for all
                 time.perf_counter() - t_start > cfg.train.time_budget_s)
@@ -141,29 +184,47 @@ def run(config: RunConfig, out_dir: str | os.PathLike | None = None, resume: str
     return summary
 
 
+def _continue_advice(run_dir: Path, checkpoint: Path | None, fix: str = "fix the cause") -> str:
+    """How to go on: resume only when there is a checkpoint to resume from."""
+    if checkpoint is None:
+        return f"No checkpoint exists yet in {run_dir}: {fix}, then start again with --out {run_dir} --fresh."
+    return (f"The newest checkpoint is {checkpoint}; {fix}, then continue with: "
+            f"python -m rl.train --resume {run_dir}")
+
+
 def _yaml(cfg: RunConfig) -> str:
     import yaml
 
     return yaml.safe_dump(to_dict(cfg), sort_keys=False)
 
 
-def _save(trainer, run_dir: Path, step: int, cfg: RunConfig, ctx: DistContext) -> None:
+def _save(trainer, run_dir: Path, step: int, cfg: RunConfig, ctx: DistContext) -> Path | None:
+    """Checkpoint `step` (nothing before step 0); returns the checkpoint written."""
     if step < 0:
-        return
+        return None
+    path = None
     if ctx.is_main:
-        save_checkpoint(run_dir, step, trainer.state_dict(), _yaml(cfg), keep=cfg.train.keep_checkpoints)
+        state = {**trainer.state_dict(), "run_id": getattr(trainer, "run_id", None)}
+        path = save_checkpoint(run_dir, step, state, _yaml(cfg), keep=cfg.train.keep_checkpoints)
     ctx.barrier()
+    return path
 
 
 def _cached_base_eval(trainer, run_dir: Path):
     """Evaluate the initial weights once per run (a resumed run reuses the stored result)."""
-    from .summary import evaluate_weights, load_eval, save_eval
+    from .summary import eval_fingerprint, evaluate_weights, load_eval, save_eval
+    from .tensor_store import has_tree
 
-    path = run_dir / "eval_base.pt"
-    if path.is_file():
-        return load_eval(path)
+    path = run_dir / "eval_base"
+    fingerprint = eval_fingerprint(trainer.cfg)
+    if has_tree(path.parent, path.name):
+        stored = load_eval(path)
+        if stored.get("fingerprint") == fingerprint:
+            return stored
+        print("[rl.train] the stored base evaluation was made with other settings: evaluating again",
+              file=sys.stderr)
     result = evaluate_weights(trainer, trainer.ref, "base")
-    save_eval(result, path)
+    save_eval(result, path, fingerprint)
     return result
 
 
@@ -190,7 +251,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--config", help="YAML config (default: the built-in tiny NFT job)")
     parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                         help="override a config key, e.g. --set optim.lr=1e-4 (repeatable)")
-    parser.add_argument("--out", help="run directory (default: runs/<algorithm>-<time>)")
+    parser.add_argument("--out", help="run directory (default: runs/<algorithm>-<time>); must be new or empty")
+    parser.add_argument("--fresh", action="store_true",
+                        help="--out holds an earlier run: move it to <out>.replaced-<time> and start over")
     parser.add_argument("--resume", help="continue the run in this directory from its latest checkpoint")
     args = parser.parse_args(argv)
     try:
@@ -204,14 +267,22 @@ def main(argv: list[str] | None = None) -> int:
     except (ConfigError, FileNotFoundError) as e:
         print(f"config error: {e}", file=sys.stderr)
         return 2
-    ctx = init_distributed(cfg.model.device)
+    ctx = None
     try:
-        summary = run(cfg, out_dir=args.out, resume=args.resume, ctx=ctx)
-    except (RunStopped, FileNotFoundError, ValueError) as e:
+        ctx = init_distributed(cfg.model.device)
+        summary = run(cfg, out_dir=args.out, resume=args.resume, ctx=ctx, fresh=args.fresh)
+    except (RunDirError, ConfigError) as e:
+        print(f"[rl.train] refused: {e}", file=sys.stderr)
+        return 2
+    except OSError as e:  # a full or read-only disk, say: one line, not a traceback
+        print(f"[rl.train] stopped: {disk_error(e, Path(args.resume or args.out or 'runs'))}", file=sys.stderr)
+        return 1
+    except (RunStopped, CheckpointError, FileNotFoundError, ValueError) as e:
         print(f"[rl.train] stopped: {e}", file=sys.stderr)
         return 1
     finally:
-        shutdown(ctx)
+        if ctx is not None:
+            shutdown(ctx)
     if ctx.is_main and summary:
         print(json.dumps({k: summary[k] for k in ("run_dir", "reward_base", "reward_final", "reward_gain")
                           if k in summary}, indent=2))

@@ -90,7 +90,11 @@ class Trainer(abc.ABC):
         return float(self.ctx.all_reduce_sum(bad)) == 0.0
 
     def optimizer_step(self) -> tuple[float, bool]:
-        """Clip, check and apply the accumulated gradient. Returns (grad norm, applied)."""
+        """Clip, check and apply the accumulated gradient. Returns (grad norm, applied).
+
+        After the update every weight is checked: a non-finite one sets `weights_nonfinite`, and
+        the run stops without writing a checkpoint from it (AdamW's step cannot be undone cheaply,
+        and a checkpoint of NaN weights would poison every resume)."""
         params = list(self.params.values())
         norm = torch.nn.utils.clip_grad_norm_(params, self.cfg.optim.grad_clip)
         ok = bool(torch.isfinite(norm))
@@ -99,7 +103,10 @@ class Trainer(abc.ABC):
             scale = lr_factor(self.step_index, self.cfg.train.steps, o.warmup_steps, o.decay, o.min_lr_ratio)
             for group in self.optimizer.param_groups:
                 group["lr"] = o.lr * scale
+            self.updated = True
             self.optimizer.step()
+            bad = sum((~torch.isfinite(p.detach())).any().float() for p in params).reshape(1)
+            self.weights_nonfinite = float(self.ctx.all_reduce_sum(bad)) > 0
         self.optimizer.zero_grad(set_to_none=True)
         return float(norm), ok
 
@@ -108,6 +115,8 @@ class Trainer(abc.ABC):
 
     # -- the algorithm ------------------------------------------------------------------------
     step_index: int = 0
+    updated: bool = False            # the optimiser changed the weights in the current step
+    weights_nonfinite: bool = False  # ... and left a NaN or an infinity in them
 
     @abc.abstractmethod
     def train_step(self, step: int) -> dict[str, Any]:

@@ -1,3 +1,4 @@
+import re
 import pytest
 
 from rl.config import RunConfig, load_config
@@ -29,9 +30,26 @@ def test_yaml_and_overrides(tmp_path):
     ("nft.std=median", "nft.std: 'median' is not one of"),
     ("train.steps=1.5", "train.steps: expected an integer"),
     ("data.mixture.paint=1", "unknown task 'paint'"),
-    ("optim.lr=-1", "optim.lr must be > 0"),
-    ("nft.std_eps=0", "nft.std_eps must be > 0"),
-    ("nft.old_decay_max=1", "nft.old_decay_max in"),
+    ("optim.lr=-1", "optim.lr must be in (0, 1], got -1.0"),
+    ("optim.lr=inf", "optim.lr must be in (0, 1], got inf"),
+    ("optim.lr=1e30", "optim.lr must be in (0, 1], got 1e+30"),
+    ("optim.grad_clip=-1", "optim.grad_clip must be in (0, inf)"),
+    ("optim.betas=[0.9,1.0]", "optim.betas must be in [0, 1)"),
+    ("optim.betas=[0.9]", "optim.betas must hold two numbers"),
+    ("optim.weight_decay=-0.1", "optim.weight_decay must be in [0, 1]"),
+    ("train.ema_max_decay=-0.5", "train.ema_max_decay must be in [0, 1)"),
+    ("train.ema_max_decay=1", "train.ema_max_decay must be in [0, 1)"),
+    ("train.steps=0", "train.steps must be in [1, inf)"),
+    ("train.steps=-3", "train.steps must be in [1, inf)"),
+    ("train.keep_checkpoints=-1", "train.keep_checkpoints must be in [0, inf)"),
+    ("train.max_bad_steps=0", "train.max_bad_steps must be in [1, inf)"),
+    ("nft.group_size=1", "nft.group_size must be in [2, inf)"),
+    ("nft.groups_per_step=0", "nft.groups_per_step must be in [1, inf)"),
+    ("nft.tau_mean=nan", "nft.tau_mean must be in [0, 1], got nan"),
+    ("sampler.noise_level=-0.1", "sampler.noise_level must be in [0, 2]"),
+    ("data.image_size=60", "data.image_size must be a multiple of 16"),
+    ("nft.std_eps=0", "nft.std_eps must be in (0, inf)"),
+    ("nft.old_decay_max=1", "nft.old_decay_max must be in [0, 1)"),
     ("train.algorithm=refl", "set judge.mode=pairwise"),
     ("model.kind=flux_fill", "needs model.path"),
     ("model.path=does/not/exist", "model.path not found: does/not/exist"),
@@ -40,8 +58,39 @@ def test_yaml_and_overrides(tmp_path):
     ("optim.lr", "must look like key.path=value"),
 ])
 def test_bad_keys_and_values_are_named(override, message):
-    with pytest.raises(ConfigError, match=message.replace("[", r"\[").replace(".", r"\.")):
+    with pytest.raises(ConfigError, match=re.escape(message)):
         load_config(None, override.split(" "))
+
+
+def test_every_numeric_key_declares_its_range():
+    """A new numeric key must say what values it accepts (rl/config_checks.py)."""
+    import dataclasses
+
+    from rl.config import RunConfig
+    from rl.config_checks import NUMERIC_RANGES
+
+    def numeric_keys(cls, prefix=""):
+        import typing
+
+        hints = typing.get_type_hints(cls)
+        for f in dataclasses.fields(cls):
+            tp = hints[f.name]
+            inner = [a for a in typing.get_args(tp) if dataclasses.is_dataclass(a)]
+            if dataclasses.is_dataclass(tp) or inner:
+                yield from numeric_keys(inner[0] if inner else tp, f"{prefix}{f.name}.")
+            elif any(t in (int, float) for t in (tp, *typing.get_args(tp), *[
+                    x for a in typing.get_args(tp) for x in typing.get_args(a)])):
+                yield f"{prefix}{f.name}"
+
+    keys = set(numeric_keys(RunConfig))
+    assert "optim.lr" in keys and "model.lora.r" in keys and "data.mixture" in keys
+    assert keys == set(NUMERIC_RANGES), keys ^ set(NUMERIC_RANGES)
+
+
+@pytest.mark.skipif(__import__("torch").cuda.is_available(), reason="needs a machine without a GPU")
+def test_cuda_device_without_a_gpu_is_a_config_error():
+    with pytest.raises(ConfigError, match="model.device is 'cuda' but this machine has no CUDA GPU"):
+        load_config(None, ["model.device=cuda"])
 
 
 def test_unknown_key_in_yaml_file(tmp_path):

@@ -21,7 +21,7 @@ def test_small_run_leaves_everything_a_user_expects(quick, tmp_path):
         "train.eval_per_task": 2, "train.sample_every": 1, "train.tensorboard": True}))
     summary = rl.train.run(cfg, out_dir=tmp_path)
     for name in ("config.yaml", "metrics.jsonl", "summary.json", "reward_curve.png", "time_split.png",
-                 "samples/step-000000.png", "samples/step-000001.png", "eval_base.pt", "latest"):
+                 "samples/step-000000.png", "samples/step-000001.png", "eval_base.json", "eval_base.safetensors", "run.json", "latest"):
         assert (tmp_path / name).exists(), name
     assert list((tmp_path / "tensorboard").iterdir())
     lines = [json.loads(x) for x in (tmp_path / "metrics.jsonl").read_text().splitlines()]

@@ -1,0 +1,183 @@
+"""Every value check of a run config, in one place, before any work starts.
+
+`NUMERIC_RANGES` gives the allowed range of every number in `RunConfig` (a test asserts that no
+numeric key is missing from it, so a new key must declare its range); `validate` applies them and
+then the checks that relate several keys (paths, algorithm / judge combinations). Each error names
+the key, the allowed range and the value.
+"""
+from __future__ import annotations
+
+import dataclasses
+import math
+from pathlib import Path
+from typing import Any
+
+from core.tasks import TASKS
+
+from .config_io import ConfigError
+
+
+@dataclasses.dataclass(frozen=True)
+class Range:
+    """lo/hi bounds (None = unbounded); `open_lo`/`open_hi` exclude the bound itself."""
+
+    lo: float | None = None
+    hi: float | None = None
+    open_lo: bool = False
+    open_hi: bool = False
+    note: str = ""
+
+    def __contains__(self, x: float) -> bool:
+        if not math.isfinite(x):
+            return False
+        if self.lo is not None and (x < self.lo or (self.open_lo and x == self.lo)):
+            return False
+        if self.hi is not None and (x > self.hi or (self.open_hi and x == self.hi)):
+            return False
+        return True
+
+    def __str__(self) -> str:
+        left = "(" if self.open_lo or self.lo is None else "["
+        right = ")" if self.open_hi or self.hi is None else "]"
+        lo = "-inf" if self.lo is None else f"{self.lo:g}"
+        hi = "inf" if self.hi is None else f"{self.hi:g}"
+        return f"{left}{lo}, {hi}{right}" + (f" ({self.note})" if self.note else "")
+
+
+def _at_least(lo: float, note: str = "") -> Range:
+    return Range(lo=lo, note=note)
+
+
+_POSITIVE = Range(lo=0, open_lo=True)
+_UNIT = Range(0, 1)
+_DECAY = Range(0, 1, open_hi=True, note="1 would freeze the copy")
+
+#: allowed values of every numeric config key ("section.key"; a list's items share its range)
+NUMERIC_RANGES: dict[str, Range] = {
+    "model.guidance": _at_least(0),
+    "model.lora.r": _at_least(1),
+    "model.lora.alpha": _POSITIVE,
+    "data.world_seed": _at_least(0),
+    "data.image_size": Range(16, 4096, note="a multiple of 16"),
+    "data.mixture": _at_least(0, "task weights; at least one > 0"),
+    "judge.batch_size": _at_least(1),
+    "judge.concurrency": Range(1, 1024),
+    "judge.timeout": _POSITIVE,
+    "judge.retries": Range(0, 100),
+    "judge.top_logprobs": Range(1, 100),
+    "judge.max_pixels": _at_least(28 * 28),
+    "sampler.steps": Range(1, 1000),
+    "sampler.eval_steps": Range(1, 1000),
+    "sampler.shift": _POSITIVE,
+    "sampler.noise_level": Range(0, 2, note="SDE noise scale; ~0.7 in Flow-GRPO"),
+    "sampler.cfg_scale": _at_least(1, "1 = no true CFG"),
+    "nft.group_size": _at_least(2, "group statistics need two images"),
+    "nft.groups_per_step": _at_least(1),
+    "nft.beta": _POSITIVE,
+    "nft.kl_coef": _at_least(0),
+    "nft.timestep_fraction": Range(0, 1, open_lo=True),
+    "nft.clip": _POSITIVE,
+    "nft.std_eps": _POSITIVE,
+    "nft.tau_mean": _UNIT,
+    "nft.tau_std": _at_least(0),
+    "nft.old_decay_rate": Range(0, 1),
+    "nft.old_decay_max": _DECAY,
+    "refl.batch_size": _at_least(1),
+    "refl.min_step": _at_least(1),
+    "refl.max_step": _at_least(1),
+    "refl.reward_upper_bound": Range(0, 1, open_lo=True),
+    "optim.lr": Range(0, 1, open_lo=True),
+    "optim.weight_decay": _UNIT,
+    "optim.betas": Range(0, 1, open_hi=True),
+    "optim.grad_clip": Range(0, open_lo=True, note="the largest gradient norm; a huge value turns clipping off"),
+    "optim.micro_batch": _at_least(0, "0 = the whole batch"),
+    "optim.warmup_steps": _at_least(0),
+    "optim.min_lr_ratio": _UNIT,
+    "train.steps": _at_least(1),
+    "train.seed": _at_least(0),
+    "train.time_budget_s": _at_least(0, "0 = off"),
+    "train.eval_per_task": _at_least(0),
+    "train.eval_every": _at_least(0, "0 = off"),
+    "train.sample_every": _at_least(0, "0 = off"),
+    "train.checkpoint_every": _at_least(0, "0 = only at the end"),
+    "train.keep_checkpoints": _at_least(0, "0 = keep all"),
+    "train.ema_max_decay": _DECAY,
+    "train.max_bad_steps": _at_least(1),
+    "train.threads": _at_least(0, "0 = torch's default"),
+}
+
+
+def numeric_values(cfg: Any, prefix: str = "") -> dict[str, list[float]]:
+    """{"section.key": [numbers]} for every int / float (or list / dict of them) set in the tree."""
+    out: dict[str, list[float]] = {}
+    for f in dataclasses.fields(cfg):
+        key = f"{prefix}{f.name}"
+        value = getattr(cfg, f.name)
+        if dataclasses.is_dataclass(value):
+            out.update(numeric_values(value, key + "."))
+            continue
+        items = list(value.values()) if isinstance(value, dict) else value if isinstance(value, list) else [value]
+        numbers = [v for v in items if isinstance(v, (int, float)) and not isinstance(v, bool)]
+        if numbers:
+            out[key] = numbers
+    return out
+
+
+def check_ranges(cfg: Any) -> None:
+    for key, values in numeric_values(cfg).items():
+        allowed = NUMERIC_RANGES.get(key)
+        if allowed is None:
+            raise ConfigError(f"{key} has no declared range (rl/config_checks.py NUMERIC_RANGES)")
+        for v in values:
+            if v not in allowed:
+                raise ConfigError(f"{key} must be in {allowed}, got {v}")
+
+
+def validate(cfg) -> None:
+    """Value checks that types cannot express; raises ConfigError naming the key and the fix."""
+    check_ranges(cfg)
+    for task in cfg.data.mixture:
+        if task not in TASKS:
+            raise ConfigError(f"data.mixture: unknown task {task!r}; tasks are {list(TASKS)}")
+    if sum(cfg.data.mixture.values()) <= 0:
+        raise ConfigError("data.mixture gives every task zero weight")
+    if cfg.data.image_size % 16:
+        raise ConfigError(f"data.image_size must be a multiple of 16 (packed latents), got {cfg.data.image_size}")
+    if len(cfg.optim.betas) != 2:
+        raise ConfigError(f"optim.betas must hold two numbers (beta1, beta2), got {cfg.optim.betas}")
+    if cfg.data.source == "jsonl":
+        if not cfg.data.jsonl:
+            raise ConfigError("data.source is 'jsonl' but data.jsonl is not set: give the JSONL file path")
+        if not Path(cfg.data.jsonl).is_file():
+            raise ConfigError(f"data.jsonl file not found: {cfg.data.jsonl}")
+    if cfg.train.algorithm == "refl" and not 1 <= cfg.refl.min_step <= cfg.refl.max_step < cfg.sampler.steps:
+        raise ConfigError(
+            f"refl.min_step/max_step must satisfy 1 <= min <= max < sampler.steps ({cfg.sampler.steps}); "
+            f"got {cfg.refl.min_step}/{cfg.refl.max_step}")
+    if cfg.train.algorithm == "refl" and cfg.judge.mode != "pairwise":
+        raise ConfigError("train.algorithm 'refl' compares against a reference image: set judge.mode=pairwise")
+    _check_device(cfg.model.device, "model.device")
+    _check_device(cfg.judge.device, "judge.device")
+    if cfg.model.kind == "flux_fill" and not cfg.model.path:
+        raise ConfigError("model.kind 'flux_fill' needs model.path (a local directory or a cached Hub id)")
+    if cfg.model.kind == "tiny" and cfg.model.path and not Path(cfg.model.path).exists():
+        raise ConfigError(f"model.path not found: {cfg.model.path}")
+    if cfg.judge.kind == "transformers" and not cfg.judge.model:
+        raise ConfigError("judge.kind 'transformers' needs judge.model (a local directory or a cached Hub id)")
+    if cfg.judge.kind == "openai" and not (cfg.judge.base_url and cfg.judge.model):
+        raise ConfigError("judge.kind 'openai' needs judge.base_url and judge.model")
+    if cfg.judge.kind == "rule" and cfg.data.source != "world":
+        raise ConfigError("the rule judge needs the synthetic world's ground truth: use data.source=world")
+
+
+def _check_device(name: str, key: str) -> None:
+    import torch
+
+    if name == "auto":
+        return
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise ConfigError(f"{key}: {name!r} is not a device name (auto, cpu, cuda, cuda:N)") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ConfigError(f"{key} is {name!r} but this machine has no CUDA GPU: use {key}=cpu or auto")

@@ -1,0 +1,92 @@
+"""One run per directory: a new run never writes into another's, a resume continues only its own.
+
+A run directory is marked by `run.json` (a random run id and the time it was created); every
+checkpoint records the id, so a resume cannot load another run's state. A new run refuses an
+`--out` that already holds files unless the user asks for a fresh start, which moves the old
+directory aside (`<out>.replaced-<time>`), never mixing or deleting it. A resume refuses settings
+that would change what was trained on or how it is evaluated (`RESUMABLE_KEYS` may change).
+"""
+from __future__ import annotations
+
+import datetime
+import json
+import uuid
+from pathlib import Path
+from typing import Any
+
+from .config_io import ConfigError, to_dict
+
+RUN_FILE = "run.json"
+
+#: keys a resume may change: how long, how often to save or log, where the judge is, how fast
+#: (the learning rate and clip too: lowering them is the fix for a diverged run)
+RESUMABLE_KEYS = frozenset({
+    "train.steps", "train.time_budget_s", "train.sample_every", "train.checkpoint_every",
+    "train.keep_checkpoints", "train.max_bad_steps", "train.tensorboard", "train.progress", "train.threads",
+    "optim.lr", "optim.grad_clip",
+    "judge.base_url", "judge.api_key_env", "judge.concurrency", "judge.timeout", "judge.retries",
+    "judge.batch_size", "judge.device", "model.device", "model.attention_backend",
+    "model.gradient_checkpointing",
+})
+
+
+class RunDirError(ValueError):
+    """--out / --resume names a directory that cannot be used as asked; the message says how."""
+
+
+def new_run_dir(run_dir: Path, fresh: bool = False) -> str:
+    """Claim `run_dir` for a new run (creating it); returns the new run id.
+
+    An existing non-empty directory is refused, or with `fresh` moved aside first."""
+    run_dir = Path(run_dir)
+    if run_dir.exists() and not run_dir.is_dir():
+        raise RunDirError(f"--out {run_dir} is a file, not a directory")
+    if run_dir.is_dir() and any(run_dir.iterdir()):
+        held = "a run" if (run_dir / "config.yaml").exists() or (run_dir / RUN_FILE).exists() else "files"
+        if not fresh:
+            raise RunDirError(
+                f"--out {run_dir} already holds {held}: continue it with --resume {run_dir}, start over with "
+                f"--fresh (moves it to {run_dir.name}.replaced-<time>), or choose another --out")
+        stamp = datetime.datetime.now().strftime("%Y%m%d-%H%M%S-%f")
+        aside = run_dir.with_name(f"{run_dir.name}.replaced-{stamp}")
+        run_dir.rename(aside)
+        print(f"[rl.train] --fresh: moved the previous contents of {run_dir} to {aside}")
+    run_dir.mkdir(parents=True, exist_ok=True)
+    run_id = uuid.uuid4().hex
+    created = datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
+    (run_dir / RUN_FILE).write_text(json.dumps({"run_id": run_id, "created": created}) + "\n")
+    return run_id
+
+
+def run_id_of(run_dir: Path) -> str | None:
+    path = Path(run_dir) / RUN_FILE
+    if not path.is_file():
+        return None
+    return json.loads(path.read_text()).get("run_id")
+
+
+def _flat(tree: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for k, v in tree.items():
+        key = f"{prefix}{k}"
+        if isinstance(v, dict) and key != "data.mixture":  # the mixture is one value
+            out.update(_flat(v, key + "."))
+        else:
+            out[key] = v
+    return out
+
+
+def changed_keys(stored, now) -> dict[str, tuple[Any, Any]]:
+    """{"section.key": (stored value, new value)} for every key that differs between two configs."""
+    a, b = _flat(to_dict(stored)), _flat(to_dict(now))
+    return {k: (a.get(k), b.get(k)) for k in sorted(set(a) | set(b)) if a.get(k) != b.get(k)}
+
+
+def check_resume_config(stored, now) -> None:
+    """Refuse a resume whose config changes anything outside RESUMABLE_KEYS, naming the keys."""
+    bad = {k: v for k, v in changed_keys(stored, now).items() if k not in RESUMABLE_KEYS}
+    if bad:
+        listed = ", ".join(f"{k} ({old!r} -> {new!r})" for k, (old, new) in bad.items())
+        raise ConfigError(
+            f"a resume cannot change {listed}: these change what the run trained on or how it is evaluated. "
+            f"Start a new run with --out NEW_DIR instead (keys a resume may change: {sorted(RESUMABLE_KEYS)})")

@@ -1,0 +1,52 @@
+"""Each algorithm must move the policy the way its reward points, on a toy task with a known answer.
+
+The judge pays for red inside the mask (tests/rl/toy_judges.py). A few steps of every trainer,
+with the group filter on, must raise that reward on fixed conditions and noise; a sign error
+(minimising the reward, a swapped reference, ...) lowers it or leaves it flat.
+"""
+import pytest
+import torch
+
+import rl.train
+from rl.config import load_config
+from rl.distributed import init_distributed
+from rl.evaluate import generate_images, held_out_samples
+from rl.rewards import judge_images
+from toy_judges import RedJudge
+
+
+def make_toy_trainer(quick, monkeypatch, judge, **overrides):
+    monkeypatch.setattr(rl.train, "build_judge", lambda cfg, device: judge)
+    torch.manual_seed(0)
+    return rl.train.make_trainer(load_config(None, quick(**overrides)), init_distributed("cpu"))
+
+
+def toy_reward(trainer, samples) -> float:
+    images = generate_images(trainer.policy, samples, weights=None, sigmas=trainer.sigmas, method="dpm2",
+                             seed=5, device=trainer.device)
+    return float(judge_images(RedJudge(), samples, images).per_image.mean())
+
+
+def train(trainer, steps: int) -> None:
+    for step in range(steps):
+        trainer.step_index = step
+        trainer.train_step(step)
+
+
+@pytest.mark.parametrize("algorithm, extra", [
+    ("nft", {}),
+    ("nft", {"nft.adaptive": False, "nft.shared_noise": False, "nft.time_sampling": "rollout"}),
+    ("refl", {"refl.reference": "dynamic"}),
+    ("refl", {"refl.reference": "static"}),
+])
+def test_a_few_steps_raise_the_known_reward(quick, monkeypatch, algorithm, extra):
+    overrides = {"train.algorithm": algorithm, "optim.lr": 1e-3, "nft.tau_mean": 0.9, "nft.tau_std": 0.05, **extra}
+    if algorithm == "refl":
+        overrides.update({"judge.mode": "pairwise", "refl.batch_size": 8})
+    trainer = make_toy_trainer(quick, monkeypatch, RedJudge(), **overrides)
+    samples = held_out_samples(trainer.data, trainer.data.tasks, 3)
+    before = toy_reward(trainer, samples)
+    train(trainer, 8)
+    after = toy_reward(trainer, samples)
+    # measured: NFT 0.42 -> 0.65, ReFL 0.42 -> 0.99; a minimising trainer ends below where it began
+    assert after > before + 0.1, (before, after)
