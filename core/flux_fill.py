@@ -111,7 +111,7 @@ class FluxFillPolicy(Policy):
                 f"{8 * c + 4 * f * f}/{4 * c} for this VAE (is this FLUX.1 Fill, not FLUX.1 [dev]?)")
         if guidance is not None and not cfg.guidance_embeds:
             raise ValueError(f"guidance={guidance} given, but this transformer has no guidance embedding "
-                             "(leave guidance unset, or use true CFG via cfg_scale)")
+                             "(leave model.guidance unset; true CFG is core.samplers.sample_policy(cfg_scale=, uncond=))")
         self.guidance = (DEFAULT_GUIDANCE if guidance is None else float(guidance)) if cfg.guidance_embeds else None
         self.max_sequence_length = max_sequence_length
         self.image_size = (image_size, image_size) if isinstance(image_size, int) else tuple(image_size)

@@ -7,8 +7,13 @@ log-probabilities exactly as the in-process judge reads it from logits.
 
 A label missing from the returned list had less probability than every token that was returned,
 so its log-probability is taken as the smallest returned one minus log(2) (half that token's
-probability), a documented floor, not a crash. If no label at all is returned the request fails:
-guessing would invent a reward.
+probability), a documented floor, not a crash. The floor is a guess that moves the score (two of
+six digits floored have moved one by 0.045), so floors are counted and bounded: a request
+(one conversation) whose floored share of the mode's labels exceeds `max_floored_share` fails
+with a JudgeError that says to raise `top_logprobs` or send `logprob_token_ids` (give
+`label_token_ids`; the trainer does with judge.tokenizer). `last_floored_share` and `floor_stats`
+report the floors for logging. If no label at all is returned the request fails: guessing would
+invent a reward. A NaN or positive log-probability is a server fault and fails too.
 
 Requests run concurrently in a thread pool. Timeouts, connection errors, 408, 429 and 5xx are
 retried with exponential backoff and jitter; after the last retry a JudgeError names the URL and
@@ -40,6 +45,7 @@ from .prompts import LABELS, Conversation, JudgeTemplates, build_conversations
 from .views import JudgeView
 
 _RETRY_STATUS = frozenset({408, 409, 425, 429, 500, 502, 503, 504})
+_LOGPROB_SLACK = 1e-4   # rounding can put log(1) a hair above 0; anything more is not a log-probability
 
 
 class _Retryable(Exception):
@@ -51,11 +57,13 @@ def _refused(err: BaseException) -> bool:
     return isinstance(reason, ConnectionRefusedError) or isinstance(err, ConnectionRefusedError)
 
 
-def label_log_probs(top_logprobs: list[dict[str, Any]], labels: tuple[str, ...], where: str) -> list[float]:
-    """The labels' log-probabilities from one position's returned list (floored when missing).
+def read_label_log_probs(top_logprobs: list[dict[str, Any]], labels: tuple[str, ...],
+                         where: str) -> tuple[list[float], list[str]]:
+    """The labels' log-probabilities from one position's returned list, and the labels floored.
 
     Entries are {"token": text, "logprob": float}; a label matches a token's exact text. A label
-    absent from the list gets min(returned logprobs) - log(2); no label present is a JudgeError.
+    absent from the list gets min(returned logprobs) - log(2); no label present is a JudgeError,
+    and so is a NaN or positive log-probability (a server fault, not a distribution).
     """
     found: dict[str, float] = {}
     returned: list[float] = []
@@ -66,6 +74,8 @@ def label_log_probs(top_logprobs: list[dict[str, Any]], labels: tuple[str, ...],
             raise JudgeError(f"{where}: malformed top_logprobs entry {entry!r}") from err
         if math.isnan(lp):
             raise JudgeError(f"{where}: NaN logprob for token {token!r}")
+        if lp > _LOGPROB_SLACK:
+            raise JudgeError(f"{where}: logprob {lp} > 0 for token {token!r}: not a log-probability")
         returned.append(lp)
         if token in labels and token not in found:
             found[token] = lp
@@ -76,7 +86,12 @@ def label_log_probs(top_logprobs: list[dict[str, Any]], labels: tuple[str, ...],
             f"logprobs (first: {seen}); raise top_logprobs, pass label_token_ids so the server returns them "
             "(vLLM: logprob_token_ids), or check that the chat template makes the model answer with a label")
     floor = min(returned) - math.log(2.0)
-    return [found.get(label, floor) for label in labels]
+    return [found.get(label, floor) for label in labels], [label for label in labels if label not in found]
+
+
+def label_log_probs(top_logprobs: list[dict[str, Any]], labels: tuple[str, ...], where: str) -> list[float]:
+    """The labels' log-probabilities (floored when missing); see `read_label_log_probs`."""
+    return read_label_log_probs(top_logprobs, labels, where)[0]
 
 
 class OpenAIJudge(Judge):
@@ -87,6 +102,13 @@ class OpenAIJudge(Judge):
     the mode's labels are sent as `logprob_token_ids` (set `send_logprob_token_ids=False` for servers
     that reject the field). The wording and the images shown match `TransformersJudge` with the same
     options, so both backends score the same requests alike.
+
+    Floors (labels missing from the returned log-probabilities, see the module docstring): a
+    request whose floored share of labels exceeds `max_floored_share` fails (0 forbids floors,
+    1 allows any). For logging, `last_floored_share` is the share of floored labels over all
+    requests of the last successful `score`/`label_probs` call, and `floor_stats` counts since
+    construction: "requests" answered, "labels" read, "floored_labels", "floored_requests" (with
+    at least one floor) and "refused_requests" (over `max_floored_share`).
     """
 
     differentiable = False
@@ -96,7 +118,8 @@ class OpenAIJudge(Judge):
                  top_logprobs: int = 20, label_token_ids: Mapping[str, int] | None = None,
                  send_logprob_token_ids: bool = True, both_orders: bool = False, show_crop: bool = False,
                  crop_margin: float = 0.25, crop_size: int = 224, show_source: bool = True,
-                 templates: JudgeTemplates | Mapping[str, str] | str | os.PathLike | None = None):
+                 templates: JudgeTemplates | Mapping[str, str] | str | os.PathLike | None = None,
+                 max_floored_share: float = 0.34):
         if not isinstance(base_url, str) or not base_url.startswith(("http://", "https://")):
             raise ValueError(f"base_url must be an http(s) URL such as http://127.0.0.1:8000/v1, got {base_url!r}")
         for name, value, low in (("concurrency", concurrency, 1), ("retries", retries, 0),
@@ -106,6 +129,12 @@ class OpenAIJudge(Judge):
         for name, value in (("timeout", timeout), ("backoff", backoff), ("max_backoff", max_backoff)):
             if not value > 0:
                 raise ValueError(f"{name} must be > 0 seconds, got {value!r}")
+        if not 0.0 <= max_floored_share <= 1.0:
+            raise ValueError(f"max_floored_share must be in [0, 1], got {max_floored_share!r}")
+        self.max_floored_share = float(max_floored_share)
+        self.last_floored_share = 0.0
+        self.floor_stats = {"requests": 0, "labels": 0, "floored_labels": 0, "floored_requests": 0,
+                            "refused_requests": 0}
         self.base_url = base_url.rstrip("/")
         self.url = self.base_url + "/chat/completions"
         self.model = model
@@ -181,18 +210,39 @@ class OpenAIJudge(Judge):
                 last = str(err)
         raise JudgeError(f"judge server {self.url} failed after {self.retries + 1} attempt(s); last failure: {last}")
 
-    def _label_log_probs(self, conversation: Conversation, mode: str) -> list[float]:
+    def _label_log_probs(self, conversation: Conversation, mode: str) -> tuple[list[float], int]:
+        """One request: the mode's label log-probabilities and how many of them were floored."""
         data = self._post(self._payload(conversation, mode))
         where = f"judge server {self.url}"
         try:
             position = data["choices"][0]["logprobs"]["content"][0]
             top = list(position.get("top_logprobs") or [])
-        except (KeyError, IndexError, TypeError) as err:
+        except (KeyError, IndexError, TypeError, AttributeError) as err:
             raise JudgeError(f"{where} returned no logprobs for the first token (does it support logprobs=true?): "
                              f"{json.dumps(data)[:300]}") from err
         if "token" in position and "logprob" in position:
             top.append({"token": position["token"], "logprob": position["logprob"]})  # the generated token
-        return label_log_probs(top, LABELS[mode], where)
+        labels = LABELS[mode]
+        lps, floored = read_label_log_probs(top, labels, where)
+        share = len(floored) / len(labels)
+        refused = share > self.max_floored_share
+        with self._lock:
+            stats = self.floor_stats
+            stats["requests"] += 1
+            stats["labels"] += len(labels)
+            stats["floored_labels"] += len(floored)
+            stats["floored_requests"] += bool(floored)
+            stats["refused_requests"] += refused
+        if refused:
+            sent_ids = self.label_token_ids is not None and self.send_logprob_token_ids
+            fix = (f"raise top_logprobs (now {self.top_logprobs}): the server ignored the logprob_token_ids sent"
+                   if sent_ids else f"raise top_logprobs (now {self.top_logprobs}) or send logprob_token_ids by "
+                   "giving label_token_ids (in the trainer: set judge.tokenizer)")
+            raise JudgeError(
+                f"{where}: the labels {floored} were not among the {len(top)} returned logprobs; flooring "
+                f"{len(floored)} of {len(labels)} (share {share:.2f} > max_floored_share {self.max_floored_share}) "
+                f"would bias the score, so {fix}")
+        return lps, len(floored)
 
     # -- the judge interface ------------------------------------------------------------------
     def label_probs(self, conversations: list[Conversation], mode: str) -> Tensor:
@@ -200,12 +250,15 @@ class OpenAIJudge(Judge):
         check_mode(mode)
         futures = [self._pool.submit(self._label_log_probs, c, mode) for c in conversations]
         try:
-            rows = [f.result() for f in futures]
+            answers = [f.result() for f in futures]
         except BaseException:
             for f in futures:
                 f.cancel()
             raise
-        return torch.softmax(torch.tensor(rows, dtype=torch.float64), dim=-1)
+        slots = len(answers) * len(LABELS[mode])
+        self.last_floored_share = sum(n for _, n in answers) / slots if slots else 0.0
+        rows = [lps for lps, _ in answers]
+        return torch.softmax(torch.tensor(rows, dtype=torch.float64).reshape(len(rows), len(LABELS[mode])), dim=-1)
 
     def score(self, requests: list[JudgeRequest], mode: Mode = "score") -> Tensor:
         check_mode(mode)

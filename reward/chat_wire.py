@@ -30,8 +30,17 @@ def image_data_url(image: Tensor) -> str:
     return "data:image/png;base64," + base64.b64encode(buf.getvalue()).decode("ascii")
 
 
-def decode_image_data_url(url: str) -> Tensor:
-    """A base64 data URL (PNG, JPEG, ...) -> [3, H, W] float32 in [0, 1]. ValueError on anything else."""
+class ImageTooLarge(ValueError):
+    """An image, or a request's images together, decode to more pixels than allowed (HTTP 413)."""
+
+
+def open_image_data_url(url: str) -> Image.Image:
+    """A base64 data URL -> a PIL image whose header is read but whose pixels are not decoded yet.
+
+    The size is known from the header alone, so callers can refuse a decompression bomb (a small
+    file declaring a huge canvas) before paying for its pixels. ValueError on anything unreadable;
+    ImageTooLarge when PIL itself refuses the size (`Image.MAX_IMAGE_PIXELS`).
+    """
     if not isinstance(url, str) or not url.startswith("data:"):
         raise ValueError("image_url must be a base64 data URL (data:image/png;base64,...); this server never "
                          "fetches remote URLs")
@@ -40,12 +49,45 @@ def decode_image_data_url(url: str) -> Tensor:
         raise ValueError("image_url data URL must be base64-encoded (data:image/png;base64,...)")
     try:
         raw = base64.b64decode(payload, validate=True)
-        img = Image.open(io.BytesIO(raw))
+    except (binascii.Error, ValueError) as err:
+        raise ValueError(f"image_url is not valid base64: {err}") from err
+    try:
+        return Image.open(io.BytesIO(raw))
+    except Image.DecompressionBombError as err:
+        raise ImageTooLarge(f"image_url declares too many pixels: {err}") from err
+    except Exception as err:  # image plugins raise many types on crafted headers; all mean "unreadable"
+        raise ValueError(f"image_url does not hold a readable image: {type(err).__name__}: {err}") from err
+
+
+def check_image_pixels(img: Image.Image, max_pixels: int | None) -> int:
+    """The image's pixel count (from its header); ImageTooLarge above `max_pixels` (None: no cap)."""
+    width, height = img.size
+    pixels = width * height
+    if max_pixels is not None and pixels > max_pixels:
+        raise ImageTooLarge(f"an image of {width}x{height} = {pixels} pixels is over the cap of {max_pixels} "
+                            "pixels per image (send smaller images, or start the server with a larger "
+                            "--max-image-pixels)")
+    return pixels
+
+
+def pil_to_tensor(img: Image.Image) -> Tensor:
+    """Decode an opened PIL image -> [3, H, W] float32 in [0, 1]; ValueError if its data is corrupt."""
+    try:
         img.load()
-    except (binascii.Error, OSError, Image.DecompressionBombError) as err:
-        raise ValueError(f"image_url does not hold a readable image: {err}") from err
-    arr = np.asarray(img.convert("RGB"), dtype=np.float32) / 255.0
+        arr = np.asarray(img.convert("RGB"), dtype=np.float32) / 255.0
+    except Image.DecompressionBombError as err:
+        raise ImageTooLarge(f"image_url declares too many pixels: {err}") from err
+    except Exception as err:  # truncated or corrupt data surfaces only when decoding
+        raise ValueError(f"image_url does not hold a readable image: {type(err).__name__}: {err}") from err
     return torch.from_numpy(arr).permute(2, 0, 1).contiguous()
+
+
+def decode_image_data_url(url: str, *, max_pixels: int | None = None) -> Tensor:
+    """A base64 data URL (PNG, JPEG, ...) -> [3, H, W] float32 in [0, 1]. ValueError on anything else;
+    ImageTooLarge (a ValueError) when the header declares more than `max_pixels`, before decoding."""
+    img = open_image_data_url(url)
+    check_image_pixels(img, max_pixels)
+    return pil_to_tensor(img)
 
 
 def to_openai_messages(conversation: Conversation) -> list[dict[str, Any]]:
@@ -61,22 +103,28 @@ def to_openai_messages(conversation: Conversation) -> list[dict[str, Any]]:
     return messages
 
 
-def from_openai_messages(messages: Any, *, max_images: int) -> Conversation:
-    """Parse chat-completions messages back into a `Conversation`; ValueError naming what is wrong."""
+def from_openai_messages(messages: Any, *, max_images: int, max_image_pixels: int | None = None,
+                         max_request_pixels: int | None = None) -> Conversation:
+    """Parse chat-completions messages back into a `Conversation`; ValueError naming what is wrong.
+
+    Every image's header is read and the pixel caps checked (per image, and all images together)
+    before any pixels are decoded, so a request over the caps costs almost nothing to refuse
+    (ImageTooLarge, a ValueError).
+    """
     if not isinstance(messages, list) or not messages:
         raise ValueError("'messages' must be a non-empty list of {role, content} objects")
-    conversation: Conversation = []
-    n_images = 0
+    pending: list[tuple[str, list[str | Image.Image]]] = []
+    n_images = total_pixels = 0
     for i, msg in enumerate(messages):
         if not isinstance(msg, dict) or msg.get("role") not in _ROLES:
             raise ValueError(f"messages[{i}] must be an object with a role in {list(_ROLES)}")
         content = msg.get("content")
         if isinstance(content, str):
-            conversation.append(ChatMessage(msg["role"], [content]))
+            pending.append((msg["role"], [content]))
             continue
         if not isinstance(content, list):
             raise ValueError(f"messages[{i}].content must be a string or a list of parts")
-        parts: list[str | Tensor] = []
+        parts: list[str | Image.Image] = []
         for j, part in enumerate(content):
             kind = part.get("type") if isinstance(part, dict) else None
             if kind == "text" and isinstance(part.get("text"), str):
@@ -86,9 +134,16 @@ def from_openai_messages(messages: Any, *, max_images: int) -> Conversation:
                 if n_images > max_images:
                     raise ValueError(f"at most {max_images} images per request (start the server with a larger "
                                      "--max-images)")
-                parts.append(decode_image_data_url(part["image_url"].get("url")))
+                img = open_image_data_url(part["image_url"].get("url"))
+                total_pixels += check_image_pixels(img, max_image_pixels)
+                if max_request_pixels is not None and total_pixels > max_request_pixels:
+                    raise ImageTooLarge(f"the request's images hold more than {max_request_pixels} pixels together "
+                                        "(send smaller images, or start the server with a larger "
+                                        "--max-request-pixels)")
+                parts.append(img)
             else:
                 raise ValueError(f"messages[{i}].content[{j}] must be {{'type': 'text', 'text': ...}} or "
                                  "{'type': 'image_url', 'image_url': {'url': 'data:...'}}")
-        conversation.append(ChatMessage(msg["role"], parts))
-    return conversation
+        pending.append((msg["role"], parts))
+    return [ChatMessage(role, [p if isinstance(p, str) else pil_to_tensor(p) for p in parts])
+            for role, parts in pending]

@@ -144,6 +144,10 @@ class RuleJudge(Judge):
     # -- the judge interface ------------------------------------------------------------------
     def score(self, requests: list[JudgeRequest], mode: Mode = "score") -> Tensor:
         check_mode(mode)
+        return check_scores(self._raw_scores(requests, mode), len(requests), "RuleJudge")
+
+    def _raw_scores(self, requests: list[JudgeRequest], mode: str) -> Tensor:
+        """The scores before the final guard (`check_scores`), which every backend ends with."""
         out = []
         for req in requests:
             sample = req.truth
@@ -164,5 +168,4 @@ class RuleJudge(Judge):
                     raise JudgeError("pairwise mode needs JudgeRequest.other (the image to compare against)")
                 q_other = self.quality(req.task, req.dimension, _wide(req.other), sample)
                 out.append(torch.sigmoid((q - q_other) / self.pairwise_temperature))
-        scores = torch.stack(out) if out else torch.zeros(0)
-        return check_scores(scores, len(requests), "RuleJudge")
+        return torch.stack(out) if out else torch.zeros(0)

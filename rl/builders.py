@@ -68,6 +68,7 @@ def build_judge(cfg: JudgeConfig, device: torch.device) -> Judge:
     judge = OpenAIJudge(cfg.base_url, cfg.model, api_key=api_key, concurrency=cfg.concurrency,
                         timeout=cfg.timeout, retries=cfg.retries, both_orders=cfg.both_orders,
                         show_crop=cfg.show_crop, top_logprobs=cfg.top_logprobs, label_token_ids=label_ids,
+                        max_floored_share=cfg.max_floored_share,
                         templates=cfg.templates)
     judge.ping()  # an unreachable judge fails here, before any work, with the URL and the fix
     return judge

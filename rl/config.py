@@ -49,7 +49,11 @@ class DataConfig:
 @dataclasses.dataclass
 class JudgeConfig:
     kind: Literal["rule", "transformers", "openai"] = "rule"
+    # the training reward's question: NFT asks "score" (expected 0-5 digit / 5, Edit-R1) or "yesno"
+    # (P(Yes)); ReFL asks "pairwise" (P(policy's image better than the reference's), OneReward)
     mode: Literal["score", "yesno", "pairwise"] = "score"
+    eval_mode: Literal["score", "yesno"] = "score"  # absolute scores of held-out evaluations (summary,
+                                      # rl.eval); A-vs-B comparisons are always pairwise
     model: str | None = None          # transformers: local dir or cached Hub id; openai: served model name
     base_url: str | None = None       # openai: e.g. http://127.0.0.1:8000/v1
     api_key_env: str | None = None    # name of the env var holding the API key
@@ -57,7 +61,8 @@ class JudgeConfig:
     device: str = "auto"
     attn_implementation: str = "sdpa"
     batch_size: int = 16
-    both_orders: bool = True          # pairwise: ask in both orders to cancel position bias
+    both_orders: bool = True          # pairwise: the judge asks in both orders to cancel position bias
+                                      # (the one place: training rewards and rl.eval's good/same/bad)
     show_crop: bool = False
     concurrency: int = 32
     timeout: float = 60.0
@@ -65,6 +70,8 @@ class JudgeConfig:
     templates: str | None = None      # YAML file overriding prompt templates (reward/prompts.py)
     tokenizer: str | None = None      # openai: the judge's tokenizer, to send logprob_token_ids to vLLM
     top_logprobs: int = 20
+    max_floored_share: float = 0.34   # openai: a request fails when more of its labels than this share are
+                                      # missing from the top-k logprobs (floored); raise top_logprobs or set tokenizer
     max_pixels: int | None = None     # cap on image pixels the VLM sees
 
 
@@ -75,8 +82,8 @@ class SamplerConfig:
     eval_steps: int = 8               # steps for evaluation and sample grids
     shift: float | None = None        # static time shift; None = the model's default
     noise_level: float = 0.7          # sde only
-    cfg_scale: float = 1.0            # true CFG (1 = off)
-    negative_prompt: str = ""
+    # (no true-CFG keys: FLUX.1 Fill [dev] and the tiny model are guidance-distilled or trained
+    # without it; core.samplers.sample_policy(cfg_scale=, uncond=) offers true CFG to callers)
 
 
 @dataclasses.dataclass
@@ -137,7 +144,8 @@ class TrainConfig:
     seed: int = 0
     time_budget_s: float = 0.0        # stop early (with a checkpoint) after this many seconds; 0 = off
     eval_per_task: int = 24           # held-out conditions per task for the base/final summary
-    eval_every: int = 0               # held-out evaluation every N steps (0 = only base and final)
+    eval_every: int = 0               # held-out evaluation of the EMA every N steps (judge and ground
+                                      # truth into metrics.jsonl as heldout/*; 0 = only base and final)
     sample_every: int = 20            # PNG sample grid every N steps
     checkpoint_every: int = 20
     keep_checkpoints: int = 2

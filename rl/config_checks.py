@@ -66,11 +66,11 @@ NUMERIC_RANGES: dict[str, Range] = {
     "judge.retries": Range(0, 100),
     "judge.top_logprobs": Range(1, 100),
     "judge.max_pixels": _at_least(28 * 28),
+    "judge.max_floored_share": _UNIT,
     "sampler.steps": Range(1, 1000),
     "sampler.eval_steps": Range(1, 1000),
     "sampler.shift": _POSITIVE,
     "sampler.noise_level": Range(0, 2, note="SDE noise scale; ~0.7 in Flow-GRPO"),
-    "sampler.cfg_scale": _at_least(1, "1 = no true CFG"),
     "nft.group_size": _at_least(2, "group statistics need two images"),
     "nft.groups_per_step": _at_least(1),
     "nft.beta": _POSITIVE,
@@ -145,6 +145,11 @@ def validate(cfg) -> None:
         raise ConfigError(f"data.image_size must be a multiple of 16 (packed latents), got {cfg.data.image_size}")
     if len(cfg.optim.betas) != 2:
         raise ConfigError(f"optim.betas must hold two numbers (beta1, beta2), got {cfg.optim.betas}")
+    if cfg.train.eval_every and not cfg.train.eval_per_task:
+        raise ConfigError("train.eval_every needs held-out conditions: set train.eval_per_task > 0")
+    if (cfg.nft.tau_mean is None) != (cfg.nft.tau_std is None):
+        raise ConfigError("the group filter needs both nft.tau_mean and nft.tau_std, or neither (null) to "
+                          f"switch it off; got {cfg.nft.tau_mean} / {cfg.nft.tau_std}")
     if cfg.data.source == "jsonl":
         if not cfg.data.jsonl:
             raise ConfigError("data.source is 'jsonl' but data.jsonl is not set: give the JSONL file path")
@@ -156,6 +161,9 @@ def validate(cfg) -> None:
             f"got {cfg.refl.min_step}/{cfg.refl.max_step}")
     if cfg.train.algorithm == "refl" and cfg.judge.mode != "pairwise":
         raise ConfigError("train.algorithm 'refl' compares against a reference image: set judge.mode=pairwise")
+    if cfg.train.algorithm == "nft" and cfg.judge.mode == "pairwise":
+        raise ConfigError("train.algorithm 'nft' scores each image on its own: set judge.mode=score (Edit-R1's "
+                          "score logits) or yesno")
     _check_device(cfg.model.device, "model.device")
     _check_device(cfg.judge.device, "judge.device")
     if cfg.model.kind == "flux_fill" and not cfg.model.path:

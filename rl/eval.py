@@ -20,7 +20,6 @@ from typing import Any
 
 import torch
 
-from core.tasks import dimensions_for
 from core.world import collate
 
 from .builders import build_data, build_judge, rollout_sigmas
@@ -31,7 +30,6 @@ from .evaluate import EvalResult, generate_images, held_out_samples, score_image
 from .model_ref import resolve_model
 from .report import (gsb_counts, markdown, model_section, paired_section, plot_dimensions, plot_gsb,
                      plot_reward_vs_truth)
-from .rewards import has_prompt
 from .run_log import save_sample_grid
 
 
@@ -49,25 +47,16 @@ def _edit(spec: str, cfg: RunConfig, samples, device, label: str) -> tuple[torch
 
 @torch.no_grad()
 def pairwise_preference(judge, samples, a: torch.Tensor, b: torch.Tensor, batch: int = 64) -> torch.Tensor:
-    """P(A better than B) per condition: both orders, averaged over the task's dimensions."""
-    from reward.judge import JudgeRequest
+    """P(A better than B) per condition, averaged over the task's dimensions. Position bias is the
+    judge's business: with judge.both_orders it asks each question in both orders (the one place
+    where "both orders" is decided)."""
+    from .rewards import judge_images
 
     out = []
     for start in range(0, len(samples), batch):
-        chunk = list(range(start, min(start + batch, len(samples))))
-        reqs, owner = [], []
-        for i in chunk:
-            s = samples[i]
-            for d in dimensions_for(s.task, has_prompt=has_prompt(s)):
-                for first, second in ((a[i], b[i]), (b[i], a[i])):
-                    reqs.append(JudgeRequest(s.task, d, s.source, first, s.mask, s.prompt, other=second, truth=s))
-                owner.append(i - start)
-        p = judge.score(reqs, mode="pairwise").float().cpu().view(-1, 2)
-        both = (p[:, 0] + 1 - p[:, 1]) / 2
-        idx = torch.tensor(owner)
-        total = torch.zeros(len(chunk)).index_add(0, idx, both)
-        count = torch.zeros(len(chunk)).index_add(0, idx, torch.ones_like(both))
-        out.append(total / count)
+        end = min(start + batch, len(samples))
+        table = judge_images(judge, samples[start:end], a[start:end], mode="pairwise", others=b[start:end])
+        out.append(table.per_image.detach().float().cpu())
     return torch.cat(out)
 
 
@@ -85,9 +74,9 @@ def evaluate_models(cfg: RunConfig, model: str, against: str | None, out_dir: Pa
         if spec is None:
             continue
         images, models[name] = _edit(spec, cfg, samples, device, name)
-        results[name] = score_images(judge, samples, images, with_truth=data.has_truth, mode=cfg.judge.mode)
+        results[name] = score_images(judge, samples, images, with_truth=data.has_truth, mode=cfg.judge.eval_mode)
 
-    report: dict[str, Any] = {"models": models, "judge": f"{cfg.judge.kind} ({cfg.judge.mode})",
+    report: dict[str, Any] = {"models": models, "judge": f"{cfg.judge.kind} ({cfg.judge.eval_mode})",
                               "n_per_task": per_task, "usability_threshold": usability_threshold}
     for name, r in results.items():
         report[name] = model_section(r, usability_threshold)

@@ -92,6 +92,8 @@ def generate_images(policy: Policy, samples: list[EditSample], *, weights: dict[
 
 def score_images(judge: Judge, samples: list[EditSample], images: Tensor, *, with_truth: bool,
                  mode: str = "score", batch_size: int = 64) -> EvalResult:
+    if mode not in ("score", "yesno"):
+        raise ValueError(f"held-out scores are absolute (judge.eval_mode score or yesno), not {mode!r}")
     rewards, dims = [], []
     for start in range(0, len(samples), batch_size):
         chunk = samples[start:start + batch_size]
@@ -108,7 +110,8 @@ def score_images(judge: Judge, samples: list[EditSample], images: Tensor, *, wit
 
 def evaluate(policy: Policy, judge: Judge, samples: list[EditSample], *, weights: dict[str, Tensor] | None,
              sigmas: Tensor, method: str, seed: int, device: torch.device, with_truth: bool,
-             batch_size: int = 32, progress=None) -> EvalResult:
+             batch_size: int = 32, progress=None, mode: str = "score") -> EvalResult:
+    """Edit and score `samples`; `mode` is an absolute mode (judge.eval_mode: score or yesno)."""
     images = generate_images(policy, samples, weights=weights, sigmas=sigmas, method=method, seed=seed,
                              device=device, batch_size=batch_size, progress=progress)
-    return score_images(judge, samples, images, with_truth=with_truth)
+    return score_images(judge, samples, images, with_truth=with_truth, mode=mode)

@@ -88,6 +88,7 @@ class NFTTrainer(Trainer):
                        kept_groups=float(groups.keep.float().mean()),
                        zero_std_groups=float((groups.std < 1e-6).float().mean()),
                        reward_by_task=table.by_task(), reward_by_task_dim=table.by_task_dimension())
+        metrics["judge_floored_share"] = getattr(self.judge, "last_floored_share", None)
 
         # 3. update
         tic = time.perf_counter()

@@ -37,7 +37,7 @@ def evaluate_weights(trainer, weights: dict[str, Tensor] | None, label: str) -> 
         return evaluate(trainer.policy, trainer.judge, samples, weights=weights, sigmas=sigmas,
                         method="euler" if cfg.sampler.method == "sde" else cfg.sampler.method,
                         seed=cfg.train.seed + 12345, device=trainer.device,
-                        with_truth=trainer.data.has_truth, progress=progress)
+                        with_truth=trainer.data.has_truth, progress=progress, mode=cfg.judge.eval_mode)
     finally:
         if progress is not None:
             progress.close()
@@ -47,7 +47,7 @@ def eval_fingerprint(cfg) -> dict[str, Any]:
     """What a held-out evaluation depends on: the base model, the data, the judge and the sampler."""
     from .config_io import to_dict
 
-    return {"model": to_dict(cfg.model), "data": to_dict(cfg.data), "judge_kind": cfg.judge.kind,
+    return {"model": to_dict(cfg.model), "data": to_dict(cfg.data), "judge_kind": cfg.judge.kind, "judge_eval_mode": cfg.judge.eval_mode,
             "judge_model": cfg.judge.model, "sampler": to_dict(cfg.sampler), "seed": cfg.train.seed,
             "eval_per_task": cfg.train.eval_per_task}
 

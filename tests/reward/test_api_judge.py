@@ -22,7 +22,7 @@ def _answer(top: dict[str, float]) -> dict:
 
 
 class FakeServer:
-    """Answers POSTs with `behaviour(n, payload) -> (status, body dict, delay_s)`; records what it saw."""
+    """Answers POSTs with `behaviour(n, payload) -> (status, body dict or raw bytes, delay_s)`; records what it saw."""
 
     def __init__(self, behaviour):
         self.behaviour, self.payloads, self.in_flight, self.max_in_flight = behaviour, [], 0, 0
@@ -44,7 +44,7 @@ class FakeServer:
                 time.sleep(delay)
                 with fake._lock:
                     fake.in_flight -= 1
-                data = json.dumps(body).encode()
+                data = body if isinstance(body, bytes) else json.dumps(body).encode()
                 try:
                     self.send_response(status)
                     self.send_header("Content-Type", "application/json")
@@ -141,7 +141,7 @@ def test_score_mode_reads_digits_with_floors(fake_server, make_requests):
     # "3" and "5" returned; 0, 1, 2, 4 floored at min - log 2
     answer = _answer({"3": math.log(0.5), "5": math.log(0.3), "x": math.log(0.1)})
     server = fake_server(lambda n, p: (200, answer, 0))
-    score = _judge(server.url).score(make_requests()[:1], "score")
+    score = _judge(server.url, max_floored_share=1.0).score(make_requests()[:1], "score")
     lp = torch.full((6,), math.log(0.1) - math.log(2), dtype=torch.float64)
     lp[3], lp[5] = math.log(0.5), math.log(0.3)
     expected = (torch.softmax(lp, 0) * torch.arange(6.0, dtype=torch.float64)).sum() / 5
@@ -176,3 +176,70 @@ def test_bad_options_are_clear_errors():
         OpenAIJudge("http://127.0.0.1:1/v1", "m", concurrency=0)
     with pytest.raises(ValueError, match="label_token_ids lacks"):
         OpenAIJudge("http://127.0.0.1:1/v1", "m", label_token_ids={"Yes": 1, "No": 2})
+
+
+# -- floors are counted, exposed and bounded --------------------------------------------------------
+
+def test_floors_are_counted_and_a_request_over_the_share_fails(fake_server, make_requests):
+    # two of six digits missing: share 1/3, within the default 0.34, and reported
+    two_missing = _answer({"0": -3.0, "1": -2.0, "2": -1.5, "3": -1.0, "x": -4.0})
+    judge = _judge(fake_server(lambda n, p: (200, two_missing, 0)).url)
+    assert judge.max_floored_share == 0.34 and judge.last_floored_share == 0.0
+    judge.score(make_requests()[:2], "score")
+    assert judge.last_floored_share == pytest.approx(2 / 6)
+    assert judge.floor_stats == {"requests": 2, "labels": 12, "floored_labels": 4, "floored_requests": 2,
+                                 "refused_requests": 0}
+    # "No" missing from a yes/no answer: half the labels floored, so the request fails with the fix
+    only_yes = _answer({"Yes": math.log(0.9), "x": math.log(0.05)})
+    server = fake_server(lambda n, p: (200, only_yes, 0))
+    judge = _judge(server.url, retries=3)
+    with pytest.raises(JudgeError, match=r"\['No'\].*share 0.50 > max_floored_share 0.34.*raise top_logprobs "
+                                         r"\(now 20\).*logprob_token_ids.*judge.tokenizer"):
+        judge.score(make_requests()[:1], "yesno")
+    assert judge.attempts == 1 and judge.floor_stats["refused_requests"] == 1   # not retried: it cannot change
+    # the bound is the caller's: 0 forbids any floor, 1 allows them all
+    strict = _judge(fake_server(lambda n, p: (200, two_missing, 0)).url, max_floored_share=0.0)
+    with pytest.raises(JudgeError, match="max_floored_share 0.0"):
+        strict.score(make_requests()[:1], "score")
+    lenient = _judge(server.url, max_floored_share=1.0)
+    assert 0.9 < float(lenient.score(make_requests()[:1], "yesno")) < 1 and lenient.last_floored_share == 0.5
+    with pytest.raises(ValueError, match="max_floored_share"):
+        _judge(server.url, max_floored_share=1.5)
+
+
+# -- answers that must end in a JudgeError, never in a reward --------------------------------------
+
+def test_an_answer_without_logprobs_is_a_judge_error(fake_server, make_requests):
+    no_logprobs = {"choices": [{"index": 0, "message": {"role": "assistant", "content": "Yes"}, "logprobs": None}]}
+    server = fake_server(lambda n, p: (200, no_logprobs, 0))
+    judge = _judge(server.url, retries=3)
+    with pytest.raises(JudgeError, match="returned no logprobs.*logprobs=true"):
+        judge.score(make_requests()[:1], "yesno")
+    assert judge.attempts == 1
+
+
+@pytest.mark.parametrize("bad, match", [(float("nan"), "NaN logprob"), (0.5, "not a log-probability")])
+def test_a_nan_or_positive_logprob_is_a_judge_error(fake_server, make_requests, bad, match):
+    answer = _answer({"Yes": math.log(0.7), "No": math.log(0.3)})
+    answer["choices"][0]["logprobs"]["content"][0]["top_logprobs"][1]["logprob"] = bad   # sent as NaN / 0.5
+    server = fake_server(lambda n, p: (200, answer, 0))
+    with pytest.raises(JudgeError, match=match):
+        _judge(server.url).score(make_requests()[:1], "yesno")
+
+
+def test_a_non_json_answer_is_retried_then_a_judge_error(fake_server, make_requests):
+    server = fake_server(lambda n, p: (200, b"<html>502 from a proxy</html>", 0))
+    judge = _judge(server.url, retries=2)
+    with pytest.raises(JudgeError, match=r"failed after 3 attempt.*not JSON.*<html>"):
+        judge.score(make_requests()[:1], "yesno")
+    assert judge.attempts == 3
+
+
+def test_a_refused_connection_after_a_success_is_retried_then_a_judge_error(fake_server, make_requests):
+    server = fake_server(lambda n, p: (200, YES_70, 0))
+    judge = _judge(server.url, retries=2)
+    assert torch.allclose(judge.score(make_requests()[:1], "yesno"), torch.tensor([0.7]), atol=1e-6)
+    server.close()   # the server goes away (a restart): refusals are now worth retrying
+    with pytest.raises(JudgeError, match=r"failed after 3 attempt.*(refused|ConnectionRefused)"):
+        judge.score(make_requests()[:1], "yesno")
+    assert judge.attempts == 1 + 3

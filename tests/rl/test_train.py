@@ -64,11 +64,13 @@ def test_resume_gives_identical_weights(quick, tmp_path, algorithm):
 class FlakyJudge(RuleJudge):
     """Fails for good from the third call: an unreachable judge after its retries."""
 
-    calls = 0
+    def __init__(self):
+        super().__init__()
+        self.calls = 0  # per instance: a rerun in the same process starts again at zero
 
     def score(self, requests, mode="score"):
-        FlakyJudge.calls += 1
-        if FlakyJudge.calls > 2:
+        self.calls += 1
+        if self.calls > 2:
             raise JudgeError("judge at http://127.0.0.1:9/v1 unreachable after 5 retries")
         return super().score(requests, mode)
 

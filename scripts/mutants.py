@@ -1,0 +1,164 @@
+"""Mutation check: does the suite catch deliberate bugs? (Not run by CI; takes ~10 minutes.)
+
+    python scripts/mutants.py [--only NAME ...] [--list]
+
+Each mutant is one textual change to one file (the `old` text must occur exactly once). It is
+applied to a scratch copy of the working tree, and the tests named for it are run there; the mutant
+is killed when they fail. The script prints one line per mutant and the kill rate, and exits 1 if
+any mutant survives. Every new algorithm or setting adds its own mutants here.
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+SKIP = {".git", ".venv", "runs", ".pytest_cache", ".hypothesis", "__pycache__", "build", "dist"}
+
+
+@dataclasses.dataclass(frozen=True)
+class Mutant:
+    name: str
+    file: str
+    old: str
+    new: str
+    tests: tuple[str, ...]
+
+
+UPD = "tests/rl/test_update_settings.py"
+DIRECTION = "tests/rl/test_learning_direction.py"
+SAFETY = "tests/rl/test_run_safety.py"
+
+MUTANTS = [
+    # the trainers
+    Mutant("nft minimises the reward (1 - r)", "rl/nft.py", "r = groups.r.reshape(N)[mine].float()",
+           "r = 1 - groups.r.reshape(N)[mine].float()", (DIRECTION,)),
+    Mutant("nft ignores the filter's keep", "rl/nft.py", "loss = (per_sample * keep[c]).sum() * scale",
+           "loss = per_sample.sum() * scale", (UPD + "::test_the_filter_keep_decides_which_groups_teach",)),
+    Mutant("refl static and dynamic references swapped", "rl/refl.py",
+           'return self.ema if self.cfg.refl.reference == "dynamic" else self.ref',
+           'return self.ref if self.cfg.refl.reference == "dynamic" else self.ema', (UPD,)),
+    Mutant("nft.adaptive ignored", "rl/nft.py", "adaptive=nft.adaptive", "adaptive=True", (UPD,)),
+    Mutant("nft.beta ignored", "rl/nft.py", "beta=nft.beta", "beta=1.0", (UPD,)),
+    Mutant("nft.kl_coef's reference velocity dropped", "rl/nft.py",
+           "v_ref = self.policy.velocity(x_t, t, sub, weights=self.ref) if nft.kl_coef > 0 else None",
+           "v_ref = None", (UPD,)),
+    Mutant("nft.clip ignored", "rl/nft.py", "std=nft.std, clip=nft.clip", "std=nft.std, clip=5.0", (UPD,)),
+    Mutant("nft.std ignored", "rl/nft.py", "std=nft.std, clip", 'std="group", clip', (UPD,)),
+    Mutant("nft filter rule ignored", "rl/nft.py", "rule=nft.filter_rule)", 'rule="paper")', (UPD,)),
+    Mutant("nft.mask_loss ignored", "rl/nft.py", "if nft.mask_loss:", "if False:", (UPD,)),
+    Mutant("nft.shared_noise ignored", "rl/nft.py", "n_draws, rep = (K, G) if nft.shared_noise else (N, 1)",
+           "n_draws, rep = (N, 1)", (UPD,)),
+    Mutant("nft.time_sampling ignored", "rl/nft.py", "n_train, nft.time_sampling, gen)", 'n_train, "uniform", gen)',
+           (UPD,)),
+    Mutant("optim.micro_batch ignored", "rl/nft.py", "micro = cfg.optim.micro_batch or n_local", "micro = n_local",
+           (UPD,)),
+    Mutant("rollout with the trained policy, not the sampling one", "rl/nft.py",
+           "x0 = self.generate(cond, noise, self.old,", "x0 = self.generate(cond, noise, None,", (UPD,)),
+    Mutant("sampling policy never follows", "rl/nft.py",
+           "lerp_(self.old, self.params, old_policy_decay(step, nft.old_decay_rate, nft.old_decay_max))",
+           "lerp_(self.old, self.params, 0.0)", (UPD,)),
+    Mutant("EMA decay schedule ignored", "rl/trainer.py",
+           "lerp_(self.ema, self.params, ema_decay(step, self.cfg.train.ema_max_decay))",
+           "lerp_(self.ema, self.params, self.cfg.train.ema_max_decay)", (UPD,)),
+    Mutant("gradient clip ignored", "rl/trainer.py",
+           "clip_grad_norm_(params, self.cfg.optim.grad_clip)", 'clip_grad_norm_(params, float("inf"))', (UPD,)),
+    Mutant("refl reward bound ignored", "rl/refl.py", "loss = torch.relu(bound - reward).sum()",
+           "loss = (1 - reward).sum()", (UPD,)),
+    Mutant("refl minimises the reward", "rl/refl.py", "loss = torch.relu(bound - reward).sum()",
+           "loss = torch.relu(bound + reward).sum()", (DIRECTION,)),
+    Mutant("DDP loss scale without the world size", "rl/nft.py", "scale = ctx.world_size / (kept_total * n_train)",
+           "scale = 1 / (kept_total * n_train)", ("tests/rl/test_distributed.py",)),
+    Mutant("resume off by one step", "rl/train.py", 'start = state["step"] + 1', 'start = state["step"] + 2',
+           ("tests/rl/test_train.py::test_resume_gives_identical_weights",)),
+    # run safety
+    Mutant("non-finite weights after a step unchecked", "rl/trainer.py",
+           "self.weights_nonfinite = float(self.ctx.all_reduce_sum(bad)) > 0", "self.weights_nonfinite = False",
+           (SAFETY,)),
+    Mutant("checkpoints of non-finite weights allowed", "rl/checkpoint.py", "bad = nonfinite_copies(state)",
+           "bad = []", (SAFETY,)),
+    Mutant("a reused --out is not refused", "rl/run_dir.py", "        if not fresh:\n", "        if False:\n",
+           (SAFETY,)),
+    Mutant("a resume may change anything", "rl/run_dir.py", "if k not in RESUMABLE_KEYS}", "if False}", (SAFETY,)),
+    Mutant("optim.grad_clip's range unchecked", "rl/config_checks.py", '"optim.grad_clip": Range(0, open_lo=True,',
+           '"optim.grad_clip": Range(None, open_lo=True,', ("tests/rl/test_config.py",)),
+    # judges
+    Mutant("the judges' final score check disabled", "reward/judge.py", "    if bool(bad.any()):\n",
+           "    if False:\n", ("tests/reward",)),
+    # samplers and kernels
+    Mutant("blend skipped on the last step", "core/samplers.py", "        if blend is not None:\n            v_step",
+           "        if blend is not None and t_next > 0:\n            v_step", ("tests/core/test_samplers.py",)),
+    Mutant("group std with ddof 1 (reference)", "kernels/reference.py",
+           "sigma_g = ((s - mu[:, None]) ** 2).mean(1).sqrt()",
+           "sigma_g = ((s - mu[:, None]) ** 2).sum(1).div(s.shape[1] - 1).sqrt()", ("tests/kernels",)),
+    Mutant("filter rules swapped (reference)", "kernels/reference.py", 'elif rule == "paper":',
+           'elif rule == "strict":', ("tests/kernels",)),
+    Mutant("reward map 1/2 + A/c (reference)", "kernels/reference.py", "r = 0.5 + adv / (2 * clip)",
+           "r = 0.5 + adv / clip", ("tests/kernels",)),
+    Mutant("blend re-noises at t, not t' (reference)", "kernels/reference.py",
+           "renoised = (1 - tn) * x0_known.to(acc) + tn * noise.to(acc)",
+           "renoised = (1 - tt) * x0_known.to(acc) + tt * noise.to(acc)", ("tests/kernels",)),
+]
+
+
+def copy_tree(dst: Path) -> None:
+    def ignore(_dir, names):
+        return [n for n in names if n in SKIP or n.endswith(".egg-info")]
+
+    shutil.copytree(ROOT, dst, ignore=ignore, dirs_exist_ok=True)
+
+
+def run_tests(tree: Path, tests: tuple[str, ...]) -> tuple[bool, float]:
+    env = {**os.environ, "PYTHONPATH": str(tree), "PYTHONDONTWRITEBYTECODE": "1"}
+    tic = time.perf_counter()
+    proc = subprocess.run([sys.executable, "-m", "pytest", "-q", "-x", "-p", "no:cacheprovider", *tests],
+                          cwd=tree, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    return proc.returncode == 0, time.perf_counter() - tic
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--only", nargs="*", help="run the mutants whose name contains one of these words")
+    p.add_argument("--list", action="store_true", help="list the mutants and exit")
+    args = p.parse_args(argv)
+    chosen = [m for m in MUTANTS if not args.only or any(w in m.name for w in args.only)]
+    if args.list:
+        for m in chosen:
+            print(f"{m.name:55s} {m.file:22s} {' '.join(m.tests)}")
+        return 0
+    with tempfile.TemporaryDirectory(prefix="mutants-") as tmp:
+        tree = Path(tmp) / "tree"
+        copy_tree(tree)
+        # the scratch copy must be what the tests import, not the editable install
+        probe = subprocess.run([sys.executable, "-c", "import rl, kernels; print(rl.__file__)"], cwd=tree,
+                               env={**os.environ, "PYTHONPATH": str(tree)}, capture_output=True, text=True)
+        if not probe.stdout.strip().startswith(str(tree)):
+            print(f"the scratch copy is not imported first ({probe.stdout.strip() or probe.stderr.strip()})")
+            return 2
+        killed = 0
+        for m in chosen:
+            path = tree / m.file
+            original = path.read_text()
+            if original.count(m.old) != 1:
+                print(f"STALE    {m.name}: the text to mutate occurs {original.count(m.old)} times in {m.file}")
+                continue
+            path.write_text(original.replace(m.old, m.new))
+            try:
+                passed, seconds = run_tests(tree, m.tests)
+            finally:
+                path.write_text(original)
+            killed += not passed
+            print(f"{'killed ' if not passed else 'SURVIVED'} {m.name:55s} {seconds:5.0f} s", flush=True)
+        print(f"\nkill rate: {killed}/{len(chosen)} ({100 * killed / max(len(chosen), 1):.0f}%)")
+        return 0 if killed == len(chosen) else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
