@@ -6,7 +6,7 @@ Public API (other parts and users rely on these names):
 Each function checks its inputs (kernels.validate: a ValueError naming the problem and the fix),
 then dispatches (kernels.backend): CUDA tensors -> the Triton kernels; CPU tensors -> the eager
 references in kernels.reference, or the Triton kernels under TRITON_INTERPRET=1. backend="triton"
-or "torch" forces one. The maths is DESIGN.md's "The maths the kernels implement"; each op file
+or "torch" forces one. The maths is docs/design.md's "The maths the kernels implement"; each op file
 (nft_loss.py, group_rewards.py, masked_blend.py) opens with it and its memory-pass budget.
 """
 from __future__ import annotations

@@ -1,6 +1,6 @@
 # Group rewards: dimension average, per-group normalisation, clip, low-std group filter (Triton).
 #
-# Maths (DESIGN.md; scores s[g, i, d] in [0, 1], weights w_d):
+# Maths (docs/design.md; scores s[g, i, d] in [0, 1], weights w_d):
 #   s[g,i]  = sum_d w_d s[g,i,d] / sum_d w_d
 #   mu_g    = mean_i s[g,i]        sigma_g = sqrt(mean_i (s[g,i] - mu_g)^2)        (ddof = 0)
 #   sigma   = sigma_g ("group") or the population std of all s ("global")

@@ -1,7 +1,7 @@
 # Mask-aware sampler step (Triton): an Euler step where the model generates, the re-noised source
 # where the image is kept.
 #
-# Maths (DESIGN.md; m = 1 generates, m = 0 keeps; soft values blend):
+# Maths (docs/design.md; m = 1 generates, m = 0 keeps; soft values blend):
 #   x_next = m (x_t + (t' - t) v) + (1 - m) ((1 - t') x0_known + t' eps)
 #   gradients: dx_t = m g, dv = m (t' - t) g, dx0_known = (1 - m)(1 - t') g, deps = (1 - m) t' g
 #   (none for the mask and the times: the public function refuses them when they require grad)

@@ -1,6 +1,6 @@
 # DiffusionNFT loss, fused forward and backward (Triton).
 #
-# Maths (DESIGN.md; per sample b over its N elements, d = v_old - v, delta = v_theta - v_old):
+# Maths (docs/design.md; per sample b over its N elements, d = v_old - v, delta = v_theta - v_old):
 #   e+ = d + beta delta = (1 - beta) v_old + beta v_theta - v
 #   e- = d - beta delta = (1 + beta) v_old - beta v_theta - v
 #   velocity form:  L+- = S2+- / N                         S2 = sum e^2, S1 = sum |e|

@@ -37,7 +37,7 @@ from core.metrics import ground_truth_metrics, summarize
 from core.samplers import METHODS, sample_policy
 from core.schedules import flux_sigmas
 from core.tasks import TASKS, TaskMixture
-from core.tiny_fill import DEFAULT_TRANSFORMER, SHIPPED_DIR, TinyFillPolicy, rope_axes
+from core.tiny_fill import DEFAULT_TRANSFORMER, TinyFillPolicy, rope_axes
 from core.world import SyntheticWorld, collate
 
 from .lr_schedule import lr_factor
@@ -59,7 +59,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--known-weight", type=float, default=0.1, help="loss weight of the known (unmasked) region")
     p.add_argument("--seed", type=int, default=0, help="seed of initialisation, data order and noise")
     p.add_argument("--world-seed", type=int, default=0, help="seed of the synthetic world")
-    p.add_argument("--out", type=Path, default=SHIPPED_DIR, help="output model directory (default: the shipped assets)")
+    p.add_argument("--out", type=Path, required=True,
+                   help="output model directory (required; to rebuild the shipped model, name it: "
+                        "--out core/assets/tiny_fill)")
     p.add_argument("--double-blocks", type=int, default=DEFAULT_TRANSFORMER["num_layers"], help="FLUX double-stream blocks")
     p.add_argument("--single-blocks", type=int, default=DEFAULT_TRANSFORMER["num_single_layers"], help="FLUX single-stream blocks")
     p.add_argument("--heads", type=int, default=DEFAULT_TRANSFORMER["num_attention_heads"], help="attention heads")

@@ -30,6 +30,7 @@ from .checkpoint import (CheckpointError, disk_error, latest_checkpoint, load_ch
 from .config import RunConfig, load_config
 from .config_io import ConfigError, to_dict
 from .distributed import DistContext, init_distributed, shutdown
+from .model_card import write_model_card
 from .run_dir import RunDirError, check_resume_config, new_run_dir, run_id_of
 from .run_log import RunLog, save_sample_grid
 from .summary import final_summary
@@ -143,6 +144,9 @@ def run(config: RunConfig, out_dir: str | os.PathLike | None = None, resume: str
             spent = sum(metrics.get(k, 0.0) for k in ("time_rollout", "time_judge", "time_update"))
             metrics["images_per_second"] = metrics.get("images", 0) / max(spent, 1e-9)
             metrics["weights_nonfinite"] = trainer.weights_nonfinite
+            if (ctx.is_main and cfg.train.eval_every and (step + 1) % cfg.train.eval_every == 0
+                    and step < cfg.train.steps - 1 and not trainer.weights_nonfinite):
+                metrics.update(_periodic_eval(trainer, step))
             if log is not None:
                 log.log(step, metrics)
             if progress is not None:
@@ -180,6 +184,7 @@ def run(config: RunConfig, out_dir: str | os.PathLike | None = None, resume: str
     if ctx.is_main:
         summary = final_summary(trainer, run_dir, base, steps_done=step + 1)
         trainer.export(run_dir / "final")
+        write_model_card(run_dir / "final", cfg, summary)
     ctx.barrier()
     return summary
 
@@ -226,6 +231,18 @@ def _cached_base_eval(trainer, run_dir: Path):
     result = evaluate_weights(trainer, trainer.ref, "base")
     save_eval(result, path, fingerprint)
     return result
+
+
+def _periodic_eval(trainer, step: int) -> dict[str, Any]:
+    """Held-out judge reward (and ground truth where known) of the EMA, for train.eval_every."""
+    from .summary import evaluate_weights
+
+    result = evaluate_weights(trainer, trainer.ema, f"step {step}")
+    out: dict[str, Any] = {"heldout/reward": float(result.reward.mean()),
+                           "heldout/reward_by_task": result.reward_by_task()}
+    if result.ground_truth is not None:
+        out["heldout/truth_by_task"] = result.ground_truth_means()
+    return out
 
 
 def _sample_grid(trainer, run_dir: Path, step: int, base) -> None:

@@ -1,4 +1,5 @@
 import re
+
 import pytest
 
 from rl.config import RunConfig, load_config
@@ -15,7 +16,7 @@ def test_defaults_are_the_builtin_job():
 def test_yaml_and_overrides(tmp_path):
     path = tmp_path / "c.yaml"
     path.write_text("optim:\n  lr: 1.0e-4\nnft:\n  group_size: 6\n")
-    cfg = load_config(str(path), ["nft.beta=0.1", "nft.tau_mean=null", "model.lora.r=8", "optim.betas=[0.9, 0.99]"])
+    cfg = load_config(str(path), ["nft.beta=0.1", "nft.tau_mean=null", "nft.tau_std=null", "model.lora.r=8", "optim.betas=[0.9, 0.99]"])
     assert cfg.optim.lr == 1e-4 and cfg.nft.group_size == 6 and cfg.nft.beta == 0.1
     assert cfg.nft.tau_mean is None and cfg.model.lora.r == 8 and cfg.optim.betas == [0.9, 0.99]
     # the saved, resolved config loads back to the same thing
@@ -49,6 +50,7 @@ def test_yaml_and_overrides(tmp_path):
     ("sampler.noise_level=-0.1", "sampler.noise_level must be in [0, 2]"),
     ("data.image_size=60", "data.image_size must be a multiple of 16"),
     ("nft.std_eps=0", "nft.std_eps must be in (0, inf)"),
+    ("nft.tau_mean=0.5 nft.tau_std=null", "needs both nft.tau_mean and nft.tau_std, or neither"),
     ("nft.old_decay_max=1", "nft.old_decay_max must be in [0, 1)"),
     ("train.algorithm=refl", "set judge.mode=pairwise"),
     ("model.kind=flux_fill", "needs model.path"),
@@ -120,3 +122,41 @@ def test_shipped_configs_load_and_validate(tmp_path):
         load_config(str(Path(__file__).parents[2] / "configs" / "flux_fill_nft_vllm.yaml"))
     # the default job is the shipped tiny_nft.yaml
     assert load_config(str(Path(__file__).parents[2] / "configs" / "tiny_nft.yaml")) == load_config()
+
+
+def test_every_config_key_is_read_by_the_code():
+    """A key that nothing reads is a promise the code does not keep (cfg_scale, eval_every once)."""
+    import dataclasses
+    import typing
+    from pathlib import Path
+
+    from rl.config import RunConfig
+
+    root = Path(__file__).parents[2]
+    defining = {"config.py", "config_checks.py", "config_io.py"}
+    source = "\n".join(p.read_text() for pkg in ("core", "reward", "rl") for p in (root / pkg).rglob("*.py")
+                       if p.name not in defining)
+
+    def fields(cls, prefix=""):
+        hints = typing.get_type_hints(cls)
+        for f in dataclasses.fields(cls):
+            inner = [a for a in (hints[f.name], *typing.get_args(hints[f.name])) if dataclasses.is_dataclass(a)]
+            yield f"{prefix}{f.name}", f.name
+            if inner:
+                yield from fields(inner[0], f"{prefix}{f.name}.")
+
+    unread = [key for key, name in fields(RunConfig) if not re.search(rf"\.{name}\b", source)]
+    assert unread == []
+
+
+def test_eval_every_adds_held_out_scores_to_the_metrics(quick, tmp_path):
+    import json
+
+    import rl.train
+
+    cfg = load_config(None, quick(**{"train.steps": 3, "train.eval_every": 1, "train.eval_per_task": 1}))
+    rl.train.run(cfg, out_dir=tmp_path)
+    lines = [json.loads(x) for x in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert [("heldout/reward" in m) for m in lines] == [True, True, False]  # the last step: the summary
+    assert set(lines[0]["heldout/reward_by_task"]) == {"fill", "extend", "removal", "text"}
+    assert "psnr_mask" in lines[0]["heldout/truth_by_task"]["removal"]

@@ -63,3 +63,14 @@ def test_report_handles_edits_without_a_dimension():
     assert section["usability"]["mean"] == pytest.approx(2 / 3)
     diff = paired_section(a, b)["extend"]["dimension_diff"]
     assert diff["text_alignment"]["n"] == 1 and diff["text_alignment"]["mean"] == pytest.approx(0.1)
+
+
+def test_eval_works_on_a_refl_run(quick, tmp_path):
+    """A ReFL run trains with pairwise rewards; its evaluation still scores absolutely (judge.eval_mode)."""
+    run_dir = tmp_path / "run"
+    rl.train.run(load_config(None, quick(**{"train.algorithm": "refl", "judge.mode": "pairwise",
+                                            "refl.batch_size": 2, "train.steps": 1})), out_dir=run_dir)
+    out = tmp_path / "report"
+    assert rl.eval.main(["--model", str(run_dir), "--against", "base", "--per-task", "1", "--out", str(out)]) == 0
+    report = json.loads((out / "report.json").read_text())
+    assert report["judge"] == "rule (score)" and set(report["gsb"]) == {"fill", "extend", "removal", "text"}
