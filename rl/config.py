@@ -152,6 +152,8 @@ class TrainConfig:
     ema_max_decay: float = 0.9        # evaluation EMA: decay = min((1 + s) / (10 + s), max)
     max_bad_steps: int = 3            # consecutive non-finite losses before the run stops
     tensorboard: bool = True
+    tracker: Literal["none", "wandb"] = "none"  # also log metrics and sample grids to Weights & Biases
+                                      # (WANDB_MODE=offline works without a network)
     progress: bool = True
     threads: int = 0                  # torch CPU threads (0 = torch's default)
 

@@ -22,7 +22,8 @@ RUN_FILE = "run.json"
 #: (the learning rate and clip too: lowering them is the fix for a diverged run)
 RESUMABLE_KEYS = frozenset({
     "train.steps", "train.time_budget_s", "train.sample_every", "train.checkpoint_every",
-    "train.keep_checkpoints", "train.max_bad_steps", "train.tensorboard", "train.progress", "train.threads",
+    "train.keep_checkpoints", "train.max_bad_steps", "train.tensorboard", "train.tracker", "train.progress",
+    "train.threads",
     "optim.lr", "optim.grad_clip",
     "judge.base_url", "judge.api_key_env", "judge.concurrency", "judge.timeout", "judge.retries",
     "judge.batch_size", "judge.device", "model.device", "model.attention_backend",

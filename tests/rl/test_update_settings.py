@@ -136,8 +136,8 @@ def test_micro_batches_split_the_forward_and_keep_the_gradient(quick, monkeypatc
 
 def test_the_sampling_policy_and_the_ema_follow_their_schedules(quick, monkeypatch):
     generated = spy(monkeypatch, rl.nft.NFTTrainer, "generate")
-    trainer = nft_trainer(quick, monkeypatch, **{"nft.old_decay_rate": 0.1, "nft.old_decay_max": 0.3,
-                                                 "train.ema_max_decay": 0.35})
+    trainer = nft_trainer(quick, monkeypatch, **{"nft.old_decay_rate": 0.05, "nft.old_decay_max": 0.3,
+                                                 "train.ema_max_decay": 0.5})
     with torch.no_grad():  # make the copies distinct so that each mix is visible
         for copy, shift in ((trainer.old, 0.01), (trainer.ema, -0.01)):
             for v in copy.values():
@@ -147,8 +147,9 @@ def test_the_sampling_policy_and_the_ema_follow_their_schedules(quick, monkeypat
     old0, ema0 = clone(trainer.old), clone(trainer.ema)
     trainer.train_step(step)
     assert generated[0][0][3] is trainer.old  # the rollout uses the sampling policy
-    d_old, d_ema = old_policy_decay(step, 0.1, 0.3), ema_decay(step, 0.35)
-    assert (d_old, d_ema) == (pytest.approx(0.3), pytest.approx(0.35))
+    d_old, d_ema = old_policy_decay(step, 0.05, 0.3), ema_decay(step, 0.5)
+    # both below their caps, so a copy that ignores its schedule (or uses the cap) is caught
+    assert (d_old, d_ema) == (pytest.approx(0.25), pytest.approx(0.4))
     for k, p in trainer.params.items():
         torch.testing.assert_close(trainer.old[k], d_old * old0[k] + (1 - d_old) * p.detach())
         torch.testing.assert_close(trainer.ema[k], d_ema * ema0[k] + (1 - d_ema) * p.detach())
