@@ -13,6 +13,7 @@ RL fine-tunes the transformer only; the text encoder is frozen and its encodings
 """
 from __future__ import annotations
 
+import contextlib
 import copy
 import json
 import os
@@ -41,6 +42,21 @@ FORMAT_VERSION = 1
 DEFAULT_TRANSFORMER = dict(num_layers=1, num_single_layers=1, num_attention_heads=3, attention_head_dim=32,
                            axes_dims_rope=(4, 14, 14))
 DEFAULT_TEXT = dict(hidden_size=64, num_layers=2, num_heads=2, intermediate_size=128)
+
+
+@contextlib.contextmanager
+def _no_weight_progress_bars():
+    """Without transformers' "Loading weights" progress bar, which a model of a few dozen tensors
+    prints on every load (and a bar on every save); its previous setting is restored afterwards."""
+    from transformers.utils import logging as hf_logging
+
+    enabled = hf_logging.is_progress_bar_enabled()
+    hf_logging.disable_progress_bar()
+    try:
+        yield
+    finally:
+        if enabled:
+            hf_logging.enable_progress_bar()
 
 
 def rope_axes(head_dim: int) -> tuple[int, int, int]:
@@ -117,8 +133,10 @@ class TinyFillPolicy(Policy):
         if settings.get("format_version") != FORMAT_VERSION:
             raise ValueError(f"{settings_file} has format_version {settings.get('format_version')}; "
                              f"this library reads version {FORMAT_VERSION}")
-        transformer = FluxTransformer2DModel.from_pretrained(root / "transformer")
-        text_model = CLIPTextModel.from_pretrained(root / "text_encoder")
+        # loaded in `dtype` rather than cast afterwards, which diffusers answers with a warning
+        transformer = FluxTransformer2DModel.from_pretrained(root / "transformer", torch_dtype=dtype)
+        with _no_weight_progress_bars():
+            text_model = CLIPTextModel.from_pretrained(root / "text_encoder", dtype=dtype)
         tokenizer = AutoTokenizer.from_pretrained(root / "tokenizer")
         policy = cls(transformer, PromptEncoder(tokenizer, text_model), image_size=settings["image_size"],
                      codec_factor=settings["codec_factor"], default_steps=settings["default_steps"],
@@ -140,7 +158,8 @@ class TinyFillPolicy(Policy):
             merged.save_pretrained(root / "transformer")
         else:
             self.model.save_pretrained(root / "transformer")
-        self.prompt_encoder.text_model.save_pretrained(root / "text_encoder")
+        with _no_weight_progress_bars():  # and its "Writing model shards" bar, for a single shard
+            self.prompt_encoder.text_model.save_pretrained(root / "text_encoder")
         self.prompt_encoder.tokenizer.save_pretrained(root / "tokenizer")
         settings = {"format_version": FORMAT_VERSION, "image_size": self.image_size,
                     "codec_factor": self.codec.factor, "default_steps": self.default_steps,
@@ -151,7 +170,12 @@ class TinyFillPolicy(Policy):
         """Move (and optionally cast) both networks; returns self."""
         if device is None and dtype is None:
             return self
-        self.model.to(device=device, dtype=dtype)
+        if getattr(self.model, "_keep_in_fp32_modules", None):
+            self.model.to(device=device, dtype=dtype)
+        else:
+            # diffusers' to() warns that modules "should be kept in float32" even when the list of
+            # them is empty, as it is for FLUX: nothing is lost by casting with torch's own to()
+            torch.nn.Module.to(self.model, device=device, dtype=dtype)
         self.prompt_encoder.to(device=device, dtype=dtype)
         if self.has_lora:
             self._lora_to_float32()

@@ -3,16 +3,19 @@
 For every pair and every dimension it carries, the judge sees the pairwise question twice: winner
 first (target "Yes") and loser first (target "No"); the loss is the cross-entropy of the target
 token over the whole vocabulary at the answer position. Training is LoRA (peft) for a pretrained
-VLM and full fine-tuning for the built-in tiny one (force either with --lora / --no-lora).
+VLM and full fine-tuning for the built-in tiny one (force either with --set lora=true / false).
 Held-out pairwise accuracy is reported per task and dimension (OneReward's table 1: rows tasks,
 columns dimensions; a pair counts as right when the both-orders P(winner better) exceeds 0.5),
 before and after training, printed and saved as JSON. The checkpoint (LoRA merged, plus tokenizer
 and image processor) loads in `TransformersJudge(dir)`.
 
-Without --data the built-in demo runs: a data builder named by --demo-builder ("module:function",
+Settings are config keys (RewardTrainConfig): `--config FILE.yaml` and `--set KEY=VALUE`, listed
+with their defaults and meanings by `--help`; `--out DIR` names the output directory.
+
+Without `data` the built-in demo runs: a data builder named by `demo_builder` ("module:function",
 called as `fn(out_dir: Path, *, n_pairs: int, seed: int, label_noise: float) -> Path` of a JSONL
-file in the format of reward/preference_data.py) makes the pairs, and a tiny Qwen2.5-VL
-(--model tiny, preset --tiny-preset) is trained on them.
+file in the format of reward/preference_data.py) makes the pairs, and a tiny Qwen2.5-VL (`model`
+tiny, preset `tiny_preset`) is trained on them.
 """
 from __future__ import annotations
 
@@ -21,14 +24,16 @@ import dataclasses
 import importlib
 import json
 import random
-import typing
 from collections import defaultdict
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import torch
 from torch import Tensor
 
+from core.config_cli import config_parser, parse_config
+from core.config_io import ConfigError
+from core.config_schema import POSITIVE, UNIT, Range, at_least, check_ranges, opt
 from core.tasks import DIMENSIONS, TASKS
 
 from .judge import JudgeRequest
@@ -39,61 +44,82 @@ from .vlm_parts import VLMParts, load_vlm, resolve_dtype
 
 @dataclasses.dataclass
 class RewardTrainConfig:
-    """Every option of `python -m reward.train` (flags are the field names with dashes)."""
+    """Every setting of `python -m reward.train` (--config FILE.yaml, --set KEY=VALUE)."""
 
-    data: str | None = None                  # preference JSONL; None = build the demo data
-    out: str = "runs/reward_model"           # metrics, config and the judge checkpoint (out/judge)
-    model: str = "tiny"                      # "tiny" (built offline), a local dir or a cached Hub id
-    tiny_preset: str = "demo"                # reward.tiny_vlm.PRESETS, for model == "tiny"
-    tiny_init_std: float = 0.1               # see build_tiny_vlm: at 0.02 its Yes/No logits barely move
-    loss_over: str = "vocab"                 # "vocab": cross-entropy over every token (OneReward);
-                                             # "labels": over Yes/No only (what the judge's score reads)
-    lora: bool | None = None                 # None: full fine-tuning for the tiny model (its weights are
-                                             # random: adapters over frozen random features learned nothing,
-                                             # 50% held-out), LoRA for a pretrained VLM
-    lora_r: int = 8
-    lora_alpha: int = 16
-    lora_dropout: float = 0.0
-    lora_targets: list[str] = dataclasses.field(default_factory=lambda: [
-        "q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"])
-    lr: float | None = None                  # None: 1e-3 (tiny, full) / 5e-3 (tiny, LoRA) / 1e-4 otherwise
-    weight_decay: float = 0.0
-    epochs: int = 6
-    batch_size: int = 4                      # pairs per step (each shown in both orders)
-    grad_clip: float = 1.0
-    heldout_fraction: float = 0.2            # used when no record has a "split"
-    seed: int = 0
-    dtype: str = "float32"
-    device: str = "auto"
-    attn_implementation: str | None = None
-    max_pixels: int | None = None
-    show_source: bool = True                 # pairwise queries also show the input image
-    show_crop: bool = True                   # also show a crop around the mask: on 64x64 edits the
-                                             # edited region is a few patches of the full view
-    crop_size: int = 224
-    templates: str | dict[str, str] | None = None   # judge template overrides (YAML path or mapping)
-    demo_builder: str = "reward.demo_data:build_demo_data"
-    demo_pairs: int = 480
-    label_noise: float = 0.1
-    progress: bool = True
+    data: str | None = opt(None, "preference JSONL (format: reward/preference_data.py); null = build the demo data")
+    out: str = opt("runs/reward_model", "metrics, config and the judge checkpoint (out/judge); also --out DIR")
+    model: str = opt("tiny", '"tiny" (built offline), a local dir or a cached Hub id')
+    tiny_preset: str = opt("demo", 'reward.tiny_vlm.PRESETS, for model == "tiny"')
+    tiny_init_std: float = opt(0.1, "see build_tiny_vlm: at 0.02 its Yes/No logits barely move")
+    loss_over: Literal["vocab", "labels"] = opt(
+        "vocab", '"vocab": cross-entropy over every token (OneReward); "labels": over Yes/No only (what the '
+                 "judge's score reads)")
+    # the tiny model's weights are random: adapters over frozen random features learned nothing
+    # (50% held-out), so it is fully fine-tuned
+    lora: bool | None = opt(None, "train LoRA adapters; null: full fine-tuning for the tiny model, LoRA for a "
+                                  "pretrained VLM")
+    lora_r: int = opt(8, "LoRA rank")
+    lora_alpha: int = opt(16, "LoRA scale numerator: the update is (alpha / r) B A")
+    lora_dropout: float = opt(0.0, "dropout on the LoRA branch")
+    lora_targets: list[str] = opt(["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"],
+                                  "names of the Linear layers that get adapters")
+    # a tiny random model needs big steps to lift Yes/No out of a flat distribution; a pretrained
+    # VLM needs small ones (OneReward fully fine-tuned Qwen2.5-VL-7B at 1e-6)
+    lr: float | None = opt(None, "AdamW learning rate; null: 1e-3 (tiny, full) / 5e-3 (tiny, LoRA) / 1e-4 otherwise")
+    weight_decay: float = opt(0.0, "AdamW weight decay")
+    epochs: int = opt(6, "passes over the training pairs")
+    batch_size: int = opt(4, "pairs per step (each shown in both orders)")
+    grad_clip: float = opt(1.0, "largest gradient norm; larger gradients are scaled down to it")
+    heldout_fraction: float = opt(0.2, 'share of the pairs held out, used when no record has a "split"')
+    seed: int = opt(0, "seed of the tiny model, the split, the data order and the demo data")
+    dtype: str = opt("float32", "weights dtype: float32, bfloat16, float16 (or fp32, bf16, fp16, float64)")
+    device: str = opt("auto", '"auto" = cuda when available, else cpu')
+    attn_implementation: str | None = opt(None, "transformers attention implementation (null = its default)")
+    max_pixels: int | None = opt(None, "cap on image pixels the VLM sees")
+    show_source: bool = opt(True, "pairwise queries also show the input image")
+    # on 64x64 edits the edited region is a few patches of the full view
+    show_crop: bool = opt(True, "also show a crop around the mask")
+    crop_size: int = opt(224, "side of that crop in pixels")
+    templates: str | dict[str, str] | None = opt(None, "judge template overrides (YAML path or mapping)")
+    demo_builder: str = opt("reward.demo_data:build_demo_data", 'the demo data builder, "module:function"')
+    demo_pairs: int = opt(480, "preference pairs of the demo data")
+    label_noise: float = opt(0.1, "demo data: probability that the simulated annotator errs")
+    progress: bool = opt(True, "show a progress bar")
 
     def __post_init__(self) -> None:
-        if self.lora is None:
-            self.lora = self.model != "tiny"
-        if self.lr is None:
-            # a tiny random model needs big steps to lift Yes/No out of a flat distribution; a
-            # pretrained VLM needs small ones (OneReward fully fine-tuned Qwen2.5-VL-7B at 1e-6)
-            self.lr = (5e-3 if self.lora else 1e-3) if self.model == "tiny" else 1e-4
-        for name in ("lora_r", "epochs", "batch_size"):
-            if getattr(self, name) < 1:
-                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
-        if not 0 < self.heldout_fraction < 1:
-            raise ValueError(f"heldout_fraction must be in (0, 1), got {self.heldout_fraction}")
-        if self.lr <= 0:
-            raise ValueError(f"lr must be > 0, got {self.lr}")
-        resolve_dtype(self.dtype)
-        if self.loss_over not in ("vocab", "labels"):
-            raise ValueError(f"loss_over must be 'vocab' or 'labels', got {self.loss_over!r}")
+        check_ranges(self, RANGES, "reward/train.py RANGES")
+        try:
+            resolve_dtype(self.dtype)
+        except ValueError as err:
+            raise ConfigError(f"dtype: {err}") from None
+        if self.loss_over not in ("vocab", "labels"):  # from_dict checks this; direct construction does not
+            raise ConfigError(f"loss_over must be 'vocab' or 'labels', got {self.loss_over!r}")
+
+    def resolved(self) -> RewardTrainConfig:
+        """A copy with `lora` and `lr` decided (null means: by `model`, see their meanings)."""
+        lora = self.model != "tiny" if self.lora is None else self.lora
+        lr = ((5e-3 if lora else 1e-3) if self.model == "tiny" else 1e-4) if self.lr is None else self.lr
+        return dataclasses.replace(self, lora=lora, lr=lr)
+
+
+#: allowed values of every numeric key of RewardTrainConfig (a test asserts that none is missing)
+RANGES: dict[str, Range] = {
+    "tiny_init_std": POSITIVE,
+    "lora_r": at_least(1),
+    "lora_alpha": POSITIVE,
+    "lora_dropout": Range(0, 1, open_hi=True),
+    "lr": Range(0, 1, open_lo=True),
+    "weight_decay": UNIT,
+    "epochs": at_least(1),
+    "batch_size": at_least(1),
+    "grad_clip": POSITIVE,
+    "heldout_fraction": Range(0, 1, open_lo=True, open_hi=True, note="both splits need pairs"),
+    "seed": at_least(0),
+    "max_pixels": at_least(28 * 28),
+    "crop_size": at_least(1),
+    "demo_pairs": at_least(2, "one to train on, one held out"),
+    "label_noise": Range(0, 0.5, note="0.5 = labels carry no signal"),
+}
 
 
 @dataclasses.dataclass
@@ -208,13 +234,15 @@ def demo_data(cfg: RewardTrainConfig, out: Path) -> Path:
     try:
         builder = getattr(importlib.import_module(module_name), fn_name)
     except (ImportError, AttributeError) as err:
-        raise ValueError(f"no --data given and the demo data builder {cfg.demo_builder!r} is not available "
-                         f"({err}); pass --data FILE.jsonl (format: reward/preference_data.py)") from err
+        raise ValueError(f"no data given and the demo data builder {cfg.demo_builder!r} is not available "
+                         f"({err}); set data to a preference JSONL, --set data=FILE.jsonl (format: "
+                         "reward/preference_data.py)") from err
     return Path(builder(out / "demo_data", n_pairs=cfg.demo_pairs, seed=cfg.seed, label_noise=cfg.label_noise))
 
 
 def train_reward_model(cfg: RewardTrainConfig) -> TrainResult:
     """Train, evaluate before and after, save the checkpoint and the metrics under `cfg.out`."""
+    cfg = cfg.resolved()
     out = Path(cfg.out)
     out.mkdir(parents=True, exist_ok=True)
     data = Path(cfg.data) if cfg.data is not None else demo_data(cfg, out)
@@ -280,24 +308,19 @@ def save_judge(parts: VLMParts, directory: Path) -> Path:
 
 
 # -- command line ---------------------------------------------------------------------------------
-def _parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python -m reward.train", description=__doc__.split("\n\n")[0])
-    hints = typing.get_type_hints(RewardTrainConfig)
-    for f in dataclasses.fields(RewardTrainConfig):
-        flag, default, hint = "--" + f.name.replace("_", "-"), (
-            f.default_factory() if f.default_factory is not dataclasses.MISSING else f.default), hints[f.name]
-        if hint in (bool, bool | None):
-            p.add_argument(flag, action=argparse.BooleanOptionalAction, default=default)
-        elif hint == list[str]:
-            p.add_argument(flag, nargs="+", default=default)
-        else:
-            base = next((t for t in typing.get_args(hint) if t is not type(None)), hint)
-            p.add_argument(flag, type=base, default=default)
+def parser() -> argparse.ArgumentParser:
+    """The command line: the config keys, plus --out as the usual name of the key `out`."""
+    p = config_parser("python -m reward.train", __doc__.split("\n\n")[0], RewardTrainConfig, ranges=RANGES,
+                      example="data=prefs.jsonl")
+    p.add_argument("--out", metavar="DIR", help="the same as --set out=DIR (wins over it)")
     return p
 
 
 def main(argv: list[str] | None = None) -> TrainResult:
-    cfg = RewardTrainConfig(**vars(_parser().parse_args(argv)))
+    """`python -m reward.train [--config FILE.yaml] [--set KEY=VALUE ...] [--out DIR]`."""
+    args, cfg = parse_config(parser(), RewardTrainConfig, argv)
+    if args.out is not None:
+        cfg = dataclasses.replace(cfg, out=args.out)
     result = train_reward_model(cfg)
     print("held-out pairwise accuracy before training:\n" + format_table(result.metrics["before"]))
     print("after training:\n" + format_table(result.metrics["after"]))

@@ -2,12 +2,15 @@
 
 Sections: model, data, judge, sampler, nft, refl, optim, train. Load with `load_config(path,
 overrides)`; every key is typed and checked (rl/config_io.py), and `validate` (rl/config_checks.py)
-checks every value's range and the paths before any work starts.
+checks every value's range and the paths before any work starts. Each key's one-line meaning is
+the second argument of `opt` (core/config_schema.py): `python -m rl.train --help` prints it.
 """
 from __future__ import annotations
 
 import dataclasses
 from typing import Literal
+
+from core.config_schema import opt, section
 
 from .config_checks import validate
 from .config_io import ConfigError, load_yaml  # noqa: F401  (ConfigError re-exported)
@@ -15,163 +18,193 @@ from .config_io import ConfigError, load_yaml  # noqa: F401  (ConfigError re-exp
 
 @dataclasses.dataclass
 class LoraConfig:
-    r: int = 32
-    alpha: int = 64
-    init: str = "gaussian"
-    targets: list[str] = dataclasses.field(default_factory=lambda: [
-        "to_q", "to_k", "to_v", "to_out.0", "add_q_proj", "add_k_proj", "add_v_proj", "to_add_out"])
+    """LoRA adapters on the transformer's attention projections."""
+
+    r: int = opt(32, "adapter rank")
+    alpha: int = opt(64, "adapter scale numerator: the update is (alpha / r) B A")
+    init: str = opt("gaussian", "adapter initialisation: gaussian (A ~ N(0, 1/r), B = 0; DiffusionNFT's), "
+                                "default (peft's), true or false (core/lora.py)")
+    targets: list[str] = opt(["to_q", "to_k", "to_v", "to_out.0", "add_q_proj", "add_k_proj", "add_v_proj",
+                              "to_add_out"], "names of the Linear layers that get adapters")
 
 
 @dataclasses.dataclass
 class ModelConfig:
-    kind: Literal["tiny", "flux_fill"] = "tiny"
-    path: str | None = None           # None = the shipped tiny model; FLUX: local dir or cached Hub id
-    dtype: Literal["float32", "bfloat16", "float16"] = "float32"
-    device: str = "auto"              # "auto" = cuda when available, else cpu
-    lora: LoraConfig | None = None    # None = full fine-tune of the transformer
-    gradient_checkpointing: bool = False
-    attention_backend: str | None = None   # diffusers backend name: native, flash, xformers, ...
-    guidance: float | None = None     # FLUX dev distilled guidance (None = the adapter's default)
-    allow_download: bool = False
+    """The editing policy being trained."""
+
+    kind: Literal["tiny", "flux_fill"] = opt("tiny", "tiny: the built-in Fill model; flux_fill: FLUX.1 Fill [dev]")
+    path: str | None = opt(None, "null = the shipped tiny model; FLUX: local dir or cached Hub id")
+    dtype: Literal["float32", "bfloat16", "float16"] = opt("float32", "weights and compute dtype of the policy")
+    device: str = opt("auto", '"auto" = cuda when available, else cpu')
+    lora: LoraConfig | None = opt(None, "null = full fine-tune of the transformer; set (e.g. model.lora.r=32) "
+                                        "to train LoRA adapters (keys model.lora.*)")
+    gradient_checkpointing: bool = opt(False, "recompute activations in the backward pass (less memory, slower)")
+    attention_backend: str | None = opt(None, "diffusers backend name: native, flash, xformers, ...")
+    guidance: float | None = opt(None, "FLUX dev distilled guidance (null = the adapter's default)")
+    allow_download: bool = opt(False, "let model.path name a Hub id that is not in the local cache yet")
 
 
 @dataclasses.dataclass
 class DataConfig:
-    source: Literal["world", "jsonl"] = "world"
-    jsonl: str | None = None          # records of image / mask / prompt / task (source = jsonl)
-    allow_absolute_paths: bool = False  # jsonl: records may name files outside the JSONL's folder
-    world_seed: int = 0
-    image_size: int = 64
-    mixture: dict[str, float] = dataclasses.field(
-        default_factory=lambda: {"fill": 0.4, "extend": 0.2, "removal": 0.2, "text": 0.2})
+    """The editing conditions: the synthetic world or the user's JSONL records."""
+
+    source: Literal["world", "jsonl"] = opt("world", "world: synthetic edits with ground truth; jsonl: data.jsonl")
+    jsonl: str | None = opt(None, "records of image / mask / prompt / task (source = jsonl)")
+    allow_absolute_paths: bool = opt(False, "jsonl: records may name files outside the JSONL's folder")
+    world_seed: int = opt(0, "seed of the synthetic world (its scenes and held-out split)")
+    image_size: int = opt(64, "side of the edited images in pixels")
+    mixture: dict[str, float] = opt({"fill": 0.4, "extend": 0.2, "removal": 0.2, "text": 0.2},
+                                    "sampling weight of each task in the training batches")
 
 
 @dataclasses.dataclass
 class JudgeConfig:
-    kind: Literal["rule", "transformers", "openai"] = "rule"
+    """The reward: a rule, a local VLM or an OpenAI-compatible server."""
+
+    kind: Literal["rule", "transformers", "openai"] = opt(
+        "rule", "rule: the world's ground truth; transformers: a local VLM; openai: a served VLM")
     # the training reward's question: NFT asks "score" (expected 0-5 digit / 5, Edit-R1) or "yesno"
     # (P(Yes)); ReFL asks "pairwise" (P(policy's image better than the reference's), OneReward)
-    mode: Literal["score", "yesno", "pairwise"] = "score"
-    eval_mode: Literal["score", "yesno"] = "score"  # absolute scores of held-out evaluations (summary,
-                                      # rl.eval); A-vs-B comparisons are always pairwise
-    model: str | None = None          # transformers: local dir or cached Hub id; openai: served model name
-    base_url: str | None = None       # openai: e.g. http://127.0.0.1:8000/v1
-    api_key_env: str | None = None    # name of the env var holding the API key
-    dtype: str = "bfloat16"
-    device: str = "auto"
-    attn_implementation: str = "sdpa"
-    batch_size: int = 16
-    both_orders: bool = True          # pairwise: the judge asks in both orders to cancel position bias
-                                      # (the one place: training rewards and rl.eval's good/same/bad)
-    show_crop: bool = False
-    concurrency: int = 32
-    timeout: float = 60.0
-    retries: int = 5
-    templates: str | None = None      # YAML file overriding prompt templates (reward/prompts.py)
-    tokenizer: str | None = None      # openai: the judge's tokenizer, to send logprob_token_ids to vLLM
-    top_logprobs: int = 20
-    max_floored_share: float = 0.34   # openai: a request fails when more of its labels than this share are
-                                      # missing from the top-k logprobs (floored); raise top_logprobs or set tokenizer
-    max_pixels: int | None = None     # cap on image pixels the VLM sees
+    mode: Literal["score", "yesno", "pairwise"] = opt("score", "the training reward's question (nft: score or "
+                                                               "yesno; refl: pairwise)")
+    eval_mode: Literal["score", "yesno"] = opt("score", "absolute scores of held-out evaluations (summary, "
+                                                        "rl.eval); A-vs-B comparisons are always pairwise")
+    model: str | None = opt(None, "transformers: local dir or cached Hub id; openai: served model name")
+    base_url: str | None = opt(None, "openai: e.g. http://127.0.0.1:8000/v1")
+    api_key_env: str | None = opt(None, "name of the env var holding the API key")
+    dtype: str = opt("bfloat16", "transformers: weights dtype of the judge")
+    device: str = opt("auto", 'transformers: "auto" = cuda when available, else cpu')
+    attn_implementation: str = opt("sdpa", "transformers: attention implementation (sdpa, flash_attention_2, eager)")
+    batch_size: int = opt(16, "transformers: queries per forward pass")
+    both_orders: bool = opt(True, "pairwise: the judge asks in both orders to cancel position bias (the one "
+                                  "place: training rewards and rl.eval's good/same/bad)")
+    show_crop: bool = opt(False, "also show the judge a close-up crop around the mask")
+    concurrency: int = opt(32, "openai: requests in flight")
+    timeout: float = opt(60.0, "openai: seconds per request")
+    retries: int = opt(5, "openai: retries of a failed request")
+    templates: str | None = opt(None, "YAML file overriding prompt templates (reward/prompts.py)")
+    tokenizer: str | None = opt(None, "openai: the judge's tokenizer, to send logprob_token_ids to vLLM")
+    top_logprobs: int = opt(20, "openai: logprobs per answer position the server returns")
+    max_floored_share: float = opt(0.34, "openai: a request fails when more of its labels than this share are "
+                                         "missing from the top-k logprobs (floored); raise top_logprobs or set "
+                                         "tokenizer")
+    max_pixels: int | None = opt(None, "cap on image pixels the VLM sees")
 
 
 @dataclasses.dataclass
 class SamplerConfig:
-    method: Literal["euler", "dpm2", "sde"] = "dpm2"
-    steps: int = 8                    # rollout steps (training)
-    eval_steps: int = 8               # steps for evaluation and sample grids
-    shift: float | None = None        # static time shift; None = the model's default
-    noise_level: float = 0.7          # sde only
+    """How the policy samples: rollouts for training and images for evaluation."""
+
+    method: Literal["euler", "dpm2", "sde"] = opt("dpm2", "ODE solver (euler, dpm2) or stochastic sampler (sde)")
+    steps: int = opt(8, "rollout steps (training)")
+    eval_steps: int = opt(8, "steps for evaluation and sample grids")
+    shift: float | None = opt(None, "static time shift; null = the model's default")
+    noise_level: float = opt(0.7, "sde only: noise scale of the stochastic steps")
     # (no true-CFG keys: FLUX.1 Fill [dev] and the tiny model are guidance-distilled or trained
     # without it; core.samplers.sample_policy(cfg_scale=, uncond=) offers true CFG to callers)
 
 
 @dataclasses.dataclass
 class NFTConfig:
-    group_size: int = 4               # images per condition
-    groups_per_step: int = 12         # conditions per step
-    beta: float = 1.0
-    adaptive: bool = True             # adaptive (x0-space) weight; False = velocity form
-    kl_coef: float = 0.0
-    timestep_fraction: float = 0.25   # training times per sample, as a share of the rollout's steps
-    time_sampling: Literal["rollout", "uniform"] = "uniform"  # "rollout": at the rollout's own step
-                                      # times (DiffusionNFT); "uniform": stratified uniform times in (0, 1)
-    mask_loss: bool = True            # train only the generated region (the known one is blended)
-    shared_noise: bool = True         # a group's images share training timesteps and noise: common
-                                      # random numbers, the noise cancels in the group's gradient (rl/nft.py)
-    std: Literal["group", "global"] = "group"  # "global" = DiffusionNFT's code (one task per batch)
-    clip: float = 5.0                 # c in r = 1/2 + clip(A, -c, c) / 2c (DiffusionNFT's 5: with a
-                                      # group's std no advantage is clipped, so r sums to G/2 per group)
-    std_eps: float = 1e-4             # A = (s - mean) / (std + std_eps); raise it (e.g. 0.05) so that a
-                                      # group whose scores barely differ gets a small advantage, not noise
-    tau_mean: float | None = 0.9
-    tau_std: float | None = 0.05
-    filter_rule: Literal["paper", "strict"] = "paper"
-    old_decay_rate: float = 0.003     # old <- d old + (1 - d) current, d = min(rate * step, max);
-                                      # 0 (or max 0) = on-policy: the old policy's forward pass is skipped
-    old_decay_max: float = 0.5
+    """DiffusionNFT (train.algorithm = nft)."""
+
+    group_size: int = opt(4, "images per condition")
+    groups_per_step: int = opt(12, "conditions per step")
+    beta: float = opt(1.0, "step of the implicit positive / negative policies, v_old +- beta (v - v_old)")
+    adaptive: bool = opt(True, "adaptive (x0-space) weight; false = velocity form")
+    kl_coef: float = opt(0.0, "weight of a velocity-space KL penalty to the initial model (0 = off)")
+    timestep_fraction: float = opt(0.25, "training times per sample, as a share of the rollout's steps")
+    time_sampling: Literal["rollout", "uniform"] = opt(
+        "uniform", '"rollout": at the rollout\'s own step times (DiffusionNFT); "uniform": stratified uniform '
+                   "times in (0, 1)")
+    mask_loss: bool = opt(True, "train only the generated region (the known one is blended)")
+    # common random numbers: the noise cancels in the group's gradient (rl/nft.py)
+    shared_noise: bool = opt(True, "a group's images share training timesteps and noise")
+    std: Literal["group", "global"] = opt("group", "advantage scale: the group's score std, or the batch's "
+                                                   '("global" = DiffusionNFT\'s code, one task per batch)')
+    # DiffusionNFT's 5: with a group's std no advantage is clipped, so r sums to G/2 per group
+    clip: float = opt(5.0, "c in r = 1/2 + clip(A, -c, c) / 2c")
+    # raise std_eps (e.g. 0.05) so that a group whose scores barely differ gets a small advantage, not noise
+    std_eps: float = opt(1e-4, "A = (s - mean) / (std + std_eps)")
+    tau_mean: float | None = opt(0.9, "group filter: mean-score threshold (null, with tau_std, = no filter)")
+    tau_std: float | None = opt(0.05, "group filter: score-std threshold (null, with tau_mean, = no filter)")
+    filter_rule: Literal["paper", "strict"] = opt(
+        "paper", "paper: drop a group when mean > tau_mean and std < tau_std; strict: keep it only when "
+                 "mean < tau_mean and std > tau_std (the released Edit-R1 code)")
+    # 0 (or max 0) = on-policy: the old policy's forward pass is skipped
+    old_decay_rate: float = opt(0.003, "old <- d old + (1 - d) current, d = min(rate * step, max)")
+    old_decay_max: float = opt(0.5, "the cap of the old policy's decay d")
 
 
 @dataclasses.dataclass
 class ReFLConfig:
-    batch_size: int = 8               # conditions per step
+    """ReFL with a pairwise judge, OneReward style (train.algorithm = refl)."""
+
+    batch_size: int = opt(8, "conditions per step")
     # Alg. 1 "static": the frozen initial model; Alg. 2 "dynamic": the policy's EMA (the evaluation
     # EMA, train.ema_max_decay), so no separate reference copy is kept
-    reference: Literal["static", "dynamic"] = "dynamic"
-    min_step: int = 3                 # the policy denoises to a random step in [min_step, max_step]
-    max_step: int = 6
-    reward_upper_bound: float = 0.9   # loss = relu(bound - P(policy better)); no push beyond it
+    reference: Literal["static", "dynamic"] = opt("dynamic", "the reference image's model: static = the frozen "
+                                                             "initial model, dynamic = the policy's EMA")
+    min_step: int = opt(3, "the policy denoises to a random step in [min_step, max_step]")
+    max_step: int = opt(6, "the last step the policy may denoise to (< sampler.steps)")
+    reward_upper_bound: float = opt(0.9, "loss = relu(bound - P(policy better)); no push beyond it")
 
 
 @dataclasses.dataclass
 class OptimConfig:
-    lr: float = 1e-4                  # full fine-tune rate of the tiny model; LoRA configs use ~3e-4
-    weight_decay: float = 1e-4
-    betas: list[float] = dataclasses.field(default_factory=lambda: [0.9, 0.999])
-    grad_clip: float = 1.0
-    micro_batch: int = 0              # samples per forward/backward (0 = the whole batch)
-    warmup_steps: int = 0
-    decay: Literal["constant", "cosine", "linear"] = "constant"  # after the warm-up, to min_lr_ratio
-                                      # at the last of train.steps (a resume that changes train.steps
-                                      # changes the schedule)
-    min_lr_ratio: float = 0.0         # the decayed rate at the last step, as a share of lr
+    """AdamW and its learning-rate schedule."""
+
+    lr: float = opt(1e-4, "full fine-tune rate of the tiny model; LoRA configs use ~3e-4")
+    weight_decay: float = opt(1e-4, "AdamW decoupled weight decay")
+    betas: list[float] = opt([0.9, 0.999], "AdamW (beta1, beta2)")
+    grad_clip: float = opt(1.0, "largest gradient norm; larger gradients are scaled down to it")
+    micro_batch: int = opt(0, "samples per forward/backward (0 = the whole batch)")
+    warmup_steps: int = opt(0, "linear warm-up steps of the learning rate")
+    # a resume that changes train.steps changes the schedule
+    decay: Literal["constant", "cosine", "linear"] = opt("constant", "after the warm-up, to min_lr_ratio at the "
+                                                                     "last of train.steps")
+    min_lr_ratio: float = opt(0.0, "the decayed rate at the last step, as a share of lr")
 
 
 @dataclasses.dataclass
 class TrainConfig:
-    algorithm: Literal["nft", "refl"] = "nft"
-    steps: int = 220
-    seed: int = 0
-    time_budget_s: float = 0.0        # stop early (with a checkpoint) after this many seconds; 0 = off
-    eval_per_task: int = 24           # held-out conditions per task for the base/final summary
-    eval_every: int = 0               # held-out evaluation of the EMA every N steps (judge and ground
-                                      # truth into metrics.jsonl as heldout/*; 0 = only base and final)
-    sample_every: int = 20            # PNG sample grid every N steps
-    checkpoint_every: int = 20
-    keep_checkpoints: int = 2
-    ema_max_decay: float = 0.9        # evaluation EMA: decay = min((1 + s) / (10 + s), max)
-    max_bad_steps: int = 3            # consecutive non-finite losses before the run stops
-    tensorboard: bool = True
-    tracker: Literal["none", "wandb"] = "none"  # also log metrics and sample grids to Weights & Biases
-                                      # (WANDB_MODE=offline works without a network)
-    progress: bool = True
-    threads: int = 0                  # torch CPU threads (0 = torch's default)
+    """The training loop: algorithm, length, evaluation, checkpoints and logging."""
+
+    algorithm: Literal["nft", "refl"] = opt("nft", "nft: DiffusionNFT; refl: ReFL with a pairwise judge")
+    steps: int = opt(220, "optimiser steps")
+    seed: int = opt(0, "seed of initialisation, data order and noise")
+    time_budget_s: float = opt(0.0, "stop early (with a checkpoint) after this many seconds; 0 = off")
+    eval_per_task: int = opt(24, "held-out conditions per task for the base/final summary")
+    eval_every: int = opt(0, "held-out evaluation of the EMA every N steps (judge and ground truth into "
+                             "metrics.jsonl as heldout/*; 0 = only base and final)")
+    sample_every: int = opt(20, "PNG sample grid every N steps")
+    checkpoint_every: int = opt(20, "checkpoint every N steps (0 = only at the end)")
+    keep_checkpoints: int = opt(2, "the newest checkpoints kept (0 = keep all)")
+    ema_max_decay: float = opt(0.9, "evaluation EMA: decay = min((1 + s) / (10 + s), max)")
+    max_bad_steps: int = opt(3, "consecutive non-finite losses before the run stops")
+    tensorboard: bool = opt(True, "write TensorBoard logs under the run directory")
+    # WANDB_MODE=offline works without a network
+    tracker: Literal["none", "wandb"] = opt("none", "also log metrics and sample grids to Weights & Biases")
+    progress: bool = opt(True, "show a progress bar")
+    threads: int = opt(0, "torch CPU threads (0 = torch's default)")
 
 
 @dataclasses.dataclass
 class RunConfig:
-    model: ModelConfig = dataclasses.field(default_factory=ModelConfig)
-    data: DataConfig = dataclasses.field(default_factory=DataConfig)
-    judge: JudgeConfig = dataclasses.field(default_factory=JudgeConfig)
-    sampler: SamplerConfig = dataclasses.field(default_factory=SamplerConfig)
-    nft: NFTConfig = dataclasses.field(default_factory=NFTConfig)
-    refl: ReFLConfig = dataclasses.field(default_factory=ReFLConfig)
-    optim: OptimConfig = dataclasses.field(default_factory=OptimConfig)
-    train: TrainConfig = dataclasses.field(default_factory=TrainConfig)
+    """Everything `python -m rl.train` reads: one YAML file, or defaults plus --set overrides."""
+
+    model: ModelConfig = section(ModelConfig, "the editing policy being trained")
+    data: DataConfig = section(DataConfig, "the editing conditions")
+    judge: JudgeConfig = section(JudgeConfig, "the reward model")
+    sampler: SamplerConfig = section(SamplerConfig, "rollouts and evaluation images")
+    nft: NFTConfig = section(NFTConfig, "DiffusionNFT (train.algorithm = nft)")
+    refl: ReFLConfig = section(ReFLConfig, "ReFL (train.algorithm = refl)")
+    optim: OptimConfig = section(OptimConfig, "AdamW and its learning-rate schedule")
+    train: TrainConfig = section(TrainConfig, "the training loop")
 
 
 def load_config(path: str | None = None, overrides: list[str] | None = None) -> RunConfig:
+    """Defaults, updated by the YAML file at `path` (if any) and the overrides, then validated."""
     cfg = load_yaml(RunConfig, path, overrides)
     validate(cfg)
     return cfg
-

@@ -1,55 +1,25 @@
 """Every value check of a run config, in one place, before any work starts.
 
 `NUMERIC_RANGES` gives the allowed range of every number in `RunConfig` (a test asserts that no
-numeric key is missing from it, so a new key must declare its range); `validate` applies them and
-then the checks that relate several keys (paths, algorithm / judge combinations). Each error names
-the key, the allowed range and the value.
+numeric key is missing from it, so a new key must declare its range; `Range` is shared with the
+other entry points, core/config_schema.py); `validate` applies them and then the checks that relate
+several keys (paths, algorithm / judge combinations). Each error names the key, the allowed range
+and the value.
 """
 from __future__ import annotations
 
-import dataclasses
-import math
 from pathlib import Path
 from typing import Any
 
+from core.config_schema import POSITIVE as _POSITIVE
+from core.config_schema import UNIT as _UNIT
+from core.config_schema import Range, numeric_values  # noqa: F401  (re-exported)
+from core.config_schema import at_least as _at_least
+from core.config_schema import check_ranges as _check_ranges
 from core.tasks import TASKS
 
 from .config_io import ConfigError
 
-
-@dataclasses.dataclass(frozen=True)
-class Range:
-    """lo/hi bounds (None = unbounded); `open_lo`/`open_hi` exclude the bound itself."""
-
-    lo: float | None = None
-    hi: float | None = None
-    open_lo: bool = False
-    open_hi: bool = False
-    note: str = ""
-
-    def __contains__(self, x: float) -> bool:
-        if not math.isfinite(x):
-            return False
-        if self.lo is not None and (x < self.lo or (self.open_lo and x == self.lo)):
-            return False
-        if self.hi is not None and (x > self.hi or (self.open_hi and x == self.hi)):
-            return False
-        return True
-
-    def __str__(self) -> str:
-        left = "(" if self.open_lo or self.lo is None else "["
-        right = ")" if self.open_hi or self.hi is None else "]"
-        lo = "-inf" if self.lo is None else f"{self.lo:g}"
-        hi = "inf" if self.hi is None else f"{self.hi:g}"
-        return f"{left}{lo}, {hi}{right}" + (f" ({self.note})" if self.note else "")
-
-
-def _at_least(lo: float, note: str = "") -> Range:
-    return Range(lo=lo, note=note)
-
-
-_POSITIVE = Range(lo=0, open_lo=True)
-_UNIT = Range(0, 1)
 _DECAY = Range(0, 1, open_hi=True, note="1 would freeze the copy")
 
 #: allowed values of every numeric config key ("section.key"; a list's items share its range)
@@ -107,30 +77,9 @@ NUMERIC_RANGES: dict[str, Range] = {
 }
 
 
-def numeric_values(cfg: Any, prefix: str = "") -> dict[str, list[float]]:
-    """{"section.key": [numbers]} for every int / float (or list / dict of them) set in the tree."""
-    out: dict[str, list[float]] = {}
-    for f in dataclasses.fields(cfg):
-        key = f"{prefix}{f.name}"
-        value = getattr(cfg, f.name)
-        if dataclasses.is_dataclass(value):
-            out.update(numeric_values(value, key + "."))
-            continue
-        items = list(value.values()) if isinstance(value, dict) else value if isinstance(value, list) else [value]
-        numbers = [v for v in items if isinstance(v, (int, float)) and not isinstance(v, bool)]
-        if numbers:
-            out[key] = numbers
-    return out
-
-
 def check_ranges(cfg: Any) -> None:
-    for key, values in numeric_values(cfg).items():
-        allowed = NUMERIC_RANGES.get(key)
-        if allowed is None:
-            raise ConfigError(f"{key} has no declared range (rl/config_checks.py NUMERIC_RANGES)")
-        for v in values:
-            if v not in allowed:
-                raise ConfigError(f"{key} must be in {allowed}, got {v}")
+    """Every number of the run config inside its NUMERIC_RANGES entry (ConfigError naming the key)."""
+    _check_ranges(cfg, NUMERIC_RANGES, "rl/config_checks.py NUMERIC_RANGES")
 
 
 def validate(cfg) -> None:

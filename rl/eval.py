@@ -30,7 +30,7 @@ from .evaluate import EvalResult, generate_images, held_out_samples, score_image
 from .model_ref import resolve_model
 from .report import (gsb_counts, markdown, model_section, paired_section, plot_dimensions, plot_gsb,
                      plot_reward_vs_truth)
-from .run_log import save_sample_grid
+from .run_log import sample_label, save_sample_grid
 
 
 def _edit(spec: str, cfg: RunConfig, samples, device, label: str) -> tuple[torch.Tensor, str]:
@@ -97,11 +97,13 @@ def evaluate_models(cfg: RunConfig, model: str, against: str | None, out_dir: Pa
 
 
 def _grids(samples, results: dict[str, EvalResult], out_dir: Path, rows_per_task: int = 4) -> None:
+    """grid_<task>.png: source | mask | A | B, each row labelled with its task and prompt."""
     for task in dict.fromkeys(s.task for s in samples):
         idx = [i for i, s in enumerate(samples) if s.task == task][:rows_per_task]
         batch = collate([samples[i] for i in idx])
         save_sample_grid(out_dir / f"grid_{task}.png", batch.images, batch.masks,
-                         {name: r.images[idx] for name, r in results.items()})
+                         {name: r.images[idx] for name, r in results.items()},
+                         row_labels=[sample_label(samples[i].task, samples[i].prompt) for i in idx])
 
 
 def main(argv: list[str] | None = None) -> int:

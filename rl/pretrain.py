@@ -7,18 +7,20 @@ from (source, mask, prompt), x_t = (1 - t) x0 + t eps, loss = weighted MSE(v_pre
   of the path, where the velocity is hardest to predict (the SD3 finding); the uniform share keeps
   the ends trained, which few-step samplers visit on every call (their first step is at t = 1).
   Training does not bake in a shift, so the sampler's shift is chosen afterwards by evaluation.
-- Weighting: elements inside the mask count 1, the known region `--known-weight` (0.1): the sampler
+- Weighting: elements inside the mask count 1, the known region `known_weight` (0.1): the sampler
   overwrites the known region with the re-noised source at every step, so errors there never reach
   an image. Each sample is normalised by its own weight sum, so small masks (text) are not drowned.
 - The text encoder trains jointly; the saved model is the EMA of both networks.
 
-The output directory (default: the shipped assets, core/assets/tiny_fill) is written atomically:
-model, quality.json (held-out ground-truth metrics) and samples.png go to a temporary directory
-that then replaces the old one.
+The output directory (--out, required: `--out core/assets/tiny_fill` rebuilds the shipped model)
+is written atomically: model, quality.json (held-out ground-truth metrics) and samples.png go to a
+temporary directory that then replaces the old one. Settings are config keys (PretrainConfig):
+`--config FILE.yaml` and `--set KEY=VALUE`, listed with their defaults by `--help`.
 """
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import random
@@ -26,12 +28,16 @@ import shutil
 import sys
 import time
 from pathlib import Path
+from typing import Literal
 
 import torch
 from torch import Tensor
 from tqdm import tqdm
 
 from core import packing
+from core.config_cli import config_parser, parse_config
+from core.config_io import ConfigError
+from core.config_schema import POSITIVE, UNIT, Range, at_least, check_ranges, opt
 from core.image_io import image_grid, save_image
 from core.metrics import ground_truth_metrics, summarize
 from core.samplers import METHODS, sample_policy
@@ -48,48 +54,78 @@ QUALITY_FILE = "quality.json"
 GRID_FILE = "samples.png"
 
 
-def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(prog="python -m rl.pretrain", description=__doc__.split("\n\n")[0])
-    p.add_argument("--steps", type=int, default=4000, help="optimiser steps")
-    p.add_argument("--batch", type=int, default=32, help="edits per step")
-    p.add_argument("--lr", type=float, default=1e-3, help="peak learning rate (AdamW)")
-    p.add_argument("--warmup", type=int, default=200, help="linear warmup steps before the cosine decay")
-    p.add_argument("--weight-decay", type=float, default=0.01)
-    p.add_argument("--ema-decay", type=float, default=0.999, help="max EMA decay of the saved weights")
-    p.add_argument("--known-weight", type=float, default=0.1, help="loss weight of the known (unmasked) region")
-    p.add_argument("--seed", type=int, default=0, help="seed of initialisation, data order and noise")
-    p.add_argument("--world-seed", type=int, default=0, help="seed of the synthetic world")
+@dataclasses.dataclass
+class PretrainConfig:
+    """Every setting of `python -m rl.pretrain` (--config FILE.yaml, --set KEY=VALUE)."""
+
+    steps: int = opt(4000, "optimiser steps")
+    batch: int = opt(32, "edits per step")
+    lr: float = opt(1e-3, "peak learning rate (AdamW)")
+    warmup: int = opt(200, "linear warmup steps before the cosine decay")
+    weight_decay: float = opt(0.01, "AdamW weight decay of the matrices (norms and biases get none)")
+    ema_decay: float = opt(0.999, "max EMA decay of the saved weights")
+    known_weight: float = opt(0.1, "loss weight of the known (unmasked) region")
+    seed: int = opt(0, "seed of initialisation, data order and noise")
+    world_seed: int = opt(0, "seed of the synthetic world")
+    double_blocks: int = opt(DEFAULT_TRANSFORMER["num_layers"], "FLUX double-stream blocks")
+    single_blocks: int = opt(DEFAULT_TRANSFORMER["num_single_layers"], "FLUX single-stream blocks")
+    heads: int = opt(DEFAULT_TRANSFORMER["num_attention_heads"], "attention heads")
+    head_dim: int = opt(DEFAULT_TRANSFORMER["attention_head_dim"],
+                        "attention head dim (a multiple of 4, >= 8; split over the three rope axes)")
+    eval_per_task: int = opt(64, "held-out conditions per task for quality.json")
+    eval_steps: int = opt(8, "sampler steps for the evaluation (saved as the model's default)")
+    eval_method: Literal[METHODS] = opt("dpm2", "sampler for the evaluation (RL's default: dpm2)")
+    shift: float = opt(1.0, "static time shift of the sampler (saved as the default)")
+    threads: int = opt(0, "torch CPU threads (0 = torch's default)")
+    checkpoint_every: int = opt(250, "save the training state every N steps (0 = never), for --resume")
+    log_every: int = opt(250, "print a line with per-task losses every N steps")
+
+    def __post_init__(self) -> None:
+        check_ranges(self, RANGES, "rl/pretrain.py RANGES")
+        if self.head_dim % 4:
+            raise ConfigError(f"head_dim must be a multiple of 4 (three rope axes), got {self.head_dim}")
+        if self.double_blocks + self.single_blocks < 1:
+            raise ConfigError("the model needs a block: set double_blocks or single_blocks >= 1")
+
+
+#: allowed values of every numeric key of PretrainConfig (a test asserts that none is missing)
+RANGES: dict[str, Range] = {
+    "steps": at_least(1),
+    "batch": at_least(1),
+    "lr": Range(0, 1, open_lo=True),
+    "warmup": at_least(0),
+    "weight_decay": UNIT,
+    "ema_decay": Range(0, 1, open_hi=True, note="1 would freeze the saved weights"),
+    "known_weight": at_least(0, "the generated region weighs 1"),
+    "seed": at_least(0),
+    "world_seed": at_least(0),
+    "double_blocks": at_least(0),
+    "single_blocks": at_least(0),
+    "heads": at_least(1),
+    "head_dim": at_least(8, "a multiple of 4"),
+    "eval_per_task": at_least(1),
+    "eval_steps": Range(1, 1000),
+    "shift": POSITIVE,
+    "threads": at_least(0, "0 = torch's default"),
+    "checkpoint_every": at_least(0, "0 = never"),
+    "log_every": at_least(1),
+}
+
+
+def parser() -> argparse.ArgumentParser:
+    """The command line: the config keys plus where to write and how far to go."""
+    p = config_parser("python -m rl.pretrain", __doc__.split("\n\n")[0], PretrainConfig, ranges=RANGES,
+                      example="steps=2000")
     p.add_argument("--out", type=Path, required=True,
                    help="output model directory (required; to rebuild the shipped model, name it: "
                         "--out core/assets/tiny_fill)")
-    p.add_argument("--double-blocks", type=int, default=DEFAULT_TRANSFORMER["num_layers"], help="FLUX double-stream blocks")
-    p.add_argument("--single-blocks", type=int, default=DEFAULT_TRANSFORMER["num_single_layers"], help="FLUX single-stream blocks")
-    p.add_argument("--heads", type=int, default=DEFAULT_TRANSFORMER["num_attention_heads"], help="attention heads")
-    p.add_argument("--head-dim", type=int, default=DEFAULT_TRANSFORMER["attention_head_dim"],
-                   help="attention head dim (a multiple of 4, >= 8; split over the three rope axes)")
-    p.add_argument("--eval-per-task", type=int, default=64, help="held-out conditions per task for quality.json")
-    p.add_argument("--eval-steps", type=int, default=8, help="sampler steps for the evaluation")
-    p.add_argument("--eval-method", choices=METHODS, default="dpm2", help="sampler for the evaluation (RL's default: dpm2)")
-    p.add_argument("--shift", type=float, default=1.0, help="static time shift of the sampler (saved as the default)")
-    p.add_argument("--eval-only", action="store_true", help="evaluate the model in --out and rewrite its quality.json and grid")
-    p.add_argument("--threads", type=int, default=0, help="torch CPU threads (0 = torch's default)")
-    p.add_argument("--checkpoint-every", type=int, default=250,
-                   help="save the training state every N steps (0 = never), for --resume")
     p.add_argument("--resume", action="store_true",
                    help="continue from the saved training state of --out if there is one")
-    p.add_argument("--stop-after", type=int, default=0, help="stop after this step, keeping the state for --resume")
-    p.add_argument("--log-every", type=int, default=250, help="print a line with per-task losses every N steps")
-    args = p.parse_args(argv)
-    for name in ("steps", "batch", "eval_per_task", "eval_steps", "log_every"):
-        if getattr(args, name) < 1:
-            raise SystemExit(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
-    if not 0 <= args.ema_decay < 1:
-        raise SystemExit(f"--ema-decay must be in [0, 1), got {args.ema_decay}")
-    if args.head_dim < 8 or args.head_dim % 4:
-        raise SystemExit(f"--head-dim must be a multiple of 4 and >= 8, got {args.head_dim}")
-    if not args.shift > 0:
-        raise SystemExit(f"--shift must be > 0, got {args.shift}")
-    return args
+    p.add_argument("--stop-after", type=int, default=0, metavar="STEP",
+                   help="stop after this step, keeping the state for --resume (0 = run to the end)")
+    p.add_argument("--eval-only", action="store_true",
+                   help="evaluate the model in --out and rewrite its quality.json and grid")
+    return p
 
 
 def sample_times(n: int, generator: torch.Generator) -> Tensor:
@@ -164,11 +200,15 @@ def _save_state(path: Path, state: dict) -> None:
     write_atomically(path, lambda tmp: (tmp.mkdir(parents=True), save_tree(state, tmp)))
 
 
-def train(args: argparse.Namespace) -> tuple[TinyFillPolicy, dict] | None:
-    """Pretrain; returns (EMA policy, info), or None when stopped early by --stop-after."""
-    size = dict(num_layers=args.double_blocks, num_single_layers=args.single_blocks, num_attention_heads=args.heads,
-                attention_head_dim=args.head_dim, axes_dims_rope=rope_axes(args.head_dim))
-    policy = TinyFillPolicy.create(seed=args.seed, default_steps=args.eval_steps, default_shift=args.shift,
+def train(cfg: PretrainConfig, out: Path, *, resume: bool = False, stop_after: int = 0
+          ) -> tuple[TinyFillPolicy, dict] | None:
+    """Pretrain; returns (EMA policy, info), or None when stopped early by `stop_after`.
+
+    The training state lives next to `out` (`state_path`); `resume` continues from it.
+    """
+    size = dict(num_layers=cfg.double_blocks, num_single_layers=cfg.single_blocks, num_attention_heads=cfg.heads,
+                attention_head_dim=cfg.head_dim, axes_dims_rope=rope_axes(cfg.head_dim))
+    policy = TinyFillPolicy.create(seed=cfg.seed, default_steps=cfg.eval_steps, default_shift=cfg.shift,
                                    transformer=size)
     text_model = policy.prompt_encoder.text_model
     text_model.requires_grad_(True).train()
@@ -177,20 +217,20 @@ def train(args: argparse.Namespace) -> tuple[TinyFillPolicy, dict] | None:
     params.update({f"text_encoder.{n}": p for n, p in text_model.named_parameters()})
     decay = [p for p in params.values() if p.dim() >= 2]
     no_decay = [p for p in params.values() if p.dim() < 2]  # norms and biases
-    opt = torch.optim.AdamW([{"params": decay, "weight_decay": args.weight_decay},
-                             {"params": no_decay, "weight_decay": 0.0}], lr=args.lr)
+    optimizer = torch.optim.AdamW([{"params": decay, "weight_decay": cfg.weight_decay},
+                                   {"params": no_decay, "weight_decay": 0.0}], lr=cfg.lr)
     # total + 1: the cosine reaches 0 one step after the last (the schedule the shipped model used)
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: lr_factor(s, args.steps + 1, args.warmup, "cosine"))
+    sched = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_factor(s, cfg.steps + 1, cfg.warmup, "cosine"))
     ema = {n: p.detach().clone() for n, p in params.items()}
 
-    world = SyntheticWorld(seed=args.world_seed)
+    world = SyntheticWorld(seed=cfg.world_seed)
     mixture = TaskMixture({t: 1.0 for t in TASKS})
-    rng = random.Random(args.seed)
-    generator = torch.Generator().manual_seed(args.seed)
+    rng = random.Random(cfg.seed)
+    generator = torch.Generator().manual_seed(cfg.seed)
     first, smoothed, elapsed = 0, None, 0.0
-    saved = state_path(args.out)
-    settings = {k: getattr(args, k) for k in RESUME_KEYS}
-    if args.resume and has_tree(saved):
+    saved = state_path(out)
+    settings = {k: getattr(cfg, k) for k in RESUME_KEYS}
+    if resume and has_tree(saved):
         state = load_tree(saved)
         if state["settings"] != settings:
             diff = {k: (state["settings"].get(k), v) for k, v in settings.items() if state["settings"].get(k) != v}
@@ -200,38 +240,38 @@ def train(args: argparse.Namespace) -> tuple[TinyFillPolicy, dict] | None:
             for n, p in params.items():
                 p.copy_(state["params"][n])
                 ema[n].copy_(state["ema"][n])
-        opt.load_state_dict(state["optimizer"])
+        optimizer.load_state_dict(state["optimizer"])
         sched.load_state_dict(state["scheduler"])
         rng.setstate(state["rng"])
         generator.set_state(state["generator"])
         first, smoothed, elapsed = state["step"], state["smoothed"], state["elapsed"]
         tqdm.write(f"resuming from step {first} ({saved})", file=sys.stdout)
-    elif args.resume:
+    elif resume:
         tqdm.write(f"no saved state at {saved}: starting from step 0", file=sys.stdout)
 
     def snapshot(step: int) -> dict:
         return {"step": step, "settings": settings, "smoothed": smoothed, "elapsed": elapsed + time.time() - start,
                 "params": {n: p.detach().clone() for n, p in params.items()}, "ema": ema,
-                "optimizer": opt.state_dict(), "scheduler": sched.state_dict(), "rng": rng.getstate(),
+                "optimizer": optimizer.state_dict(), "scheduler": sched.state_dict(), "rng": rng.getstate(),
                 "generator": generator.get_state()}
 
     task_loss = {t: [] for t in TASKS}
     start = time.time()
-    bar = tqdm(range(first, args.steps), initial=first, total=args.steps, desc="pretrain", dynamic_ncols=True,
+    bar = tqdm(range(first, cfg.steps), initial=first, total=cfg.steps, desc="pretrain", dynamic_ncols=True,
                mininterval=2.0)
     for step in bar:
-        batch = collate(world.batch(mixture.sample(rng, args.batch), rng))
-        per_sample = flow_matching_loss(policy, batch, generator, args.known_weight)
+        batch = collate(world.batch(mixture.sample(rng, cfg.batch), rng))
+        per_sample = flow_matching_loss(policy, batch, generator, cfg.known_weight)
         loss = per_sample.mean()
         if not torch.isfinite(loss):
-            raise RuntimeError(f"non-finite loss at step {step}: lower --lr")
-        opt.zero_grad(set_to_none=True)
+            raise RuntimeError(f"non-finite loss at step {step}: lower lr (--set lr=...)")
+        optimizer.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(list(params.values()), 1.0)
-        opt.step()
+        optimizer.step()
         sched.step()
         with torch.no_grad():
-            d = min(args.ema_decay, (1 + step) / (10 + step))
+            d = min(cfg.ema_decay, (1 + step) / (10 + step))
             for n, p in params.items():
                 ema[n].lerp_(p.detach(), 1 - d)
         for task, value in zip(batch.tasks, per_sample.tolist()):
@@ -239,16 +279,16 @@ def train(args: argparse.Namespace) -> tuple[TinyFillPolicy, dict] | None:
         smoothed = loss.item() if smoothed is None else 0.98 * smoothed + 0.02 * loss.item()
         bar.set_postfix(loss=f"{smoothed:.4f}", lr=f"{sched.get_last_lr()[0]:.2e}", refresh=False)
         done = step + 1
-        if done % args.log_every == 0 or done == args.steps:
+        if done % cfg.log_every == 0 or done == cfg.steps:
             per_task = "  ".join(f"{t}={sum(v) / max(len(v), 1):.4f}" for t, v in task_loss.items())
-            tqdm.write(f"step {done}/{args.steps}  loss {smoothed:.4f}  {per_task}  "
+            tqdm.write(f"step {done}/{cfg.steps}  loss {smoothed:.4f}  {per_task}  "
                        f"{elapsed + time.time() - start:.0f}s", file=sys.stdout)
             task_loss = {t: [] for t in TASKS}
-        if done == args.stop_after:
+        if done == stop_after:
             _save_state(saved, snapshot(done))
             tqdm.write(f"stopped after step {done}; continue with --resume", file=sys.stdout)
             return None
-        if args.checkpoint_every and done % args.checkpoint_every == 0 and done < args.steps:
+        if cfg.checkpoint_every and done % cfg.checkpoint_every == 0 and done < cfg.steps:
             _save_state(saved, snapshot(done))
     with torch.no_grad():  # the saved model is the EMA
         for n, p in params.items():
@@ -256,8 +296,8 @@ def train(args: argparse.Namespace) -> tuple[TinyFillPolicy, dict] | None:
     text_model.requires_grad_(False).eval()
     policy.model.eval()
     policy.prompt_encoder.clear_cache()
-    info = {"steps": args.steps, "batch": args.batch, "lr": args.lr, "seed": args.seed,
-            "world_seed": args.world_seed, "known_weight": args.known_weight, "ema_decay": args.ema_decay,
+    info = {"steps": cfg.steps, "batch": cfg.batch, "lr": cfg.lr, "seed": cfg.seed,
+            "world_seed": cfg.world_seed, "known_weight": cfg.known_weight, "ema_decay": cfg.ema_decay,
             "transformer": {k: list(v) if isinstance(v, tuple) else v for k, v in size.items()},
             "parameters": sum(p.numel() for p in policy.model.parameters()),
             "final_loss": round(smoothed, 5), "minutes": round((elapsed + time.time() - start) / 60, 1)}
@@ -282,24 +322,29 @@ def write_atomically(out: Path, fill) -> None:
 
 
 def main(argv: list[str] | None = None) -> None:
-    args = parse_args(argv)
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    world = SyntheticWorld(seed=args.world_seed)
+    """`python -m rl.pretrain --out DIR [--config FILE.yaml] [--set KEY=VALUE ...] [...]`."""
+    p = parser()
+    args, cfg = parse_config(p, PretrainConfig, argv)
+    if args.stop_after < 0:
+        p.error(f"--stop-after must be >= 0, got {args.stop_after}")
+    out: Path = args.out
+    if cfg.threads:
+        torch.set_num_threads(cfg.threads)
+    world = SyntheticWorld(seed=cfg.world_seed)
     if args.eval_only:
-        policy = TinyFillPolicy.from_pretrained(args.out)
-        previous = json.loads((args.out / QUALITY_FILE).read_text()) if (args.out / QUALITY_FILE).is_file() else {}
+        policy = TinyFillPolicy.from_pretrained(out)
+        previous = json.loads((out / QUALITY_FILE).read_text()) if (out / QUALITY_FILE).is_file() else {}
         info = previous.get("training", {})
-        policy.default_steps, policy.default_shift = args.eval_steps, args.shift
+        policy.default_steps, policy.default_shift = cfg.eval_steps, cfg.shift
     else:
-        trained = train(args)
+        trained = train(cfg, out, resume=args.resume, stop_after=args.stop_after)
         if trained is None:
             return
         policy, info = trained
-    summary, grid = evaluate(policy, world, per_task=args.eval_per_task, steps=args.eval_steps, shift=args.shift,
-                             method=args.eval_method)
-    quality = {"held_out_per_task": args.eval_per_task,
-               "sampler": {"method": args.eval_method, "steps": args.eval_steps, "shift": args.shift, "blend": True},
+    summary, grid = evaluate(policy, world, per_task=cfg.eval_per_task, steps=cfg.eval_steps, shift=cfg.shift,
+                             method=cfg.eval_method)
+    quality = {"held_out_per_task": cfg.eval_per_task,
+               "sampler": {"method": cfg.eval_method, "steps": cfg.eval_steps, "shift": cfg.shift, "blend": True},
                "metrics": {t: {k: round(v, 4) for k, v in m.items()} for t, m in summary.items()},
                "training": info}
 
@@ -308,10 +353,10 @@ def main(argv: list[str] | None = None) -> None:
         (tmp / QUALITY_FILE).write_text(json.dumps(quality, indent=2) + "\n")
         save_image(grid, tmp / GRID_FILE)
 
-    write_atomically(args.out, fill)
-    shutil.rmtree(state_path(args.out), ignore_errors=True)
+    write_atomically(out, fill)
+    shutil.rmtree(state_path(out), ignore_errors=True)
     print(format_table(summary))
-    print(f"saved to {args.out}")
+    print(f"saved to {out}")
 
 
 if __name__ == "__main__":

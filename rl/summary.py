@@ -69,8 +69,10 @@ def _base_images(base, n: int) -> Tensor | None:
     return (base.images if isinstance(base, EvalResult) else base["images"])[:n]
 
 
-def grid_columns(trainer, base) -> tuple[Tensor, Tensor, dict[str, Tensor]]:
-    """Rows for the sample grid: a few held-out conditions per task, base vs current (EMA)."""
+def grid_columns(trainer, base) -> tuple[Tensor, Tensor, dict[str, Tensor], list]:
+    """Rows for the sample grid: a few held-out conditions per task, base vs current (EMA).
+
+    Returns sources, masks, the named image columns, and the samples of the rows (for their labels)."""
     from core.world import collate
 
     from .builders import rollout_sigmas
@@ -92,7 +94,7 @@ def grid_columns(trainer, base) -> tuple[Tensor, Tensor, dict[str, Tensor]]:
     if base_imgs is not None:
         columns["base"] = base_imgs[chosen]
     columns["current"] = current
-    return batch.images, batch.masks, columns
+    return batch.images, batch.masks, columns, rows
 
 
 def _reward_of(result) -> Tensor:

@@ -13,7 +13,6 @@ trained policy, loadable with diffusers/transformers).
 """
 from __future__ import annotations
 
-import argparse
 import datetime
 import json
 import os
@@ -32,7 +31,7 @@ from .config_io import ConfigError, to_dict
 from .distributed import DistContext, init_distributed, shutdown
 from .model_card import write_model_card
 from .run_dir import RunDirError, check_resume_config, new_run_dir, run_id_of
-from .run_log import RunLog, save_sample_grid
+from .run_log import RunLog, require_tracker, sample_label, save_sample_grid
 from .summary import final_summary
 
 
@@ -91,6 +90,10 @@ def run(config: RunConfig, out_dir: str | os.PathLike | None = None, resume: str
     the run in that directory from its latest checkpoint, refusing config changes outside
     rl.run_dir.RESUMABLE_KEYS."""
     cfg = config
+    try:  # before any work: a missing tracker package should not surface after the model is built
+        require_tracker(cfg.train.tracker)
+    except ImportError as err:
+        raise ConfigError(str(err)) from err
     if cfg.train.threads:
         torch.set_num_threads(cfg.train.threads)
     ctx = ctx or init_distributed(cfg.model.device)
@@ -118,7 +121,8 @@ def run(config: RunConfig, out_dir: str | os.PathLike | None = None, resume: str
         trainer.load_state_dict(state)
         restore_rng_states(state["rng"])
         start = state["step"] + 1
-    log = RunLog(run_dir, tensorboard=cfg.train.tensorboard, resume_step=start - 1) if ctx.is_main else None
+    log = RunLog(run_dir, tensorboard=cfg.train.tensorboard, resume_step=start - 1, tracker=cfg.train.tracker,
+                 config=to_dict(cfg)) if ctx.is_main else None
 
     base = None
     if ctx.is_main and cfg.train.eval_per_task > 0:
@@ -166,7 +170,7 @@ def run(config: RunConfig, out_dir: str | os.PathLike | None = None, resume: str
             over_budget = cfg.train.time_budget_s > 0 and ctx.broadcast_object(  # rank 0's clock decides for all
                 time.perf_counter() - t_start > cfg.train.time_budget_s)
             if ctx.is_main and cfg.train.sample_every and (step % cfg.train.sample_every == 0 or last):
-                _sample_grid(trainer, run_dir, step, base)
+                _sample_grid(trainer, run_dir, step, base, log)
             if (cfg.train.checkpoint_every and (step + 1) % cfg.train.checkpoint_every == 0) or last or over_budget:
                 _save(trainer, run_dir, step, cfg, ctx)
             if over_budget:
@@ -245,12 +249,16 @@ def _periodic_eval(trainer, step: int) -> dict[str, Any]:
     return out
 
 
-def _sample_grid(trainer, run_dir: Path, step: int, base) -> None:
+def _sample_grid(trainer, run_dir: Path, step: int, base, log: RunLog | None = None) -> None:
+    """samples/step-*.png (labelled with each row's task and prompt), also sent to the run's trackers."""
     from .summary import grid_columns
 
-    sources, masks, columns = grid_columns(trainer, base)
+    sources, masks, columns, rows = grid_columns(trainer, base)
     (run_dir / "samples").mkdir(exist_ok=True)
-    save_sample_grid(run_dir / "samples" / f"step-{step:06d}.png", sources, masks, columns)
+    grid = save_sample_grid(run_dir / "samples" / f"step-{step:06d}.png", sources, masks, columns,
+                            row_labels=[sample_label(s.task, s.prompt) for s in rows])
+    if log is not None:
+        log.log_images(step, {"samples": grid})
 
 
 def _progress(cfg: RunConfig, ctx: DistContext, start: int):
@@ -263,11 +271,14 @@ def _progress(cfg: RunConfig, ctx: DistContext, start: int):
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m rl.train", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--config", help="YAML config (default: the built-in tiny NFT job)")
-    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
-                        help="override a config key, e.g. --set optim.lr=1e-4 (repeatable)")
+    """The command line (see the module docstring); returns the exit status."""
+    from core.config_cli import config_parser
+
+    from .config_checks import NUMERIC_RANGES
+
+    parser = config_parser("python -m rl.train", __doc__, RunConfig, ranges=NUMERIC_RANGES, example="optim.lr=1e-4",
+                           config_help="YAML config (default: the built-in tiny NFT job; with --resume: "
+                                       "the run's config.yaml)")
     parser.add_argument("--out", help="run directory (default: runs/<algorithm>-<time>); must be new or empty")
     parser.add_argument("--fresh", action="store_true",
                         help="--out holds an earlier run: move it to <out>.replaced-<time> and start over")

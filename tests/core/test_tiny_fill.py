@@ -206,12 +206,12 @@ def test_flow_matching_loss_learns_a_fixed_batch(world):
 
 
 def test_pretrain_command_resumes_exactly_and_writes_a_loadable_model(tmp_path):
-    argv = ["--steps", "4", "--batch", "3", "--eval-per-task", "2", "--eval-steps", "2", "--log-every", "1"]
+    argv = [a for kv in ("steps=4", "batch=3", "eval_per_task=2", "eval_steps=2", "log_every=1") for a in ("--set", kv)]
     pretrain.main(argv + ["--out", str(tmp_path / "a")])
     pretrain.main(argv + ["--out", str(tmp_path / "b"), "--stop-after", "2"])
     assert not (tmp_path / "b").exists() and pretrain.state_path(tmp_path / "b").is_dir()
     with pytest.raises(ValueError, match="other settings"):
-        pretrain.main(argv[:-2] + ["--log-every", "1", "--out", str(tmp_path / "b"), "--resume", "--lr", "0.1"])
+        pretrain.main(argv + ["--out", str(tmp_path / "b"), "--resume", "--set", "lr=0.1"])
     pretrain.main(argv + ["--out", str(tmp_path / "b"), "--resume"])
     quality = json.loads((tmp_path / "a" / "quality.json").read_text())
     assert set(quality["metrics"]) == set(TASKS) and quality["training"]["steps"] == 4

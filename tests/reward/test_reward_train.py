@@ -82,9 +82,12 @@ def test_command_line_with_a_plugged_in_demo_builder(tmp_path, monkeypatch, caps
     demo.build_demo_data = build_demo_data
     monkeypatch.setitem(sys.modules, "onejudge_test_demo", demo)
     (tmp_path / "short.yaml").write_text("".join(f"{k}: {json.dumps(v)}\n" for k, v in SHORT.items()))
-    result = main(["--out", str(tmp_path / "run"), "--demo-builder", "onejudge_test_demo:build_demo_data", "--demo-pairs", "8",
-                   "--label-noise", "0.25", "--tiny-preset", "test", "--no-lora", "--epochs", "1",
-                   "--batch-size", "4", "--lr", "1e-3", "--templates", str(tmp_path / "short.yaml"), "--no-progress"])
+    # some keys from a config file, the rest (and one the file also sets) from --set
+    (tmp_path / "config.yaml").write_text("demo_builder: onejudge_test_demo:build_demo_data\ndemo_pairs: 8\n"
+                                          "tiny_preset: test\nepochs: 3\n")
+    result = main(["--out", str(tmp_path / "run"), "--config", str(tmp_path / "config.yaml"),
+                   "--set", "label_noise=0.25", "--set", "lora=false", "--set", "epochs=1", "--set", "batch_size=4",
+                   "--set", "lr=1e-3", "--set", f"templates={tmp_path / 'short.yaml'}", "--set", "progress=false"])
     printed = capsys.readouterr().out
     assert "held-out pairwise accuracy before training" in printed and "judge saved to" in printed
     assert (result.judge_dir / "model.safetensors").is_file() and (result.judge_dir / "tokenizer.json").is_file()
@@ -94,7 +97,7 @@ def test_command_line_with_a_plugged_in_demo_builder(tmp_path, monkeypatch, caps
 
 
 def test_clear_errors(tmp_path):
-    with pytest.raises(ValueError, match="pass --data"):
+    with pytest.raises(ValueError, match="--set data=FILE.jsonl"):
         train_reward_model(RewardTrainConfig(out=str(tmp_path), demo_builder="no_such_module:build"))
     with pytest.raises(ValueError, match="heldout_fraction"):
         RewardTrainConfig(heldout_fraction=1.0)

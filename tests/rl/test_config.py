@@ -133,7 +133,7 @@ def test_every_config_key_is_read_by_the_code():
     from rl.config import RunConfig
 
     root = Path(__file__).parents[2]
-    defining = {"config.py", "config_checks.py", "config_io.py"}
+    defining = {"config.py", "config_checks.py", "config_io.py", "config_schema.py", "config_cli.py"}
     source = "\n".join(p.read_text() for pkg in ("core", "reward", "rl") for p in (root / pkg).rglob("*.py")
                        if p.name not in defining)
 
@@ -147,6 +147,34 @@ def test_every_config_key_is_read_by_the_code():
 
     unread = [key for key, name in fields(RunConfig) if not re.search(rf"\.{name}\b", source)]
     assert unread == []
+
+
+def test_every_config_key_has_a_one_line_meaning():
+    """--help and the source read the same text: opt(default, meaning) in rl/config.py."""
+    import dataclasses
+    import typing
+
+    def fields(cls, prefix=""):
+        hints = typing.get_type_hints(cls)
+        for f in dataclasses.fields(cls):
+            yield f"{prefix}{f.name}", f
+            inner = [a for a in (hints[f.name], *typing.get_args(hints[f.name])) if dataclasses.is_dataclass(a)]
+            if inner:
+                yield from fields(inner[0], f"{prefix}{f.name}.")
+
+    meanings = {key: f.metadata.get("help", "") for key, f in fields(RunConfig)}
+    assert len(meanings) > 90
+    assert [k for k, m in meanings.items() if not m.strip() or "\n" in m] == []
+    assert meanings["optim.lr"].startswith("full fine-tune rate of the tiny model")
+
+
+def test_help_text_does_not_change_the_config_values():
+    """Declaring meanings with opt() kept every default; lists and dicts are per instance."""
+    a, b = RunConfig(), RunConfig()
+    a.optim.betas.append(0.5)
+    a.data.mixture["fill"] = 0.0
+    assert b.optim.betas == [0.9, 0.999] and b.data.mixture["fill"] == 0.4
+    assert b.model.lora is None and b.nft.tau_mean == 0.9 and b.train.steps == 220
 
 
 def test_eval_every_adds_held_out_scores_to_the_metrics(quick, tmp_path):
