@@ -13,7 +13,11 @@ from dataclasses import dataclass
 import torch
 
 import kernels
-from kernels.reference import group_rewards_reference, masked_blend_step_reference, nft_loss_reference
+from kernels.reference import (
+    group_rewards_reference,
+    masked_blend_step_reference,
+    nft_loss_reference,
+)
 
 from . import timing
 

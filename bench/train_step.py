@@ -16,10 +16,15 @@ COLUMNS = [("groups x size", "batch", "{}"), ("sampler steps", "steps", "{}"), (
 
 
 def run(device: torch.device, quick: bool, log) -> list[dict]:
-    from rl.builders import build_data, build_judge, build_policy, rollout_sigmas
-    from rl.config import load_config
-    from rl.distributed import DistContext
-    from rl.nft import NFTTrainer
+    from rl.algorithms.nft import NFTTrainer
+    from rl.plumbing.builders import (
+        build_data,
+        build_judge,
+        build_policy,
+        rollout_sigmas,
+    )
+    from rl.plumbing.config import load_config
+    from rl.plumbing.distributed import DistContext
 
     shapes = [(2, 8)] if quick else [(2, 8), (6, 8), (12, 8)]
     repeats = 2 if quick else 4

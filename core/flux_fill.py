@@ -73,7 +73,10 @@ def check_attention_backend(name: str, *, local_files_only: bool = True,
                             device: str | torch.device | None = None) -> str:
     """Validate a diffusers attention backend name, that its package is importable and, when
     `device` is given, that the backend runs there (most fused backends have no CPU kernel)."""
-    from diffusers.models.attention_dispatch import AttentionBackendName, _check_attention_backend_requirements
+    from diffusers.models.attention_dispatch import (
+        AttentionBackendName,
+        _check_attention_backend_requirements,
+    )
 
     valid = sorted(b.value for b in AttentionBackendName)
     if name not in valid:

@@ -120,7 +120,9 @@ def build_tokenizer(vocab_size: int = 600):
 
 def build_image_processor(spec: TinyVLMSpec):
     """The PIL-backend Qwen2-VL image processor (Qwen3-VL uses the same one with mean = std = 0.5)."""
-    from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
+    from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import (
+        Qwen2VLImageProcessorPil,
+    )
 
     norm = dict(image_mean=[0.5] * 3, image_std=[0.5] * 3) if spec.family == "qwen3_vl" else {}
     return Qwen2VLImageProcessorPil(patch_size=spec.patch_size, merge_size=spec.merge_size, temporal_patch_size=2,

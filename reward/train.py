@@ -37,7 +37,12 @@ from core.config_schema import POSITIVE, UNIT, Range, at_least, check_ranges, op
 from core.tasks import DIMENSIONS, TASKS
 
 from .judge import JudgeRequest
-from .preference_data import PreferencePair, PreferenceRecord, load_pair, read_preferences
+from .preference_data import (
+    PreferencePair,
+    PreferenceRecord,
+    load_pair,
+    read_preferences,
+)
 from .vlm_judge import TransformersJudge
 from .vlm_parts import VLMParts, load_vlm, resolve_dtype
 

@@ -22,7 +22,12 @@ from torch import Tensor
 
 from .judge import Judge, JudgeRequest, Mode, check_mode, check_scores
 from .labels import label_token_id, label_token_ids, scores_from_label_probs  # noqa: F401 - re-exported
-from .prompts import Conversation, JudgeTemplates, build_conversations, conversation_images
+from .prompts import (
+    Conversation,
+    JudgeTemplates,
+    build_conversations,
+    conversation_images,
+)
 from .views import JudgeView
 from .vlm_inputs import VisionSpec, encode_conversations
 from .vlm_parts import VLMParts, load_vlm, resolve_dtype

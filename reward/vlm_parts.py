@@ -48,7 +48,11 @@ class VLMParts:
 def load_vlm(path: str | os.PathLike, *, dtype: torch.dtype | str | None = None,
              device: torch.device | str | None = None, attn_implementation: str | None = None) -> VLMParts:
     """Load a chat VLM from a local directory or an already cached Hub id, without downloading."""
-    from transformers import AutoImageProcessor, AutoModelForImageTextToText, AutoTokenizer
+    from transformers import (
+        AutoImageProcessor,
+        AutoModelForImageTextToText,
+        AutoTokenizer,
+    )
 
     name = os.fspath(path)
     looks_like_path = (Path(name).is_absolute() or name.startswith(".") or name.count("/") > 1

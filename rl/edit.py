@@ -9,11 +9,11 @@ The mask is white (1) where the model generates and black where the image is kep
 another size must have exactly the image's aspect ratio (a 32x24 mask for a 128x96 image).
 
 Sampler settings. By default an edit is sampled exactly as the run's held-out evaluation samples
-(rl.summary.evaluate_weights): the run's `sampler.method` ("sde" rollouts evaluate with its
+(rl.evaluation.run_summary.evaluate_weights): the run's `sampler.method` ("sde" rollouts evaluate with its
 deterministic limit, "euler"), `sampler.eval_steps` and `sampler.shift`, read from the
-config.yaml of a run or checkpoint directory, or rl.config.RunConfig's defaults (dpm2, 8 steps,
+config.yaml of a run or checkpoint directory, or rl.plumbing.config.RunConfig's defaults (dpm2, 8 steps,
 the model's own shift) for `base` and model directories. --steps, --sampler and --shift override
-them. The output equals what rl.evaluate.generate_images gives for the same condition and noise.
+them. The output equals what rl.evaluation.heldout.generate_images gives for the same condition and noise.
 
 Noise. The starting noise is drawn from (seed, a fixed key), independently of the image and of the
 other images in a batch: the same image, mask, prompt and seed give the same output alone or
@@ -83,7 +83,14 @@ import torch
 from PIL import Image
 from torch import Tensor
 
-from core.image_io import load_image, load_mask, resize_image, resize_mask, to_pil, to_tensor
+from core.image_io import (
+    load_image,
+    load_mask,
+    resize_image,
+    resize_mask,
+    to_pil,
+    to_tensor,
+)
 from core.masks import validate_mask
 from core.tasks import EXTEND_NO_PROMPT, REMOVAL_PROMPT, TASKS
 from core.world import EditSample
@@ -91,7 +98,7 @@ from core.world import EditSample
 #: what an image or mask may be given as: a path, a PIL image or a float tensor ([3,H,W] / [1,H,W])
 ImageLike = Union[str, os.PathLike, Image.Image, Tensor]
 
-#: the noise of every edit is drawn from (seed, NOISE_KEY) (rl.evaluate keys it by condition)
+#: the noise of every edit is drawn from (seed, NOISE_KEY) (rl.evaluation.heldout keys it by condition)
 NOISE_KEY = "rl.edit"
 METHODS = ("euler", "dpm2")
 _DEFAULT_PROMPTS = {"removal": REMOVAL_PROMPT, "extend": EXTEND_NO_PROMPT}
@@ -257,8 +264,8 @@ class Editor:
         self.size, self.device = size, device
 
     def sigmas(self, steps: int | None = None, shift: float | None = None) -> Tensor:
-        """The step times, as rl.builders.rollout_sigmas gives them for the run's policy."""
-        from .builders import rollout_sigmas
+        """The step times, as rl.plumbing.builders.rollout_sigmas gives them for the run's policy."""
+        from rl.plumbing.builders import rollout_sigmas
 
         steps = self.steps if steps is None else steps
         shift = self.shift if shift is None else shift
@@ -306,7 +313,7 @@ class Editor:
         checked before anything is sampled (EditError naming the problem and the fix). Returns RGB
         PIL images at the working resolution, or at each input's size with `keep_size` (the
         input's pixels outside the mask). `noise_keys` replaces NOISE_KEY per image (give a
-        held-out sample's key to reproduce rl.evaluate's image of it)."""
+        held-out sample's key to reproduce rl.evaluation.heldout's image of it)."""
         check_sampler(steps, method, shift)
         items = self.prepare(images, masks, prompts, task)
         n = len(items)
@@ -326,8 +333,8 @@ class Editor:
 
     def generate(self, samples: list[EditSample], seeds: Sequence[int], *, steps: int | None = None,
                  method: str | None = None, shift: float | None = None, batch_size: int = 16) -> Tensor:
-        """Images [N, 3, h, w] for prepared samples: rl.evaluate.generate_images, one call per seed."""
-        from .evaluate import generate_images
+        """Images [N, 3, h, w] for prepared samples: rl.evaluation.heldout.generate_images, one call per seed."""
+        from rl.evaluation.heldout import generate_images
 
         sigmas = self.sigmas(steps, shift)
         method = self.method if method is None else method
@@ -343,8 +350,8 @@ class Editor:
 
 def run_settings(model: str | os.PathLike):
     """The RunConfig a model spec was trained with: its run's or checkpoint's config.yaml, else the
-    defaults of rl.config.RunConfig (for `base` and model directories)."""
-    from .config import RunConfig, load_config
+    defaults of rl.plumbing.config.RunConfig (for `base` and model directories)."""
+    from rl.plumbing.config import RunConfig, load_config
 
     stored = Path(model) / "config.yaml"
     if str(model) != "base" and stored.is_file():
@@ -359,10 +366,9 @@ def load_editor(model: str | os.PathLike = "base", device: str | torch.device | 
     The sampler defaults to the run's evaluation settings (see the module docstring); `steps`,
     `method` and `shift` override them. `device`: "cpu", "cuda", "auto" or None (the run's
     model.device)."""
-    from .distributed import resolve_device
-    from .model_ref import resolve_model
-
-    from .config_io import ConfigError
+    from core.config_io import ConfigError
+    from rl.plumbing.distributed import resolve_device
+    from rl.plumbing.model_ref import resolve_model
 
     check_sampler(steps, method, shift)
     try:

@@ -20,17 +20,28 @@ from typing import Any
 
 import torch
 
+from core.config_io import ConfigError
 from core.world import collate
-
-from .builders import build_data, build_judge, rollout_sigmas
-from .config import RunConfig, load_config
-from .config_io import ConfigError
-from .distributed import resolve_device
-from .evaluate import EvalResult, generate_images, held_out_samples, score_images
-from .model_ref import resolve_model
-from .report import (gsb_counts, markdown, model_section, paired_section, plot_dimensions, plot_gsb,
-                     plot_reward_vs_truth)
-from .run_log import sample_label, save_sample_grid
+from rl.evaluation.heldout import (
+    EvalResult,
+    generate_images,
+    held_out_samples,
+    score_images,
+)
+from rl.evaluation.report import (
+    gsb_counts,
+    markdown,
+    model_section,
+    paired_section,
+    plot_dimensions,
+    plot_gsb,
+    plot_reward_vs_truth,
+)
+from rl.plumbing.builders import build_data, build_judge, rollout_sigmas
+from rl.plumbing.config import RunConfig, load_config
+from rl.plumbing.distributed import resolve_device
+from rl.plumbing.model_ref import resolve_model
+from rl.plumbing.run_log import sample_label, save_sample_grid
 
 
 def _edit(spec: str, cfg: RunConfig, samples, device, label: str) -> tuple[torch.Tensor, str]:
@@ -50,7 +61,7 @@ def pairwise_preference(judge, samples, a: torch.Tensor, b: torch.Tensor, batch:
     """P(A better than B) per condition, averaged over the task's dimensions. Position bias is the
     judge's business: with judge.both_orders it asks each question in both orders (the one place
     where "both orders" is decided)."""
-    from .rewards import judge_images
+    from rl.algorithms.reward_scoring import judge_images
 
     out = []
     for start in range(0, len(samples), batch):

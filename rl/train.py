@@ -23,16 +23,23 @@ from typing import Any
 
 import torch
 
-from .builders import build_data, build_judge, build_policy, rollout_sigmas
-from .checkpoint import (CheckpointError, disk_error, latest_checkpoint, load_checkpoint, remove_stale_temporaries,
-                         restore_rng_states, save_checkpoint)
-from .config import RunConfig, load_config
-from .config_io import ConfigError, to_dict
-from .distributed import DistContext, init_distributed, shutdown
-from .model_card import write_model_card
-from .run_dir import RunDirError, check_resume_config, new_run_dir, run_id_of
-from .run_log import RunLog, require_tracker, sample_label, save_sample_grid
-from .summary import final_summary
+from core.config_io import ConfigError, to_dict
+from rl.evaluation.model_card import write_model_card
+from rl.evaluation.run_summary import final_summary
+from rl.plumbing.builders import build_data, build_judge, build_policy, rollout_sigmas
+from rl.plumbing.checkpoint import (
+    CheckpointError,
+    disk_error,
+    latest_checkpoint,
+    load_checkpoint,
+    remove_stale_temporaries,
+    restore_rng_states,
+    save_checkpoint,
+)
+from rl.plumbing.config import RunConfig, load_config
+from rl.plumbing.distributed import DistContext, init_distributed, shutdown
+from rl.plumbing.run_dir import RunDirError, check_resume_config, new_run_dir, run_id_of
+from rl.plumbing.run_log import RunLog, require_tracker, sample_label, save_sample_grid
 
 
 class RunStopped(RuntimeError):
@@ -40,8 +47,8 @@ class RunStopped(RuntimeError):
 
 
 def make_trainer(cfg: RunConfig, ctx: DistContext):
-    from .nft import NFTTrainer
-    from .refl import ReFLTrainer
+    from rl.algorithms.nft import NFTTrainer
+    from rl.algorithms.refl import ReFLTrainer
 
     policy = build_policy(cfg.model, ctx.device, image_size=cfg.data.image_size)
     judge = build_judge(cfg.judge, ctx.device)
@@ -88,7 +95,7 @@ def run(config: RunConfig, out_dir: str | os.PathLike | None = None, resume: str
 
     `out_dir` must be new or empty (`fresh=True` moves an existing one aside); `resume` continues
     the run in that directory from its latest checkpoint, refusing config changes outside
-    rl.run_dir.RESUMABLE_KEYS."""
+    rl.plumbing.run_dir.RESUMABLE_KEYS."""
     cfg = config
     try:  # before any work: a missing tracker package should not surface after the model is built
         require_tracker(cfg.train.tracker)
@@ -221,8 +228,13 @@ def _save(trainer, run_dir: Path, step: int, cfg: RunConfig, ctx: DistContext) -
 
 def _cached_base_eval(trainer, run_dir: Path):
     """Evaluate the initial weights once per run (a resumed run reuses the stored result)."""
-    from .summary import eval_fingerprint, evaluate_weights, load_eval, save_eval
-    from .tensor_store import has_tree
+    from rl.evaluation.run_summary import (
+        eval_fingerprint,
+        evaluate_weights,
+        load_eval,
+        save_eval,
+    )
+    from rl.plumbing.tensor_store import has_tree
 
     path = run_dir / "eval_base"
     fingerprint = eval_fingerprint(trainer.cfg)
@@ -239,7 +251,7 @@ def _cached_base_eval(trainer, run_dir: Path):
 
 def _periodic_eval(trainer, step: int) -> dict[str, Any]:
     """Held-out judge reward (and ground truth where known) of the EMA, for train.eval_every."""
-    from .summary import evaluate_weights
+    from rl.evaluation.run_summary import evaluate_weights
 
     result = evaluate_weights(trainer, trainer.ema, f"step {step}")
     out: dict[str, Any] = {"heldout/reward": float(result.reward.mean()),
@@ -251,7 +263,7 @@ def _periodic_eval(trainer, step: int) -> dict[str, Any]:
 
 def _sample_grid(trainer, run_dir: Path, step: int, base, log: RunLog | None = None) -> None:
     """samples/step-*.png (labelled with each row's task and prompt), also sent to the run's trackers."""
-    from .summary import grid_columns
+    from rl.evaluation.run_summary import grid_columns
 
     sources, masks, columns, rows = grid_columns(trainer, base)
     (run_dir / "samples").mkdir(exist_ok=True)
@@ -273,8 +285,7 @@ def _progress(cfg: RunConfig, ctx: DistContext, start: int):
 def main(argv: list[str] | None = None) -> int:
     """The command line (see the module docstring); returns the exit status."""
     from core.config_cli import config_parser
-
-    from .config_checks import NUMERIC_RANGES
+    from rl.plumbing.config_checks import NUMERIC_RANGES
 
     parser = config_parser("python -m rl.train", __doc__, RunConfig, ranges=NUMERIC_RANGES, example="optim.lr=1e-4",
                            config_help="YAML config (default: the built-in tiny NFT job; with --resume: "

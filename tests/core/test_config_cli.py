@@ -17,8 +17,8 @@ import rl.train
 from core.config_cli import parse_config, show_value, type_text
 from core.config_io import ConfigError, load_yaml, to_dict
 from core.config_schema import opt
-from rl.config import RunConfig
-from rl.config_checks import NUMERIC_RANGES
+from rl.plumbing.config import RunConfig
+from rl.plumbing.config_checks import NUMERIC_RANGES
 
 ENTRY_POINTS = {
     # name: (main, config class, numeric ranges, arguments every call needs, an unknown key, a bad value)

@@ -2,7 +2,13 @@ import pytest
 import torch
 
 from core import masks as M
-from core.image_io import image_grid, load_image, load_mask, resize_to_multiple, save_image
+from core.image_io import (
+    image_grid,
+    load_image,
+    load_mask,
+    resize_to_multiple,
+    save_image,
+)
 
 
 def test_generators_shapes_and_binary():

@@ -2,7 +2,9 @@ import numpy as np
 import pytest
 import torch
 from diffusers import FlowMatchEulerDiscreteScheduler
-from diffusers.pipelines.flux.pipeline_flux_fill import calculate_shift as diffusers_calculate_shift
+from diffusers.pipelines.flux.pipeline_flux_fill import (
+    calculate_shift as diffusers_calculate_shift,
+)
 from hypothesis import given
 from hypothesis import strategies as st
 

@@ -6,7 +6,12 @@ import pytest
 import torch
 from PIL import Image, ImageFile
 
-from reward.chat_wire import ImageTooLarge, decode_image_data_url, from_openai_messages, image_data_url
+from reward.chat_wire import (
+    ImageTooLarge,
+    decode_image_data_url,
+    from_openai_messages,
+    image_data_url,
+)
 
 
 def _url(img: Image.Image) -> str:

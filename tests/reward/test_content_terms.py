@@ -18,8 +18,13 @@ import torch
 
 from core.glyphs import GLYPHS, render_text
 from core.world import COLOURS, SHAPES, SyntheticWorld, shape_mask
-from reward.content_terms import (fill_alignment_term, glyph_templates, shape_masks, shape_probabilities,
-                                  text_accuracy_term)
+from reward.content_terms import (
+    fill_alignment_term,
+    glyph_templates,
+    shape_masks,
+    shape_probabilities,
+    text_accuracy_term,
+)
 
 SEED, N = 13, 48
 HACKS = ("block", "empty", "noise")

@@ -7,8 +7,15 @@ import torch
 
 from core.image_io import save_image
 from reward.preference_data import load_pair, read_preferences
-from reward.train import (RewardTrainConfig, format_table, main, pairwise_p_yes, pairwise_requests, split_records,
-                          train_reward_model)
+from reward.train import (
+    RewardTrainConfig,
+    format_table,
+    main,
+    pairwise_p_yes,
+    pairwise_requests,
+    split_records,
+    train_reward_model,
+)
 from reward.vlm_judge import TransformersJudge
 
 # short questions keep the tiny model's sequences short (the wording is data: reward/prompts.py)

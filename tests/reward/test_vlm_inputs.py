@@ -4,7 +4,12 @@ from PIL import Image
 
 from reward.prompts import ChatMessage
 from reward.tiny_vlm import TinyVLMSpec, build_image_processor
-from reward.vlm_inputs import VisionSpec, encode_conversations, image_patches, smart_resize
+from reward.vlm_inputs import (
+    VisionSpec,
+    encode_conversations,
+    image_patches,
+    smart_resize,
+)
 
 
 def _pil(x: torch.Tensor) -> Image.Image:

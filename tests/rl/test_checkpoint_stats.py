@@ -3,10 +3,10 @@ import json
 import pytest
 import torch
 
-import rl.checkpoint
-from rl.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
-from rl.run_log import RunLog, read_metrics
-from rl.stats import bootstrap_mean
+import rl.plumbing.checkpoint
+from rl.evaluation.stats import bootstrap_mean
+from rl.plumbing.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
+from rl.plumbing.run_log import RunLog, read_metrics
 
 
 def test_checkpoints_are_atomic_and_pruned(tmp_path, monkeypatch):
@@ -20,8 +20,8 @@ def test_checkpoints_are_atomic_and_pruned(tmp_path, monkeypatch):
     def boom(*a, **k):
         raise OSError("disk full")
 
-    monkeypatch.setattr(rl.checkpoint, "save_tree", boom)
-    with pytest.raises(rl.checkpoint.CheckpointError, match="disk full"):
+    monkeypatch.setattr(rl.plumbing.checkpoint, "save_tree", boom)
+    with pytest.raises(rl.plumbing.checkpoint.CheckpointError, match="disk full"):
         save_checkpoint(tmp_path, 19, {"w": torch.zeros(2)}, "a: 1\n")
     assert latest_checkpoint(tmp_path).name == "ckpt-000014"
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".tmp")]

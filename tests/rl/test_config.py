@@ -2,8 +2,8 @@ import re
 
 import pytest
 
-from rl.config import RunConfig, load_config
-from rl.config_io import ConfigError, save_yaml
+from core.config_io import ConfigError, save_yaml
+from rl.plumbing.config import RunConfig, load_config
 
 
 def test_defaults_are_the_builtin_job():
@@ -65,11 +65,11 @@ def test_bad_keys_and_values_are_named(override, message):
 
 
 def test_every_numeric_key_declares_its_range():
-    """A new numeric key must say what values it accepts (rl/config_checks.py)."""
+    """A new numeric key must say what values it accepts (rl/plumbing/config_checks.py)."""
     import dataclasses
 
-    from rl.config import RunConfig
-    from rl.config_checks import NUMERIC_RANGES
+    from rl.plumbing.config import RunConfig
+    from rl.plumbing.config_checks import NUMERIC_RANGES
 
     def numeric_keys(cls, prefix=""):
         import typing
@@ -130,7 +130,7 @@ def test_every_config_key_is_read_by_the_code():
     import typing
     from pathlib import Path
 
-    from rl.config import RunConfig
+    from rl.plumbing.config import RunConfig
 
     root = Path(__file__).parents[2]
     defining = {"config.py", "config_checks.py", "config_io.py", "config_schema.py", "config_cli.py"}
@@ -150,7 +150,7 @@ def test_every_config_key_is_read_by_the_code():
 
 
 def test_every_config_key_has_a_one_line_meaning():
-    """--help and the source read the same text: opt(default, meaning) in rl/config.py."""
+    """--help and the source read the same text: opt(default, meaning) in rl/plumbing/config.py."""
     import dataclasses
     import typing
 

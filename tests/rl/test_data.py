@@ -7,8 +7,8 @@ import pytest
 import torch
 from PIL import Image
 
-import rl.data
-from rl.data import JsonlData, step_rng
+import rl.plumbing.data
+from rl.plumbing.data import JsonlData, step_rng
 
 SIZE = 32
 
@@ -77,7 +77,7 @@ def test_good_file_loads_and_conditions_are_a_pure_function_of_seed_and_step(roo
     assert torch.equal(b1.source, src) and b1.prompt == "a boat"
     assert set(b1.mask.unique().tolist()) == {0.0, 1.0} and b1.mask.shape == (1, SIZE, SIZE)
     removal = data._sample(data.records["train"]["removal"][0], "k")
-    assert removal.prompt == rl.data.REMOVAL_PROMPT and removal.truth == {"has_prompt": False}
+    assert removal.prompt == rl.plumbing.data.REMOVAL_PROMPT and removal.truth == {"has_prompt": False}
     [held] = data.held_out("fill", 5)
     assert held.key == "heldout/fill/0" and held.source.shape == (3, SIZE, SIZE)
     # a sample is a copy: editing it leaves the next draw unchanged
@@ -95,8 +95,8 @@ def test_images_are_decoded_once(root, monkeypatch):
             return real(*args, **kw)
         return load
 
-    monkeypatch.setattr(rl.data, "load_image", counting("image", rl.data.load_image))
-    monkeypatch.setattr(rl.data, "load_mask", counting("mask", rl.data.load_mask))
+    monkeypatch.setattr(rl.plumbing.data, "load_image", counting("image", rl.plumbing.data.load_image))
+    monkeypatch.setattr(rl.plumbing.data, "load_mask", counting("mask", rl.plumbing.data.load_mask))
     data = JsonlData(str(path), {"fill": 1.0}, size=SIZE)
     assert calls == {"image": 3, "mask": 3}
     for step in range(4):

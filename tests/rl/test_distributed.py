@@ -7,8 +7,8 @@ import pytest
 import torch
 
 import rl.train
-from rl.checkpoint import load_checkpoint
-from rl.config import load_config
+from rl.plumbing.checkpoint import load_checkpoint
+from rl.plumbing.config import load_config
 
 
 @pytest.mark.parametrize("algorithm", ["nft", "refl"])

@@ -14,12 +14,12 @@ from PIL import Image
 import rl.train
 from core.image_io import to_pil
 from core.world import SyntheticWorld
-from rl.builders import rollout_sigmas
-from rl.config import LoraConfig, ModelConfig, RunConfig, load_config
 from rl.edit import NOISE_KEY, EditError, edit, load_editor, main
-from rl.evaluate import generate_images
-from rl.model_card import model_card
-from rl.model_ref import resolve_model
+from rl.evaluation.heldout import generate_images
+from rl.evaluation.model_card import model_card
+from rl.plumbing.builders import rollout_sigmas
+from rl.plumbing.config import LoraConfig, ModelConfig, RunConfig, load_config
+from rl.plumbing.model_ref import resolve_model
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -149,7 +149,7 @@ def test_python_api_is_deterministic_and_equals_generate_images(editor, tiny_mod
     assert all(np.array_equal(np.asarray(a), np.asarray(b)) for a, b in zip(first, again))
     assert not np.array_equal(np.asarray(first[0]), np.asarray(other[0]))
 
-    # with the held-out key as the noise key, an edit is exactly rl.evaluate's image of that condition
+    # with the held-out key as the noise key, an edit is exactly rl.evaluation.heldout's image of that condition
     expected = generate_images(editor.policy, samples, weights=None, sigmas=rollout_sigmas(editor.policy, 8, None),
                                method="dpm2", seed=12345, device=torch.device("cpu"))
     keyed = editor.edit(images, masks, prompts, task=tasks, seed=12345, noise_keys=[s.key for s in samples])

@@ -6,8 +6,8 @@ import torch
 
 import rl.eval
 import rl.train
-from rl.config import load_config
-from rl.report import gsb_counts
+from rl.evaluation.report import gsb_counts
+from rl.plumbing.config import load_config
 
 
 def test_eval_against_base_writes_the_report(quick, tmp_path):
@@ -46,8 +46,8 @@ def test_unknown_model_is_named(tmp_path, capsys):
 
 def test_report_handles_edits_without_a_dimension():
     # extend without a prompt has no text alignment; the first held-out run of the default crashed on it
-    from rl.evaluate import EvalResult
-    from rl.report import model_section, paired_section
+    from rl.evaluation.heldout import EvalResult
+    from rl.evaluation.report import model_section, paired_section
 
     class S:
         def __init__(self, task):

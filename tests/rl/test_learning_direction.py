@@ -6,13 +6,13 @@ with the group filter on, must raise that reward on fixed conditions and noise; 
 """
 import pytest
 import torch
+from toy_judges import RedJudge
 
 import rl.train
-from rl.config import load_config
-from rl.distributed import init_distributed
-from rl.evaluate import generate_images, held_out_samples
-from rl.rewards import judge_images
-from toy_judges import RedJudge
+from rl.algorithms.reward_scoring import judge_images
+from rl.evaluation.heldout import generate_images, held_out_samples
+from rl.plumbing.config import load_config
+from rl.plumbing.distributed import init_distributed
 
 
 def make_toy_trainer(quick, monkeypatch, judge, **overrides):

@@ -5,8 +5,8 @@ import math
 import pytest
 
 import rl.train
-from rl.config import ConfigError, load_config
-from rl.lr_schedule import lr_factor
+from rl.algorithms.lr_schedule import lr_factor
+from rl.plumbing.config import ConfigError, load_config
 
 
 def test_warmup_then_constant():

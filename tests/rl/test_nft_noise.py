@@ -2,8 +2,8 @@
 import pytest
 import torch
 
-from rl.config import load_config
-from rl.distributed import DistContext
+from rl.plumbing.config import load_config
+from rl.plumbing.distributed import DistContext
 from rl.train import make_trainer
 
 

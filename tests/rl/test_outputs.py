@@ -8,11 +8,24 @@ import pytest
 import torch
 
 import rl.train
+from core.config_io import ConfigError
 from core.image_io import _font, labeled_grid, wrap_text
-from rl.config import load_config
-from rl.config_io import ConfigError
-from rl.plots import OVERALL, moving_average, plot_reward_curves, reward_figure, smoothing_window
-from rl.run_log import WANDB_ID_FILE, RunLog, image_hwc, require_tracker, sample_label, save_sample_grid
+from rl.evaluation.plots import (
+    OVERALL,
+    moving_average,
+    plot_reward_curves,
+    reward_figure,
+    smoothing_window,
+)
+from rl.plumbing.config import load_config
+from rl.plumbing.run_log import (
+    WANDB_ID_FILE,
+    RunLog,
+    image_hwc,
+    require_tracker,
+    sample_label,
+    save_sample_grid,
+)
 
 
 def _batch(n, size=64, seed=0):

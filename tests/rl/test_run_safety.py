@@ -5,13 +5,18 @@ import json
 import pytest
 import torch
 
-import rl.checkpoint
+import rl.plumbing.checkpoint
 import rl.train
 from reward.judge import JudgeError
 from reward.rule_judge import RuleJudge
-from rl.checkpoint import CheckpointError, latest_checkpoint, load_checkpoint, save_checkpoint
-from rl.config import load_config
-from rl.tensor_store import load_tree, save_tree
+from rl.plumbing.checkpoint import (
+    CheckpointError,
+    latest_checkpoint,
+    load_checkpoint,
+    save_checkpoint,
+)
+from rl.plumbing.config import load_config
+from rl.plumbing.tensor_store import load_tree, save_tree
 
 
 def _args(quick, **extra):
@@ -68,7 +73,7 @@ def test_resuming_a_finished_run_says_so(quick, tmp_path, capsys):
 
 
 def test_a_stored_base_evaluation_is_reused_only_for_the_same_settings(quick, tmp_path, monkeypatch):
-    from rl import summary
+    from rl.evaluation import run_summary as summary
 
     cfg = load_config(None, quick(**{"train.eval_per_task": 1, "train.steps": 1}))
     rl.train.run(cfg, out_dir=tmp_path)
@@ -102,7 +107,7 @@ def test_nonfinite_weights_stop_the_run_and_are_never_checkpointed(quick, tmp_pa
     assert "ckpt-000001" in str(err.value) and "--resume" in str(err.value)
     assert latest_checkpoint(tmp_path).name == "ckpt-000001"
     state = load_checkpoint(tmp_path)
-    assert not rl.checkpoint.nonfinite_copies(state)
+    assert not rl.plumbing.checkpoint.nonfinite_copies(state)
     lines = [json.loads(x) for x in (tmp_path / "metrics.jsonl").read_text().splitlines()]
     assert [m["weights_nonfinite"] for m in lines] == [False, False, True]
 
@@ -134,7 +139,7 @@ def test_a_full_disk_is_one_clear_line(quick, tmp_path, monkeypatch, capsys):
     def full(*a, **k):
         raise OSError(errno.ENOSPC, "No space left on device")
 
-    monkeypatch.setattr(rl.checkpoint, "save_tree", full)
+    monkeypatch.setattr(rl.plumbing.checkpoint, "save_tree", full)
     assert rl.train.main([*_args(quick), "--out", str(tmp_path / "run")]) == 1
     err = capsys.readouterr().err.strip().splitlines()
     assert any("no space left on the device" in line for line in err)
@@ -169,7 +174,7 @@ def test_stale_temporaries_of_a_killed_writer_are_removed_on_resume(quick, tmp_p
 
 
 def test_metrics_are_strict_json(tmp_path):
-    from rl.run_log import RunLog
+    from rl.plumbing.run_log import RunLog
 
     log = RunLog(tmp_path, tensorboard=False)
     log.log(0, {"grad_norm": float("nan"), "loss": float("inf"), "by": {"a": float("-inf"), "b": 1.0}})

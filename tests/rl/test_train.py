@@ -5,11 +5,10 @@ import pytest
 import torch
 
 import rl.train
-from rl.checkpoint import load_checkpoint
-from rl.config import load_config
 from reward.judge import JudgeError
 from reward.rule_judge import RuleJudge
-
+from rl.plumbing.checkpoint import load_checkpoint
+from rl.plumbing.config import load_config
 
 
 def test_small_run_leaves_everything_a_user_expects(quick, tmp_path):
@@ -85,7 +84,7 @@ def test_judge_failure_stops_with_a_checkpoint(quick, tmp_path, monkeypatch):
 
 
 def test_repeated_nonfinite_losses_stop_the_run(quick, tmp_path, monkeypatch):
-    from rl.nft import NFTTrainer
+    from rl.algorithms.nft import NFTTrainer
 
     real = NFTTrainer.trained_velocity
     calls = {"n": 0}

@@ -3,13 +3,13 @@ should change (the kernel's arguments, the loss, the gradient, a weight copy), s
 ignores the setting fails here rather than training something else in silence."""
 import pytest
 import torch
-
-import kernels
-import rl.nft
-import rl.refl
-from rl.weight_copies import clone, ema_decay, old_policy_decay
 from test_learning_direction import make_toy_trainer
 from toy_judges import ConstantJudge, RedJudge
+
+import kernels
+import rl.algorithms.nft
+import rl.algorithms.refl
+from rl.algorithms.weight_copies import clone, ema_decay, old_policy_decay
 
 
 def spy(monkeypatch, module, name):
@@ -42,7 +42,7 @@ def nft_trainer(quick, monkeypatch, judge=None, **overrides):
     ({"nft.filter_rule": "strict", "nft.tau_mean": 0.9, "nft.tau_std": 0.01}, "group_rewards", "rule", "strict"),
 ])
 def test_nft_settings_reach_the_kernels(quick, monkeypatch, override, kernel, kwarg, value):
-    calls = spy(monkeypatch, rl.nft.kernels, kernel)
+    calls = spy(monkeypatch, rl.algorithms.nft.kernels, kernel)
     trainer = nft_trainer(quick, monkeypatch, **override)
     trainer.train_step(0)
     assert calls and all(kw[kwarg] == value for _, kw in calls)
@@ -61,7 +61,7 @@ def test_the_filter_keep_decides_which_groups_teach(quick, monkeypatch):
             r[0] = torch.tensor(r0_order, dtype=r.dtype)
             return out._replace(r=r, keep=torch.tensor([keep0, True]))
 
-        monkeypatch.setattr(rl.nft.kernels, "group_rewards", designed)
+        monkeypatch.setattr(rl.algorithms.nft.kernels, "group_rewards", designed)
         trainer = nft_trainer(quick, monkeypatch)
         trainer.train_step(0)
         return {k: v.detach().clone() for k, v in trainer.params.items()}
@@ -83,7 +83,7 @@ def test_a_step_whose_groups_are_all_filtered_changes_nothing(quick, monkeypatch
 
 @pytest.mark.parametrize("mask_loss", [True, False])
 def test_mask_loss_trains_only_the_generated_region(quick, monkeypatch, mask_loss):
-    calls = spy(monkeypatch, rl.nft.kernels, "nft_loss")
+    calls = spy(monkeypatch, rl.algorithms.nft.kernels, "nft_loss")
     trainer = nft_trainer(quick, monkeypatch, **{"nft.mask_loss": mask_loss})
     masks = []
     real_index = type(trainer.encode(trainer.data.conditions(0, 0, 1))).index
@@ -102,7 +102,7 @@ def test_mask_loss_trains_only_the_generated_region(quick, monkeypatch, mask_los
 
 @pytest.mark.parametrize("shared", [True, False])
 def test_shared_noise_shares_times_within_a_group(quick, monkeypatch, shared):
-    calls = spy(monkeypatch, rl.nft.kernels, "nft_loss")
+    calls = spy(monkeypatch, rl.algorithms.nft.kernels, "nft_loss")
     trainer = nft_trainer(quick, monkeypatch, **{"nft.shared_noise": shared})
     trainer.train_step(0)
     t = calls[0][0][4].view(2, 4)  # 2 groups of 4 images
@@ -112,7 +112,7 @@ def test_shared_noise_shares_times_within_a_group(quick, monkeypatch, shared):
 
 @pytest.mark.parametrize("sampling", ["rollout", "uniform"])
 def test_time_sampling_decides_the_training_times(quick, monkeypatch, sampling):
-    calls = spy(monkeypatch, rl.nft.kernels, "nft_loss")
+    calls = spy(monkeypatch, rl.algorithms.nft.kernels, "nft_loss")
     trainer = nft_trainer(quick, monkeypatch, **{"nft.time_sampling": sampling, "nft.timestep_fraction": 0.5})
     trainer.train_step(0)
     assert len(calls) == 2  # half of the 4 rollout steps
@@ -122,7 +122,7 @@ def test_time_sampling_decides_the_training_times(quick, monkeypatch, sampling):
 
 
 def test_micro_batches_split_the_forward_and_keep_the_gradient(quick, monkeypatch):
-    calls = spy(monkeypatch, rl.nft.kernels, "nft_loss")
+    calls = spy(monkeypatch, rl.algorithms.nft.kernels, "nft_loss")
     whole = nft_trainer(quick, monkeypatch)
     whole.train_step(0)
     n_whole = len(calls)
@@ -135,7 +135,7 @@ def test_micro_batches_split_the_forward_and_keep_the_gradient(quick, monkeypatc
 
 
 def test_the_sampling_policy_and_the_ema_follow_their_schedules(quick, monkeypatch):
-    generated = spy(monkeypatch, rl.nft.NFTTrainer, "generate")
+    generated = spy(monkeypatch, rl.algorithms.nft.NFTTrainer, "generate")
     trainer = nft_trainer(quick, monkeypatch, **{"nft.old_decay_rate": 0.05, "nft.old_decay_max": 0.3,
                                                  "train.ema_max_decay": 0.5})
     with torch.no_grad():  # make the copies distinct so that each mix is visible
@@ -157,7 +157,7 @@ def test_the_sampling_policy_and_the_ema_follow_their_schedules(quick, monkeypat
 
 @pytest.mark.parametrize("reference", ["static", "dynamic"])
 def test_refl_compares_against_the_configured_reference(quick, monkeypatch, reference):
-    generated = spy(monkeypatch, rl.refl.ReFLTrainer, "generate")
+    generated = spy(monkeypatch, rl.algorithms.refl.ReFLTrainer, "generate")
     trainer = nft_trainer(quick, monkeypatch, **{"train.algorithm": "refl", "judge.mode": "pairwise",
                                                  "refl.batch_size": 4, "refl.reference": reference})
     trainer.train_step(0)
@@ -168,13 +168,13 @@ def test_refl_compares_against_the_configured_reference(quick, monkeypatch, refe
 
 @pytest.mark.parametrize("bound", [0.05, 0.9])
 def test_refl_loss_is_the_bounded_shortfall(quick, monkeypatch, bound):
-    calls = spy(monkeypatch, rl.refl, "judge_images")
+    calls = spy(monkeypatch, rl.algorithms.refl, "judge_images")
     trainer = nft_trainer(quick, monkeypatch, **{"train.algorithm": "refl", "judge.mode": "pairwise",
                                                  "refl.batch_size": 4, "refl.reward_upper_bound": bound})
     metrics = trainer.train_step(0)
     (judge, samples, images), kwargs = calls[-1]
     assert kwargs["mode"] == "pairwise" and kwargs["others"] is not None
-    from rl.rewards import judge_images
+    from rl.algorithms.reward_scoring import judge_images
 
     reward = judge_images(judge, samples, images.detach(), mode="pairwise", others=kwargs["others"]).per_image
     assert float(reward.min()) > 0.05  # P(better) starts near 1/2

@@ -5,10 +5,10 @@ import pytest
 import torch
 
 import rl.train
-from rl.builders import build_judge
-from rl.checkpoint import load_checkpoint
-from rl.config import load_config
 from reward.judge import JudgeError
+from rl.plumbing.builders import build_judge
+from rl.plumbing.checkpoint import load_checkpoint
+from rl.plumbing.config import load_config
 
 
 @pytest.fixture(scope="module")

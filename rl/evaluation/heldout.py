@@ -18,8 +18,7 @@ from core.policy import Policy
 from core.samplers import sample_policy
 from core.world import EditSample, collate
 from reward.judge import Judge
-
-from .rewards import judge_images
+from rl.algorithms.reward_scoring import judge_images
 
 
 @dataclasses.dataclass

@@ -11,14 +11,13 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
+from core.config_io import ConfigError
 from core.config_schema import POSITIVE as _POSITIVE
 from core.config_schema import UNIT as _UNIT
 from core.config_schema import Range, numeric_values  # noqa: F401  (re-exported)
 from core.config_schema import at_least as _at_least
 from core.config_schema import check_ranges as _check_ranges
 from core.tasks import TASKS
-
-from .config_io import ConfigError
 
 _DECAY = Range(0, 1, open_hi=True, note="1 would freeze the copy")
 
@@ -79,7 +78,7 @@ NUMERIC_RANGES: dict[str, Range] = {
 
 def check_ranges(cfg: Any) -> None:
     """Every number of the run config inside its NUMERIC_RANGES entry (ConfigError naming the key)."""
-    _check_ranges(cfg, NUMERIC_RANGES, "rl/config_checks.py NUMERIC_RANGES")
+    _check_ranges(cfg, NUMERIC_RANGES, "rl/plumbing/config_checks.py NUMERIC_RANGES")
 
 
 def validate(cfg) -> None:

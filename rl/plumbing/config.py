@@ -1,7 +1,7 @@
 """The run configuration of `python -m rl.train`. Defaults are the built-in CPU job.
 
 Sections: model, data, judge, sampler, nft, refl, optim, train. Load with `load_config(path,
-overrides)`; every key is typed and checked (rl/config_io.py), and `validate` (rl/config_checks.py)
+overrides)`; every key is typed and checked (core/config_io.py), and `validate` (rl/plumbing/config_checks.py)
 checks every value's range and the paths before any work starts. Each key's one-line meaning is
 the second argument of `opt` (core/config_schema.py): `python -m rl.train --help` prints it.
 """
@@ -10,10 +10,9 @@ from __future__ import annotations
 import dataclasses
 from typing import Literal
 
+from core.config_io import ConfigError, load_yaml  # noqa: F401  (ConfigError re-exported)
 from core.config_schema import opt, section
-
-from .config_checks import validate
-from .config_io import ConfigError, load_yaml  # noqa: F401  (ConfigError re-exported)
+from rl.plumbing.config_checks import validate
 
 
 @dataclasses.dataclass
@@ -118,7 +117,7 @@ class NFTConfig:
         "uniform", '"rollout": at the rollout\'s own step times (DiffusionNFT); "uniform": stratified uniform '
                    "times in (0, 1)")
     mask_loss: bool = opt(True, "train only the generated region (the known one is blended)")
-    # common random numbers: the noise cancels in the group's gradient (rl/nft.py)
+    # common random numbers: the noise cancels in the group's gradient (rl/algorithms/nft.py)
     shared_noise: bool = opt(True, "a group's images share training timesteps and noise")
     std: Literal["group", "global"] = opt("group", "advantage scale: the group's score std, or the batch's "
                                                    '("global" = DiffusionNFT\'s code, one task per batch)')

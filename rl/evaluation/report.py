@@ -16,8 +16,8 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import torch  # noqa: E402
 
-from .evaluate import EvalResult  # noqa: E402
-from .stats import bootstrap_mean  # noqa: E402
+from rl.evaluation.heldout import EvalResult  # noqa: E402
+from rl.evaluation.stats import bootstrap_mean  # noqa: E402
 
 
 def _dimensions(result: EvalResult, idx: list[int]) -> list[str]:

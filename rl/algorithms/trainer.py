@@ -1,7 +1,7 @@
 """What both RL algorithms share: weights and their copies, the optimiser, conditions, rollouts.
 
 A trainer owns the policy's trainable weights (updated by the optimiser) and three copies kept as
-plain tensor dicts (rl/weight_copies.py): `old` (DiffusionNFT's sampling policy), `ema` (evaluation,
+plain tensor dicts (rl/algorithms/weight_copies.py): `old` (DiffusionNFT's sampling policy), `ema` (evaluation,
 export, and OneReward's dynamic reference) and `ref` (the initial weights: KL anchor and OneReward's
 static reference). Everything random in a step is drawn from generators seeded by (seed, step),
 so a resumed run repeats exactly what an uninterrupted one would have done.
@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import abc
 import contextlib
+import time
 from typing import Any
 
 import torch
@@ -19,11 +20,20 @@ from core.policy import Condition, Policy, swapped_weights
 from core.samplers import sample_policy
 from core.world import EditSample, collate
 from reward.judge import Judge
+from rl.algorithms.lr_schedule import lr_factor
+from rl.algorithms.weight_copies import clone, ema_decay, lerp_
+from rl.plumbing.config import RunConfig
+from rl.plumbing.distributed import DistContext
 
-from .config import RunConfig
-from .distributed import DistContext
-from .lr_schedule import lr_factor
-from .weight_copies import clone, ema_decay, lerp_
+
+@contextlib.contextmanager
+def timed(metrics: dict[str, Any], key: str):
+    """Seconds spent in the block, into metrics[key] (the rollout / judge / update split)."""
+    tic = time.perf_counter()
+    try:
+        yield
+    finally:
+        metrics[key] = time.perf_counter() - tic
 
 
 def step_generator(seed: int, step: int, stream: int) -> torch.Generator:

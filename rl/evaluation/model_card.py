@@ -9,7 +9,7 @@ import os
 from pathlib import Path
 from typing import Any
 
-from .config import RunConfig
+from rl.plumbing.config import RunConfig
 
 _NAMES = {"nft": "DiffusionNFT", "refl": "ReFL"}
 _ALGORITHMS = {

@@ -13,13 +13,14 @@ One step:
 """
 from __future__ import annotations
 
-import time
+import dataclasses
 from typing import Any
 
 import torch
 
-from .rewards import judge_images
-from .trainer import Trainer, step_generator
+from core.policy import Condition
+from rl.algorithms.reward_scoring import judge_images
+from rl.algorithms.trainer import Trainer, step_generator, timed
 
 _REF_NOISE, _POLICY_NOISE, _STEP, _SDE = 1, 2, 3, 4
 
@@ -38,16 +39,25 @@ class ReFLTrainer(Trainer):
         return self.ema if self.cfg.refl.reference == "dynamic" else self.ref
 
     def train_step(self, step: int) -> dict[str, Any]:
-        cfg, ctx = self.cfg, self.ctx
-        B = cfg.refl.batch_size
-        mine = ctx.share(B)
-        seed = cfg.train.seed
-        metrics: dict[str, Any] = {}
+        """rollout (the reference's image, the policy part-way) -> score (one x0 prediction with
+        gradients, the pairwise judge) -> rewards (the bounded shortfall) -> update."""
+        metrics: dict[str, Any] = {"images": self.cfg.refl.batch_size}
+        with timed(metrics, "time_rollout"):
+            batch = self.rollout(step)
+        with timed(metrics, "time_judge"):
+            reward = self.score(batch, metrics)
+            loss = self.rewards(reward, metrics)
+        with timed(metrics, "time_update"):
+            self.update(step, loss, metrics)
+        return metrics
 
-        tic = time.perf_counter()
+    def rollout(self, step: int) -> ReFLRollout:
+        cfg = self.cfg
+        B = cfg.refl.batch_size
+        mine = self.ctx.share(B)
+        seed = cfg.train.seed
         samples = self.data.conditions(seed, step, B)
         cond = self.encode(samples).index(mine)
-        local = samples[mine]
         shape = (B, *cond.x0_known.shape[1:])
         noise_ref = self.draw_noise(step, _REF_NOISE, shape)[mine]
         noise_pol = self.draw_noise(step, _POLICY_NOISE, shape)[mine]
@@ -58,33 +68,45 @@ class ReFLTrainer(Trainer):
                             generator=step_generator(seed, step, _SDE + 1))
         with torch.no_grad():
             ref_images = self.policy.decode(x_ref, cond)
-        metrics["time_rollout"] = time.perf_counter() - tic
+        return ReFLRollout(samples[mine], cond, k, x_k, ref_images)
 
-        tic = time.perf_counter()
+    def score(self, batch: ReFLRollout, metrics: dict[str, Any]) -> torch.Tensor:
+        """P(policy's image better than the reference's), with gradients into the policy."""
+        k, x_k, cond = batch.k, batch.x_k, batch.cond
         t_k = self.sigmas[k].to(self.device).expand(x_k.shape[0])
         v = self.trained_velocity(x_k, t_k, cond)
         x0 = x_k - t_k.view(-1, *([1] * (x_k.dim() - 1))) * v
         m = cond.blend_mask.to(x0.dtype)
         x0 = m * x0 + (1 - m) * cond.x0_known.to(x0.dtype)
         images = self.policy.decode(x0, cond)
-        table = judge_images(self.judge, local, images, mode="pairwise", others=ref_images)
-        reward = table.per_image
-        bound = cfg.refl.reward_upper_bound
+        table = judge_images(self.judge, batch.samples, images, mode="pairwise", others=batch.ref_images)
+        metrics.update(denoise_step=k, reward_by_task=table.by_task(), reward_by_task_dim=table.by_task_dimension())
+        return table.per_image
+
+    def rewards(self, reward: torch.Tensor, metrics: dict[str, Any]) -> torch.Tensor:
+        """The loss relu(bound - P): no push beyond the upper bound (OneReward's guard)."""
+        B, ctx = self.cfg.refl.batch_size, self.ctx
+        bound = self.cfg.refl.reward_upper_bound
         # each image's term has the same weight in the step's mean; DDP averages over processes
         loss = torch.relu(bound - reward).sum() * (ctx.world_size / B)
-        metrics["time_judge"] = time.perf_counter() - tic
+        all_rewards = ctx.all_gather_cat(reward.detach().float())
+        metrics.update(reward=float(all_rewards.mean()), reward_std=float(all_rewards.std()) if B > 1 else 0.0,
+                       at_bound=float((all_rewards >= bound).float().mean()),
+                       loss=float(ctx.all_reduce_sum(loss.detach())) / ctx.world_size)
+        return loss
 
-        tic = time.perf_counter()
+    def update(self, step: int, loss: torch.Tensor, metrics: dict[str, Any]) -> None:
         loss.backward()
         grad_norm, applied = self.optimizer_step()
         if applied:
             self.update_ema(step)
-        metrics["time_update"] = time.perf_counter() - tic
-        all_rewards = ctx.all_gather_cat(reward.detach().float())
-        metrics.update(
-            reward=float(all_rewards.mean()), reward_std=float(all_rewards.std()) if B > 1 else 0.0,
-            at_bound=float((all_rewards >= bound).float().mean()), denoise_step=k,
-            loss=float(ctx.all_reduce_sum(loss.detach())) / ctx.world_size, grad_norm=grad_norm,
-            skipped=not applied, nonfinite=not applied, images=B,
-            reward_by_task=table.by_task(), reward_by_task_dim=table.by_task_dimension())
-        return metrics
+        metrics.update(grad_norm=grad_norm, skipped=not applied, nonfinite=not applied)
+
+
+@dataclasses.dataclass
+class ReFLRollout:
+    samples: list                     # this process's conditions
+    cond: Condition
+    k: int                            # the step the policy denoised to
+    x_k: torch.Tensor                 # the policy's latents at step k (no gradients)
+    ref_images: torch.Tensor          # the reference's decoded images

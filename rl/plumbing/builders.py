@@ -11,10 +11,9 @@ import torch
 
 from core.policy import Policy
 from reward.judge import Judge
-
-from .config import DataConfig, JudgeConfig, ModelConfig
-from .data import JsonlData, WorldData
-from .distributed import resolve_device
+from rl.plumbing.config import DataConfig, JudgeConfig, ModelConfig
+from rl.plumbing.data import JsonlData, WorldData
+from rl.plumbing.distributed import resolve_device
 
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 

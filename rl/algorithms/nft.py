@@ -21,16 +21,16 @@ One step:
 """
 from __future__ import annotations
 
-import time
+import dataclasses
 from typing import Any
 
 import torch
 
 import kernels
-
-from .rewards import judge_images
-from .trainer import Trainer, step_generator
-from .weight_copies import always_on_policy, lerp_, old_policy_decay
+from core.policy import Condition
+from rl.algorithms.reward_scoring import judge_images
+from rl.algorithms.trainer import Trainer, step_generator, timed
+from rl.algorithms.weight_copies import always_on_policy, lerp_, old_policy_decay
 
 # streams of the per-step generators
 _ROLLOUT_NOISE, _TIMESTEPS, _TRAIN_NOISE, _SDE = 1, 2, 3, 4
@@ -51,17 +51,48 @@ def training_times(sigmas: torch.Tensor, n_draws: int, n_train: int, sampling: s
     return (bins + torch.rand(n_draws, n_train, generator=gen)) / n_train * (1 - _T_MIN) + _T_MIN
 
 
+@dataclasses.dataclass
+class Rollout:
+    """What one step's rollout made, for this process's share of the step's images."""
+
+    step: int
+    mine: slice                       # this process's images among the step's K x G
+    samples: list                     # the condition of each local image
+    cond: Condition
+    x0: torch.Tensor                  # packed final latents
+    images: torch.Tensor              # decoded [n, 3, H, W]
+
+
+@dataclasses.dataclass
+class Rewards:
+    """The group rewards of a step: r and keep for the local images, and the step-wide facts."""
+
+    r: torch.Tensor                   # [n] in [0, 1]
+    keep: torch.Tensor                # [n] 1.0 where the image's group survived the filter
+    kept_total: float                 # kept images over the whole step (all processes)
+
+
 class NFTTrainer(Trainer):
+    """DiffusionNFT: a step is rollout -> score -> rewards -> update, one method each."""
+
     def train_step(self, step: int) -> dict[str, Any]:
-        cfg, nft, ctx = self.cfg, self.cfg.nft, self.ctx
+        metrics: dict[str, Any] = {"images": self.cfg.nft.groups_per_step * self.cfg.nft.group_size}
+        with timed(metrics, "time_rollout"):
+            batch = self.rollout(step)
+        with timed(metrics, "time_judge"):
+            scores = self.score(batch, metrics)
+            rewards = self.rewards(scores, metrics)
+        with timed(metrics, "time_update"):
+            self.update(batch, rewards, metrics)
+        return metrics
+
+    def rollout(self, step: int) -> Rollout:
+        """K conditions, G images each, from the sampling ("old") policy; only x0 is kept."""
+        cfg, nft = self.cfg, self.cfg.nft
         K, G = nft.groups_per_step, nft.group_size
         N = K * G
-        mine = ctx.share(N)
+        mine = self.ctx.share(N)
         seed = cfg.train.seed
-        metrics: dict[str, Any] = {}
-
-        # 1. rollout with the sampling policy
-        tic = time.perf_counter()
         samples = self.data.conditions(seed, step, K)
         cond = self.encode(samples).repeat_interleave(G).index(mine)
         group_samples = [samples[i // G] for i in range(N)][mine]
@@ -70,28 +101,42 @@ class NFTTrainer(Trainer):
         x0 = self.generate(cond, noise, self.old, generator=step_generator(seed, step, _SDE))
         with torch.no_grad():
             images = self.policy.decode(x0, cond)
-        metrics["time_rollout"] = time.perf_counter() - tic
+        return Rollout(step, mine, group_samples, cond, x0, images)
 
-        # 2. judge and group rewards over the whole step
-        tic = time.perf_counter()
+    def score(self, batch: Rollout, metrics: dict[str, Any]) -> torch.Tensor:
+        """Every image on every dimension of its task; the dimension means of the whole step."""
         with torch.no_grad():
-            table = judge_images(self.judge, group_samples, images, mode=cfg.judge.mode)
-        scores = ctx.all_gather_cat(table.per_image.detach().float().to(self.device))
+            table = judge_images(self.judge, batch.samples, batch.images, mode=self.cfg.judge.mode)
+        scores = self.ctx.all_gather_cat(table.per_image.detach().float().to(self.device))
+        metrics.update(reward=float(scores.mean()), reward_std=float(scores.std()),
+                       reward_by_task=table.by_task(), reward_by_task_dim=table.by_task_dimension())
+        # served judges: the share of labels missing from the top-k logprobs (floored) in this step
+        metrics["judge_floored_share"] = getattr(self.judge, "last_floored_share", None)
+        return scores
+
+    def rewards(self, scores: torch.Tensor, metrics: dict[str, Any]) -> Rewards:
+        """Group-normalised rewards in [0, 1] and the low-std group filter (kernels.group_rewards)."""
+        nft = self.cfg.nft
+        K, G = nft.groups_per_step, nft.group_size
+        N = K * G
+        mine = self.ctx.share(N)
         groups = kernels.group_rewards(
             scores.view(K, G), std=nft.std, clip=nft.clip, eps=nft.std_eps, tau_mean=nft.tau_mean,
             tau_std=nft.tau_std, rule=nft.filter_rule)
         r = groups.r.reshape(N)[mine].float()
         keep = groups.keep.repeat_interleave(G)[mine].float()
-        kept_total = float(groups.keep.float().sum()) * G
-        metrics["time_judge"] = time.perf_counter() - tic
-        metrics.update(reward=float(scores.mean()), reward_std=float(scores.std()),
-                       kept_groups=float(groups.keep.float().mean()),
-                       zero_std_groups=float((groups.std < 1e-6).float().mean()),
-                       reward_by_task=table.by_task(), reward_by_task_dim=table.by_task_dimension())
-        metrics["judge_floored_share"] = getattr(self.judge, "last_floored_share", None)
+        metrics.update(kept_groups=float(groups.keep.float().mean()),
+                       zero_std_groups=float((groups.std < 1e-6).float().mean()))
+        return Rewards(r, keep, float(groups.keep.float().sum()) * G)
 
-        # 3. update
-        tic = time.perf_counter()
+    def update(self, batch: Rollout, rewards: Rewards, metrics: dict[str, Any]) -> None:
+        """The NFT loss over sampled training times, one optimiser step, then the copies follow."""
+        cfg, nft, ctx = self.cfg, self.cfg.nft, self.ctx
+        K, G = nft.groups_per_step, nft.group_size
+        N = K * G
+        step, mine, seed = batch.step, batch.mine, cfg.train.seed
+        x0, cond, r, keep, kept_total = batch.x0, batch.cond, rewards.r, rewards.keep, rewards.kept_total
+        shape = (N, *x0.shape[1:])
         n_train = max(1, round(nft.timestep_fraction * (len(self.sigmas) - 1)))
         gen = step_generator(seed, step, _TIMESTEPS)
         # shared_noise: one draw of timesteps and noise per group, used by all its G images
@@ -152,14 +197,13 @@ class NFTTrainer(Trainer):
         else:  # every group filtered out: nothing to learn from this step
             grad_norm, applied = 0.0, False
             self.optimizer.zero_grad(set_to_none=True)
-        metrics["time_update"] = time.perf_counter() - tic
         loss_sum = float(ctx.all_reduce_sum(torch.tensor(loss_sum, device=self.device)))
 
-        # 4. the copies follow
+        # the copies follow
         if applied:
             lerp_(self.old, self.params, old_policy_decay(step, nft.old_decay_rate, nft.old_decay_max))
             self.update_ema(step)
         metrics.update(loss=loss_sum, grad_norm=grad_norm, deviation_from_old=dev_sum,
                        kl=kl_sum if nft.kl_coef > 0 else None, skipped=not applied,
-                       nonfinite=(kept_total > 0 and not applied), images=N)
-        return metrics
+                       nonfinite=(kept_total > 0 and not applied))
+

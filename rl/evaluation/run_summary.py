@@ -10,14 +10,13 @@ import json
 from pathlib import Path
 from typing import Any
 
-import torch
 from torch import Tensor
 
-from .evaluate import EvalResult, evaluate, held_out_samples
-from .plots import plot_reward_curves, plot_time_split
-from .run_log import read_metrics
-from .stats import bootstrap_mean
-from .tensor_store import load_tree, save_tree
+from rl.evaluation.heldout import EvalResult, evaluate, held_out_samples
+from rl.evaluation.plots import plot_reward_curves, plot_time_split
+from rl.evaluation.stats import bootstrap_mean
+from rl.plumbing.run_log import read_metrics
+from rl.plumbing.tensor_store import load_tree, save_tree
 
 GRID_ROWS_PER_TASK = 2
 
@@ -25,7 +24,7 @@ GRID_ROWS_PER_TASK = 2
 def evaluate_weights(trainer, weights: dict[str, Tensor] | None, label: str) -> EvalResult:
     cfg = trainer.cfg
     samples = held_out_samples(trainer.data, trainer.data.tasks, cfg.train.eval_per_task)
-    from .builders import rollout_sigmas
+    from rl.plumbing.builders import rollout_sigmas
 
     sigmas = rollout_sigmas(trainer.policy, cfg.sampler.eval_steps, cfg.sampler.shift)
     progress = None
@@ -45,7 +44,7 @@ def evaluate_weights(trainer, weights: dict[str, Tensor] | None, label: str) -> 
 
 def eval_fingerprint(cfg) -> dict[str, Any]:
     """What a held-out evaluation depends on: the base model, the data, the judge and the sampler."""
-    from .config_io import to_dict
+    from core.config_io import to_dict
 
     return {"model": to_dict(cfg.model), "data": to_dict(cfg.data), "judge_kind": cfg.judge.kind, "judge_eval_mode": cfg.judge.eval_mode,
             "judge_model": cfg.judge.model, "sampler": to_dict(cfg.sampler), "seed": cfg.train.seed,
@@ -74,9 +73,8 @@ def grid_columns(trainer, base) -> tuple[Tensor, Tensor, dict[str, Tensor], list
 
     Returns sources, masks, the named image columns, and the samples of the rows (for their labels)."""
     from core.world import collate
-
-    from .builders import rollout_sigmas
-    from .evaluate import generate_images
+    from rl.evaluation.heldout import generate_images
+    from rl.plumbing.builders import rollout_sigmas
 
     cfg = trainer.cfg
     per_task = max(1, cfg.train.eval_per_task)
