@@ -3,6 +3,7 @@
 Sections (named, run in order; `--only` picks some):
     kernels     the fused kernels against eager PyTorch and torch.compile (bench/kernel_sweep.py)
     train_step  one DiffusionNFT step of the tiny model: rollout / judge / update (bench/train_step.py)
+    judge_terms the rule judge's identity content terms on a step's 48 images (bench/judge_terms.py)
 A new section is a function (device, args, log) -> list of row dicts plus its table columns,
 registered in SECTIONS.
 
@@ -24,7 +25,7 @@ if str(ROOT) not in sys.path:  # runnable from a checkout without installing
 import torch  # noqa: E402
 
 from bench import device as device_info  # noqa: E402
-from bench import kernel_sweep, train_step  # noqa: E402
+from bench import judge_terms, kernel_sweep, train_step  # noqa: E402
 
 
 def kernels_section(device: torch.device, args: argparse.Namespace, log) -> list[dict]:
@@ -44,7 +45,12 @@ COLUMNS = [  # (header, key, format)
 ]
 
 
-SECTIONS = {"kernels": (kernels_section, COLUMNS, 5), "train_step": (train_step_section, train_step.COLUMNS, 1)}
+def judge_terms_section(device: torch.device, args: argparse.Namespace, log) -> list[dict]:
+    return judge_terms.run(device, args.quick, log)
+
+
+SECTIONS = {"kernels": (kernels_section, COLUMNS, 5), "train_step": (train_step_section, train_step.COLUMNS, 1),
+            "judge_terms": (judge_terms_section, judge_terms.COLUMNS, 1)}
 
 
 def table(rows: list[dict], columns=COLUMNS, left: int = 5) -> str:

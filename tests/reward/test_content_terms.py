@@ -11,7 +11,6 @@ these tests use seed 13, which was not looked at until they were written (held-o
 conditions per task). The margins measured on seed 13 are noted next to each threshold.
 """
 import random
-import time
 
 import pytest
 import torch
@@ -219,20 +218,6 @@ def test_gradients_are_finite_and_nonzero(task):
     with torch.no_grad():
         numeric = (term(base + h * d, s) - term(base - h * d, s)) / (2 * h)
     torch.testing.assert_close((x.grad * d).sum(), numeric, rtol=1e-4, atol=1e-8)
-
-
-@pytest.mark.parametrize("task", ["text", "fill"])
-def test_a_batch_of_48_takes_well_under_a_tenth_of_a_second(task):
-    term = text_accuracy_term if task == "text" else fill_alignment_term
-    samples = SyntheticWorld(seed=SEED).held_out(task, 48)
-    edited = torch.stack([s.target for s in samples])
-    term(edited, samples)
-    best = float("inf")
-    for _ in range(5):  # best of five: the CI machine is shared
-        t0 = time.perf_counter()
-        term(edited, samples)
-        best = min(best, time.perf_counter() - t0)
-    assert best < 0.1, best  # measured ~0.01 s (text), ~0.02 s (fill) on one core
 
 
 def test_renderers_agree_with_the_world():

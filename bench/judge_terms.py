@@ -1,0 +1,38 @@
+"""The rule judge's identity content terms (reward/content_terms.py): seconds for a step's batch.
+
+A default step judges 48 images; the terms must stay a small share of the step (~1.8 s on 2 cores).
+"""
+from __future__ import annotations
+
+import statistics
+import time
+
+import torch
+
+COLUMNS = [("term", "term", "{}"), ("images", "images", "{}"), ("forward ms", "forward_ms", "{:.1f}"),
+           ("fwd+bwd ms", "backward_ms", "{:.1f}")]
+
+
+def run(device: torch.device, quick: bool, log) -> list[dict]:
+    from core.world import SyntheticWorld
+    from reward.content_terms import fill_alignment_term, text_accuracy_term
+
+    repeats = 3 if quick else 10
+    rows = []
+    for name, term in (("text_accuracy", text_accuracy_term), ("fill_alignment", fill_alignment_term)):
+        samples = SyntheticWorld(seed=0).held_out(name.split("_")[0] if name.startswith("text") else "fill", 48)
+        edited = torch.stack([s.target for s in samples]).to(device)
+        term(edited, samples)  # warm-up
+        fwd, bwd = [], []
+        for _ in range(repeats):
+            tic = time.perf_counter()
+            term(edited, samples)
+            fwd.append(time.perf_counter() - tic)
+            x = edited.clone().requires_grad_(True)
+            tic = time.perf_counter()
+            term(x, samples).sum().backward()
+            bwd.append(time.perf_counter() - tic)
+        rows.append({"term": name, "images": len(samples), "forward_ms": 1e3 * statistics.median(fwd),
+                     "backward_ms": 1e3 * statistics.median(bwd)})
+        log(f"{name}: {rows[-1]['forward_ms']:.1f} ms forward")
+    return rows
