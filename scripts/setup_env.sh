@@ -60,12 +60,17 @@ else
         run "${pip[@]}" "$cpu_spec"
     fi
 fi
-report_torch
 
 c_args=()
+# the pins were taken on Python 3.11 (several need >= 3.11): an older Python resolves unpinned
+if [ -n "$constraints" ] && ! "$python" -c 'import sys; sys.exit(sys.version_info < (3, 11))'; then
+    echo "[setup] Python < 3.11: installing without the pins of $constraints"
+    constraints=""
+fi
 if [ -n "$constraints" ]; then
     [ -f "$constraints" ] || { echo "[setup] constraints file $constraints not found" >&2; exit 1; }
     c_args=(-c "$constraints")
 fi
 echo "[setup] installing the project and its test tools${constraints:+ (pinned by $constraints)}"
 run "${pip[@]}" ${c_args[@]+"${c_args[@]}"} -e "$root[dev]"
+report_torch
