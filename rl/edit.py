@@ -70,184 +70,36 @@ That gives a similar edit, not the same one:
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import json
 import os
 import sys
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Union
 
-import numpy as np
 import torch
 from PIL import Image
 from torch import Tensor
 
 from core.image_io import (
-    load_image,
-    load_mask,
     resize_image,
-    resize_mask,
     to_pil,
-    to_tensor,
 )
-from core.masks import validate_mask
-from core.tasks import EXTEND_NO_PROMPT, REMOVAL_PROMPT, TASKS
+from core.tasks import TASKS
 from core.world import EditSample
-
-#: what an image or mask may be given as: a path, a PIL image or a float tensor ([3,H,W] / [1,H,W])
-ImageLike = Union[str, os.PathLike, Image.Image, Tensor]
+from rl.plumbing.edit_inputs import (
+    METHODS,
+    EditError,
+    ImageLike,
+    PreparedEdit,
+    as_list,
+    check_sampler,
+    prepare,
+    prompt_for,
+    read_records,
+)
 
 #: the noise of every edit is drawn from (seed, NOISE_KEY) (rl.evaluation.heldout keys it by condition)
 NOISE_KEY = "rl.edit"
-METHODS = ("euler", "dpm2")
-_DEFAULT_PROMPTS = {"removal": REMOVAL_PROMPT, "extend": EXTEND_NO_PROMPT}
-
-
-class EditError(ValueError):
-    """Bad input to an edit; the message names the problem and the fix."""
-
-
-@dataclasses.dataclass
-class PreparedEdit:
-    """One checked edit: the source at its own size and at the model's, and both masks."""
-
-    source: Tensor        # [3, H, W] as given
-    mask_full: Tensor     # [1, H, W] binary, at the source's size
-    image: Tensor         # [3, h, w] at the working resolution
-    mask: Tensor          # [1, h, w] binary at the working resolution
-    task: str
-    prompt: str
-
-
-def _describe(obj: object) -> str:
-    if isinstance(obj, (str, os.PathLike)):
-        return str(obj)
-    if isinstance(obj, Image.Image):
-        return f"PIL image {obj.size[0]}x{obj.size[1]}"
-    if isinstance(obj, Tensor):
-        return f"tensor {tuple(obj.shape)}"
-    return type(obj).__name__
-
-
-def _as_list(value, n: int | None, what: str) -> list:
-    """A per-item list from one value (shared by all) or a sequence (one per item)."""
-    if isinstance(value, (list, tuple)):
-        if n is not None and len(value) != n:
-            raise EditError(f"{len(value)} {what} for {n} images: give one per image (or one for all)")
-        return list(value)
-    return [value] * (1 if n is None else n)
-
-
-def _image_tensor(obj: ImageLike, name: str) -> Tensor:
-    if isinstance(obj, Tensor):
-        img = obj[0] if obj.dim() == 4 and obj.shape[0] == 1 else obj
-        if img.dim() != 3 or img.shape[0] != 3:
-            raise EditError(f"{name} must be a [3, H, W] tensor in [0, 1], got {tuple(obj.shape)}")
-        img = img.detach().float().cpu()
-        lo, hi = float(img.min()), float(img.max())
-        if not (lo >= 0 and hi <= 1):
-            raise EditError(f"{name} values must lie in [0, 1], got [{lo:.3g}, {hi:.3g}]: divide 8-bit values by 255")
-        return img
-    if isinstance(obj, Image.Image):
-        return to_tensor(obj)
-    if isinstance(obj, (str, os.PathLike)):
-        if not Path(obj).is_file():
-            raise EditError(f"{name} file not found: {obj}; check the path")
-        try:
-            return load_image(obj)
-        except Exception as e:  # any decoder failure is the file's problem
-            raise EditError(f"{name} {obj} does not decode ({type(e).__name__}: {e}); "
-                            "give a PNG or JPEG file") from None
-    raise EditError(f"{name} must be a path, a PIL image or a tensor, got {type(obj).__name__}")
-
-
-def _mask_tensor(obj: ImageLike, name: str) -> Tensor:
-    """A binary [1, H, W] mask (1 = generate), read the way core.image_io.load_mask reads files."""
-    if isinstance(obj, (str, os.PathLike)):
-        if not Path(obj).is_file():
-            raise EditError(f"{name} file not found: {obj}; check the path")
-        try:
-            return load_mask(obj)
-        except ValueError as e:  # load_mask's checks already name the fix
-            raise EditError(f"{name} {obj}: {e}") from None
-        except Exception as e:
-            raise EditError(f"{name} {obj} does not decode ({type(e).__name__}: {e}); give a PNG file") from None
-    if isinstance(obj, Image.Image):
-        img = obj.getchannel("A") if obj.mode in ("RGBA", "LA") else obj
-        mask = torch.from_numpy(np.asarray(img.convert("L"), dtype=np.float32) / 255.0)[None]
-    elif isinstance(obj, Tensor):
-        mask = obj.detach().float().cpu()
-        mask = mask[None] if mask.dim() == 2 else mask
-        if mask.dim() == 4 and mask.shape[0] == 1:
-            mask = mask[0]
-    else:
-        raise EditError(f"{name} must be a path, a PIL image or a tensor, got {type(obj).__name__}")
-    try:
-        return validate_mask(mask, name=name)
-    except ValueError as e:
-        raise EditError(str(e)) from None
-
-
-def _prompt_for(task: str, prompt: str | None, where: str) -> str:
-    if task not in TASKS:
-        raise EditError(f"{where}unknown task {task!r}; expected one of {', '.join(TASKS)}")
-    if prompt is not None and not isinstance(prompt, str):
-        raise EditError(f"{where}the prompt must be a string, got {type(prompt).__name__}")
-    if prompt and prompt.strip():
-        return prompt
-    if task in _DEFAULT_PROMPTS:
-        return _DEFAULT_PROMPTS[task]
-    raise EditError(f"{where}a {task} edit needs a prompt saying what to "
-                    f"{'write' if task == 'text' else 'generate'} (--prompt \"...\"); "
-                    "only removal and extend have a default")
-
-
-def check_sampler(steps: int | None = None, method: str | None = None, shift: float | None = None) -> None:
-    """Raise EditError for a step count, sampler or shift the samplers would refuse."""
-    if steps is not None and (isinstance(steps, bool) or not isinstance(steps, int) or steps < 1):
-        raise EditError(f"steps must be a positive integer, got {steps!r}")
-    if method is not None and method not in METHODS:
-        raise EditError(f"unknown sampler {method!r}; expected one of {', '.join(METHODS)}")
-    if shift is not None and not (isinstance(shift, (int, float)) and 0 < shift < float("inf")):
-        raise EditError(f"shift must be a positive number (1 = no shift), got {shift!r}")
-
-
-def prepare(images: Sequence[ImageLike], masks: Sequence[ImageLike], prompts: Sequence[str | None],
-            tasks: Sequence[str], size: tuple[int, int] | None) -> list[PreparedEdit]:
-    """Check and load every edit, resized to `size` (h, w); raises EditError on the first bad one.
-
-    `size=None` checks without knowing the model: no resize, so a mask that only vanishes at the
-    model's resolution passes here and is caught by the model's Editor."""
-    if not (len(images) == len(masks) == len(prompts) == len(tasks)):
-        raise EditError(f"{len(images)} images, {len(masks)} masks, {len(prompts)} prompts and {len(tasks)} "
-                        "tasks: give one mask, prompt and task per image (or one prompt and task for all)")
-    if not images:
-        raise EditError("no images to edit")
-    out = []
-    for i, (img, msk, prompt, task) in enumerate(zip(images, masks, prompts, tasks)):
-        where = "" if len(images) == 1 else f"image {i}: "
-        # the cheap checks first, so a typo in the task does not wait for decoding
-        prompt = _prompt_for(task, prompt, where)
-        try:
-            source = _image_tensor(img, "image")
-            mask = _mask_tensor(msk, "mask")
-        except EditError as e:
-            raise EditError(f"{where}{e}") from None
-        (h, w), (mh, mw) = source.shape[-2:], mask.shape[-2:]
-        if h * mw != mh * w:
-            raise EditError(f"{where}mask {_describe(msk)} is {mw}x{mh} but image {_describe(img)} is {w}x{h}: "
-                            "give the mask the image's size (or exactly its aspect ratio)")
-        mask_full = (resize_mask(mask, (h, w)) > 0.5).float()
-        if size is None:
-            out.append(PreparedEdit(source, mask_full, source, mask_full, task, prompt))
-            continue
-        small = (resize_mask(mask, size) > 0.5).float()
-        if not bool(small.any()):
-            raise EditError(f"{where}mask {_describe(msk)} is empty after resizing to the model's {size[1]}x{size[0]} "
-                            "(its region is thinner than one pixel there): widen the masked region")
-        out.append(PreparedEdit(source, mask_full, resize_image(source, size), small, task, prompt))
-    return out
 
 
 class Editor:
@@ -280,8 +132,8 @@ class Editor:
         single = not isinstance(images, (list, tuple))
         images = [images] if single else list(images)
         n = len(images)
-        masks = [masks] if single and not isinstance(masks, (list, tuple)) else _as_list(masks, n, "masks")
-        items = prepare(images, masks, _as_list(prompts, n, "prompts"), _as_list(task, n, "tasks"), self.size)
+        masks = [masks] if single and not isinstance(masks, (list, tuple)) else as_list(masks, n, "masks")
+        items = prepare(images, masks, as_list(prompts, n, "prompts"), as_list(task, n, "tasks"), self.size)
         self.check_prompts([it.prompt for it in items])
         return items
 
@@ -317,10 +169,10 @@ class Editor:
         check_sampler(steps, method, shift)
         items = self.prepare(images, masks, prompts, task)
         n = len(items)
-        seeds = _as_list(seed, n, "seeds")
+        seeds = as_list(seed, n, "seeds")
         if any(isinstance(s, bool) or not isinstance(s, int) for s in seeds):
             raise EditError(f"seed must be an integer, got {seeds}")
-        keys = [NOISE_KEY] * n if noise_keys is None else _as_list(list(noise_keys), n, "noise keys")
+        keys = [NOISE_KEY] * n if noise_keys is None else as_list(list(noise_keys), n, "noise keys")
         samples = [EditSample(key, it.task, it.image, it.mask, it.prompt, None, {}) for key, it in zip(keys, items)]
         images_out = self.generate(samples, seeds, steps=steps, method=method, shift=shift, batch_size=batch_size)
         results = []
@@ -411,8 +263,8 @@ def _precheck(images, masks, prompts, task, model) -> None:
     single = not isinstance(images, (list, tuple))
     imgs = [images] if single else list(images)
     n = len(imgs)
-    msks = [masks] if single and not isinstance(masks, (list, tuple)) else _as_list(masks, n, "masks")
-    prepare(imgs, msks, _as_list(prompts, n, "prompts"), _as_list(task, n, "tasks"), _size_hint(model))
+    msks = [masks] if single and not isinstance(masks, (list, tuple)) else as_list(masks, n, "masks")
+    prepare(imgs, msks, as_list(prompts, n, "prompts"), as_list(task, n, "tasks"), _size_hint(model))
 
 
 def _size_hint(model) -> tuple[int, int] | None:
@@ -425,62 +277,6 @@ def _size_hint(model) -> tuple[int, int] | None:
 
 
 # -- the command line ----------------------------------------------------------------------------
-@dataclasses.dataclass
-class _Record:
-    line: int
-    image: str
-    mask: str
-    task: str
-    prompt: str | None
-    seed: int
-    image_path: Path
-    mask_path: Path
-
-
-def read_records(path: str | os.PathLike, task: str, prompt: str | None, seed: int,
-                 size: tuple[int, int] | None = None) -> list[_Record]:
-    """Parse an edit JSONL (records like the training data's: image, mask, task, prompt; optional
-    seed; paths relative to the file) and check every record at working size `size` (None: not
-    known yet); EditError lists each bad one."""
-    path = Path(path)
-    if not path.is_file():
-        raise EditError(f"JSONL file not found: {path}; check the path")
-    records, problems = [], []
-    for n, line in enumerate(path.read_text(encoding="utf-8").split("\n"), start=1):
-        if not line.strip():
-            continue
-        where = f"{path}:{n}: "
-        try:
-            rec = json.loads(line)
-        except json.JSONDecodeError as e:
-            problems.append(f"{where}not valid JSON ({e})")
-            continue
-        if not isinstance(rec, dict):
-            problems.append(f"{where}a record must be a JSON object, got {type(rec).__name__}")
-            continue
-        missing = [k for k in ("image", "mask") if not isinstance(rec.get(k), str) or not rec[k].strip()]
-        if missing:
-            problems.append(f"{where}record lacks {' and '.join(missing)} (a path relative to {path.parent})")
-            continue
-        r = _Record(n, rec["image"], rec["mask"], rec.get("task", task), rec.get("prompt", prompt),
-                    rec.get("seed", seed), path.parent / rec["image"], path.parent / rec["mask"])
-        try:
-            if isinstance(r.seed, bool) or not isinstance(r.seed, int):
-                raise EditError(f"seed must be an integer, got {r.seed!r}")
-            prepare([r.image_path], [r.mask_path], [r.prompt], [r.task], size)
-        except EditError as e:
-            problems.append(f"{where}{e}")
-            continue
-        records.append(r)
-    if problems:
-        shown = problems[:20] + ([f"... and {len(problems) - 20} more"] if len(problems) > 20 else [])
-        raise EditError(f"{path}: {len(problems)} bad record{'s' * (len(problems) != 1)}; fix or remove them:\n"
-                        + "\n".join(shown))
-    if not records:
-        raise EditError(f"{path} holds no records")
-    return records
-
-
 def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m rl.edit", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -536,7 +332,7 @@ def _run_batch(args: argparse.Namespace) -> None:
     # config did not tell it), every prompt through the model's text encoder
     if hint != editor.size:
         records = read_records(args.jsonl, args.task, args.prompt, args.seed, editor.size)
-    editor.check_prompts([_prompt_for(r.task, r.prompt, "") for r in records],
+    editor.check_prompts([prompt_for(r.task, r.prompt, "") for r in records],
                          [f"{args.jsonl}:{r.line}: " for r in records])
     out_dir = Path(args.out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -551,7 +347,7 @@ def _run_batch(args: argparse.Namespace) -> None:
             name = f"{r.line:0{width}d}.png"
             img.save(out_dir / name)
             rows.append({"line": r.line, "output": name, "image": r.image, "mask": r.mask, "task": r.task,
-                         "prompt": _prompt_for(r.task, r.prompt, ""), "seed": r.seed, "size": list(img.size[::-1]),
+                         "prompt": prompt_for(r.task, r.prompt, ""), "seed": r.seed, "size": list(img.size[::-1]),
                          "model": editor.description, "sampler": editor.method, "steps": editor.steps,
                          "shift": editor.shift})
     (out_dir / "results.jsonl").write_text("".join(json.dumps(row) + "\n" for row in rows))
