@@ -1,6 +1,6 @@
 """Eager PyTorch references: the executable specification of the kernels, written for reading.
 
-The maths is DESIGN.md's "The maths the kernels implement". The Triton kernels must match these
+The maths is docs/design.md's "The maths the kernels implement". The Triton kernels must match these
 functions (values and gradients); tests compare against them, usually in fp64.
 """
 from __future__ import annotations

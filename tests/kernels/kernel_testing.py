@@ -11,6 +11,7 @@ import contextlib
 import math
 
 import torch
+from hypothesis import settings
 
 from kernels import launch
 
@@ -75,6 +76,14 @@ def randn(shape, dtype=torch.float64, seed=0, device=DEVICE, scale=1.0) -> torch
 def rand(shape, dtype=torch.float64, seed=0, device=DEVICE) -> torch.Tensor:
     g = torch.Generator().manual_seed(seed)
     return torch.rand(shape, generator=g, dtype=torch.float64, device="cpu").to(dtype=dtype, device=device)
+
+
+def per_combination(share: float) -> settings:
+    """Settings for a hypothesis test that pytest runs once per combination of a kernel's options
+    (each combination is its own test, so none can be left out by chance): every combination draws
+    `share` of the profile's max_examples, at least 3. Under the "ci" profile (tests/conftest.py)
+    that is a few distinct shapes and values per combination; "thorough" scales them all."""
+    return settings(max_examples=max(3, round(settings.default.max_examples * share)))
 
 
 TOL = {torch.float64: dict(rtol=1e-10, atol=1e-12), torch.float32: dict(rtol=1e-5, atol=1e-6)}

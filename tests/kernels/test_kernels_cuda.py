@@ -5,7 +5,11 @@ import torch
 from kernel_testing import assert_low_precision, guarded, guarded_buffers, rand, randn
 
 import kernels
-from kernels.reference import group_rewards_reference, masked_blend_step_reference, nft_loss_reference
+from kernels.reference import (
+    group_rewards_reference,
+    masked_blend_step_reference,
+    nft_loss_reference,
+)
 
 pytestmark = pytest.mark.cuda
 

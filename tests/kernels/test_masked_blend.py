@@ -4,7 +4,16 @@ import pytest
 import torch
 from hypothesis import given
 from hypothesis import strategies as st
-from kernel_testing import EXACT_FP, TOL, assert_low_precision, guarded, guarded_buffers, rand, randn
+from kernel_testing import (
+    EXACT_FP,
+    TOL,
+    assert_low_precision,
+    guarded,
+    guarded_buffers,
+    per_combination,
+    rand,
+    randn,
+)
 
 import kernels
 from kernels.masked_blend import mask_layout, masked_blend_step_triton
@@ -43,31 +52,46 @@ def blend_inputs(x_shape, dtype, seed, grad=False):
     return [randn(x_shape, dtype, seed + i).requires_grad_(grad) for i in range(4)]  # x_t, v, x0_known, noise
 
 
-@given(layout=st.sampled_from(sorted(LAYOUTS)), B=st.integers(1, 3), L=st.sampled_from([1, 2, 5]),
-       C=st.sampled_from([1, 3, 15, 16, 17]), H=st.sampled_from([1, 4]), W=st.sampled_from([2, 7]),
-       mask_kind=st.sampled_from(["zeros", "ones", "binary", "soft", "soft", "bool"]),
-       mask_dtype=st.sampled_from([torch.float32, torch.float64]),
-       t_kind=st.sampled_from(["float", "zero_d", "per_sample"]), tn_kind=st.sampled_from(["float", "per_sample"]),
+# The options that select a different kernel path: the mask layout (M_COL, HAS_RM, expanded first)
+# and whether t and t_next are one value or one per sample (T_ROWS, TN_ROWS): 10 x 2 x 2 = 40
+# combinations, each a test case; hypothesis draws the sizes, the mask's values, which inputs need
+# a gradient (NEED_*; none: the no-grad path), dtypes and tiles. (The first choice of each list is
+# what hypothesis's first, simplest example takes: a general one, with B = 2 so per-sample times are
+# read per row.)
+BLEND_OPTIONS = [(layout, t_mode, tn_mode) for layout in sorted(LAYOUTS) for t_mode in ("scalar", "per_sample")
+                 for tn_mode in ("scalar", "per_sample")]
+GRADS = {"all": (0, 1, 2, 3), "x_v": (0, 1), "x0_noise": (2, 3), "v": (1,), "none": ()}
+
+
+@pytest.mark.parametrize("layout, t_mode, tn_mode", BLEND_OPTIONS, ids=["-".join(o) for o in BLEND_OPTIONS])
+@per_combination(1 / 10)
+@given(B=st.sampled_from([2, 1, 3]), L=st.sampled_from([5, 1, 2]), C=st.sampled_from([17, 1, 3, 15, 16]),
+       H=st.sampled_from([4, 1]), W=st.sampled_from([7, 2]),
+       mask_kind=st.sampled_from(["soft", "zeros", "ones", "binary", "bool"]),
+       mask_dtype=st.sampled_from([torch.float32, torch.float64]), t_scalar=st.sampled_from(["float", "zero_d"]),
+       tn_scalar=st.sampled_from(["float", "zero_d"]), grads=st.sampled_from(sorted(GRADS)),
        dtype=st.sampled_from([torch.float64, torch.float32]), block=st.sampled_from([None, 16, 64]),
        seed=st.integers(0, 2**16))
-def test_matches_reference_values_and_gradients(layout, B, L, C, H, W, mask_kind, mask_dtype, t_kind, tn_kind,
-                                                dtype, block, seed):
+def test_matches_reference_values_and_gradients(layout, t_mode, tn_mode, B, L, C, H, W, mask_kind, mask_dtype,
+                                                t_scalar, tn_scalar, grads, dtype, block, seed):
     x_shape, m_shape = LAYOUTS[layout](B, L, C, H, W)
     mask = make_mask(m_shape, mask_kind, seed)
     mask = mask if mask.dtype == torch.bool else mask.to(mask_dtype)
-    t, tn = make_time(t_kind, B, dtype, seed + 10), make_time(tn_kind, B, torch.float32, seed + 11)
-    inputs = blend_inputs(x_shape, dtype, seed, grad=True)
+    t = make_time(t_scalar if t_mode == "scalar" else "per_sample", B, dtype, seed + 10)
+    tn = make_time(tn_scalar if tn_mode == "scalar" else "per_sample", B, torch.float32, seed + 11)
+    need = GRADS[grads]
+    inputs = [x.requires_grad_(i in need) for i, x in enumerate(blend_inputs(x_shape, dtype, seed))]
     with guarded_buffers():
         g_inputs = [guarded(x) for x in inputs]
         out = masked_blend_step_triton(g_inputs[0], g_inputs[1], guarded(mask), g_inputs[2], g_inputs[3], t, tn,
                                        block=block)
         go = randn(out.shape, dtype, seed + 20)
-        grads = torch.autograd.grad(out, g_inputs, go)
+        grads_out = torch.autograd.grad(out, [g_inputs[i] for i in need], go) if need else ()
     ref = masked_blend_step_reference(inputs[0], inputs[1], mask, inputs[2], inputs[3], t, tn)
-    ref_grads = torch.autograd.grad(ref, inputs, go)
-    assert out.dtype == dtype and out.shape == x_shape
+    ref_grads = torch.autograd.grad(ref, [inputs[i] for i in need], go) if need else ()
+    assert out.dtype == dtype and out.shape == x_shape and out.requires_grad == bool(need)
     torch.testing.assert_close(out, ref, **TOL[dtype])
-    for g, rg in zip(grads, ref_grads):
+    for g, rg in zip(grads_out, ref_grads, strict=True):
         assert g.dtype == dtype
         torch.testing.assert_close(g, rg, **TOL[dtype])
 
@@ -186,8 +210,17 @@ def test_layouts_read_the_mask_per_row():
 
 
 def test_public_dispatch_with_default_config():
-    x, v, x0, noise = blend_inputs((2, 64, 64), torch.float32, 1)
+    """Through the public function with the default tile: backend="triton" (interpreted on CPU,
+    compiled on a GPU) against backend="torch" (the eager reference); "auto" takes the Triton path
+    here."""
+    x, v, x0, noise = blend_inputs((2, 64, 64), torch.float32, 1, grad=True)
     mask = rand((2, 64, 1), seed=1).float()
     t = torch.full((2,), 0.8)
-    out = kernels.masked_blend_step(x, v, mask, x0, noise, t, 0.6)
-    torch.testing.assert_close(out, masked_blend_step_reference(x, v, mask, x0, noise, t, 0.6), **TOL[torch.float32])
+    go = randn(x.shape, torch.float32, 5)
+    results = {}
+    for backend in ("triton", "torch", "auto"):
+        out = kernels.masked_blend_step(x, v, mask, x0, noise, t, 0.6, backend=backend)
+        results[backend] = (out, *torch.autograd.grad(out, (x, v, x0, noise), go))
+    for got, want in zip(results["triton"], results["torch"]):
+        torch.testing.assert_close(got, want, **TOL[torch.float32])
+    assert all(torch.equal(a, b) for a, b in zip(results["auto"], results["triton"]))

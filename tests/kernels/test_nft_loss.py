@@ -4,7 +4,15 @@ import pytest
 import torch
 from hypothesis import given
 from hypothesis import strategies as st
-from kernel_testing import TOL, assert_low_precision, guarded, guarded_buffers, rand, randn
+from kernel_testing import (
+    TOL,
+    assert_low_precision,
+    guarded,
+    guarded_buffers,
+    per_combination,
+    rand,
+    randn,
+)
 
 import kernels
 from kernels.nft_loss import nft_loss_triton
@@ -19,7 +27,9 @@ def make_inputs(B, n, dtype, seed, *, r_mode="uniform", t_mode="uniform", has_re
     v = randn(shape, dtype, seed + 2)
     r = {"zero": torch.zeros(B), "one": torch.ones(B), "binary": (rand(B, seed=seed + 3) > 0.5).double(),
          "uniform": rand(B, seed=seed + 3)}[r_mode].to(dtype)
-    t = {"zero": torch.zeros(B), "one": torch.ones(B), "uniform": rand(B, seed=seed + 4)}[t_mode].to(dtype)
+    # "tiny": t mean|e| < 1e-5, the adaptive weight is its floor
+    t = {"zero": torch.zeros(B), "one": torch.ones(B), "uniform": rand(B, seed=seed + 4),
+         "tiny": 1e-6 * rand(B, seed=seed + 4)}[t_mode].to(dtype)
     v_ref = randn(shape, dtype, seed + 5) if has_ref else None
     weight = None
     if has_weight:
@@ -40,32 +50,51 @@ def loss_and_grad(fn, inp, seed, **kw):
     return out, grad
 
 
+# The options that select a different kernel path (ADAPTIVE, MEAN, HAS_REF, HAS_WEIGHT): all
+# 2 x 2 x 2 x 2 = 16 combinations. The 4 with a weight and reduction="none" are refused by
+# kernels.nft_loss (test_weight_with_reduction_none_is_refused); the other 12 are each a test case
+# of the comparison with the reference, and hypothesis draws shapes and values for each.
+NFT_OPTIONS = [(adaptive, reduction, has_ref, has_weight) for adaptive in (False, True)
+               for reduction in ("mean", "none") for has_ref in (False, True) for has_weight in (False, True)]
+VALID_OPTIONS = [o for o in NFT_OPTIONS if not (o[1] == "none" and o[3])]
+
+
+def options_id(o):
+    return "-".join(("adaptive" if o[0] else "velocity", o[1], "ref" if o[2] else "noref",
+                     "weight" if o[3] else "noweight"))
+
+
 @st.composite
 def nft_cases(draw):
+    """Shapes and values: sizes around the tile (1, BLOCK - 1, BLOCK, BLOCK + 1, odd), chunked
+    samples, r in {0, 1, binary, uniform}, t in {0, 1, uniform, under the adaptive floor}, beta tiny
+    to 1, [B, N] or [B, N, C].
+    (The first choice of each list is what hypothesis's first, simplest example takes: a general one.)"""
     block = draw(st.sampled_from([16, 64]))
     return dict(
         dtype=draw(st.sampled_from([torch.float64, torch.float32])),
         block=block,
-        n=draw(st.sampled_from([1, block - 1, block, block + 1, 3 * block + 5])),
-        B=draw(st.integers(1, 4)),
-        chunks=draw(st.integers(1, 3)),
-        adaptive=draw(st.booleans()),
-        reduction=draw(st.sampled_from(["mean", "none"])),
-        r_mode=draw(st.sampled_from(["zero", "one", "binary", "uniform"])),
-        t_mode=draw(st.sampled_from(["zero", "one", "uniform", "uniform"])),
-        beta=draw(st.sampled_from([1e-3, 0.1, 1.0])),
-        has_ref=draw(st.booleans()),
-        has_weight=draw(st.booleans()),
+        n=draw(st.sampled_from([3 * block + 5, 1, block - 1, block, block + 1])),
+        shape_tail=draw(st.sampled_from([(), (3,)])),
+        B=draw(st.sampled_from([3, 1, 2, 4])),
+        chunks=draw(st.sampled_from([2, 1, 3])),
+        r_mode=draw(st.sampled_from(["uniform", "zero", "one", "binary"])),
+        t_mode=draw(st.sampled_from(["uniform", "zero", "one", "tiny"])),
+        beta=draw(st.sampled_from([0.1, 1e-3, 1.0])),
+        kl_coef=draw(st.sampled_from([0.5, 0.0, 2.0])),
         seed=draw(st.integers(0, 2**16)),
     )
 
 
-@given(nft_cases())
-def test_matches_reference_values_and_gradients(case):
-    dtype, reduction = case["dtype"], case["reduction"]
+@pytest.mark.parametrize("adaptive, reduction, has_ref, has_weight", VALID_OPTIONS,
+                         ids=[options_id(o) for o in VALID_OPTIONS])
+@per_combination(1 / 3)
+@given(case=nft_cases())
+def test_matches_reference_values_and_gradients(adaptive, reduction, has_ref, has_weight, case):
+    dtype = case["dtype"]
     inp = make_inputs(case["B"], case["n"], dtype, case["seed"], r_mode=case["r_mode"], t_mode=case["t_mode"],
-                      has_ref=case["has_ref"], has_weight=case["has_weight"] and reduction == "mean")
-    kw = dict(beta=case["beta"], adaptive=case["adaptive"], kl_coef=0.5 if case["has_ref"] else 0.0,
+                      has_ref=has_ref, has_weight=has_weight, shape_tail=case["shape_tail"])
+    kw = dict(beta=case["beta"], adaptive=adaptive, kl_coef=case["kl_coef"] if has_ref else 0.0,
               reduction=reduction)
     guarded_inp = {k: None if x is None else guarded(x) for k, x in inp.items()}
     with guarded_buffers():
@@ -74,8 +103,33 @@ def test_matches_reference_values_and_gradients(case):
     ref, ref_grad = loss_and_grad(nft_loss_reference, inp, case["seed"], **kw)
     assert out.dtype == ref.dtype and out.shape == ref.shape and grad.dtype == dtype
     torch.testing.assert_close(out, ref, **TOL[dtype])
-    scale = ref_grad.abs().max().item()
+    scale = gradient_term_scale(inp, case["seed"], **kw)
     torch.testing.assert_close(grad, ref_grad, rtol=TOL[dtype]["rtol"], atol=TOL[dtype]["rtol"] * scale + 1e-300)
+
+
+def gradient_term_scale(inp, seed, **kw):
+    """The size of the terms the gradient sums: max |r g+| + |(1 - r) g-|, with g+- the gradients
+    of the r = 1 and r = 0 losses (fp64 reference). The gradient itself is r g+ + (1 - r) g-, about
+    (2r - 1) d + beta (v_theta - v_old) per element: with r near 1/2 and a small beta its terms
+    cancel, and rounding errors of the size of the terms (not of the result) are correct."""
+    exact = {k: None if x is None else x.detach().double() for k, x in inp.items()}
+    grads = []
+    for r in (torch.ones_like(exact["r"]), torch.zeros_like(exact["r"])):
+        branch = dict(exact, r=r, v_theta=exact["v_theta"].clone().requires_grad_())
+        grads.append(loss_and_grad(nft_loss_reference, branch, seed, **kw)[1])
+    r = exact["r"].reshape(-1, *[1] * (grads[0].dim() - 1))
+    return (r * grads[0].abs() + (1 - r) * grads[1].abs()).max().item()
+
+
+@pytest.mark.parametrize("adaptive, has_ref", [(False, False), (False, True), (True, False), (True, True)])
+def test_weight_with_reduction_none_is_refused(adaptive, has_ref):
+    """The other 4 of the 16 option combinations: a per-sample weight has no meaning without the
+    batch mean, so the public function refuses it, whatever the backend."""
+    inp = make_inputs(2, 8, torch.float64, seed=1, has_ref=has_ref, has_weight=True)
+    for backend in ("torch", "triton"):
+        with pytest.raises(ValueError, match="weight only applies to reduction='mean'"):
+            call(kernels.nft_loss, inp, beta=1.0, adaptive=adaptive, kl_coef=0.5 if has_ref else 0.0,
+                 reduction="none", backend=backend)
 
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
@@ -168,7 +222,7 @@ def test_r_selects_one_branch(adaptive):
 
 
 def test_adaptive_form_is_the_x0_space_loss_of_diffusion_nft():
-    """The spec itself: DESIGN.md's adaptive formula equals the released code's x0-space loss."""
+    """The spec itself: docs/design.md's adaptive formula equals the released code's x0-space loss."""
     B, n, beta = 3, 40, 0.3
     x0, eps = randn((B, n), seed=1), randn((B, n), seed=2)
     t = rand(B, seed=3) * 0.9 + 0.05
@@ -241,9 +295,14 @@ def test_dropped_samples_do_not_leak_nan():
 
 def test_default_launch_config_and_public_dispatch():
     """No overrides: the interpreter's default tile (8192) with a sample larger than one tile,
-    [B, L, C] layout, through the public function (auto -> Triton under the interpreter)."""
-    inp = make_inputs(2, 96, torch.float32, seed=12, shape_tail=(96,), has_ref=True)
-    out, grad = loss_and_grad(kernels.nft_loss, inp, 0, beta=1.0, kl_coef=1e-2)
-    ref, ref_grad = loss_and_grad(nft_loss_reference, inp, 0, beta=1.0, kl_coef=1e-2)
-    torch.testing.assert_close(out, ref, **TOL[torch.float32])
-    torch.testing.assert_close(grad, ref_grad, rtol=1e-5, atol=1e-5 * ref_grad.abs().max().item())
+    [B, L, C] layout, through the public function: backend="triton" (interpreted on CPU, compiled
+    on a GPU) against backend="torch" (the eager reference); "auto" takes the Triton path here."""
+    for adaptive in (True, False):
+        inp = make_inputs(2, 96, torch.float32, seed=12, shape_tail=(96,), has_ref=True)
+        kw = dict(beta=1.0, adaptive=adaptive, kl_coef=1e-2)
+        out, grad = loss_and_grad(kernels.nft_loss, inp, 0, backend="triton", **kw)
+        ref, ref_grad = loss_and_grad(kernels.nft_loss, inp, 0, backend="torch", **kw)
+        torch.testing.assert_close(out, ref, **TOL[torch.float32])
+        torch.testing.assert_close(grad, ref_grad, rtol=1e-5, atol=1e-5 * ref_grad.abs().max().item())
+        auto, auto_grad = loss_and_grad(kernels.nft_loss, inp, 0, **kw)
+        assert torch.equal(auto, out) and torch.equal(auto_grad, grad)
