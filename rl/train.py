@@ -24,6 +24,7 @@ from typing import Any
 import torch
 
 from core.config_io import ConfigError, to_dict
+from reward.judge import JudgeError
 from rl.evaluation.model_card import write_model_card
 from rl.evaluation.run_summary import final_summary
 from rl.plumbing.builders import build_data, build_judge, build_policy, rollout_sigmas
@@ -38,7 +39,13 @@ from rl.plumbing.checkpoint import (
 )
 from rl.plumbing.config import RunConfig, load_config
 from rl.plumbing.distributed import DistContext, init_distributed, shutdown
-from rl.plumbing.run_dir import RunDirError, check_resume_config, new_run_dir, run_id_of
+from rl.plumbing.run_dir import (
+    RunDirError,
+    check_new_run_dir,
+    check_resume_config,
+    new_run_dir,
+    run_id_of,
+)
 from rl.plumbing.run_log import RunLog, require_tracker, sample_label, save_sample_grid
 
 
@@ -63,29 +70,42 @@ def _default_out(cfg: RunConfig) -> Path:
     return Path("runs") / f"{cfg.train.algorithm}-{stamp}"
 
 
-def _claim_run_dir(cfg: RunConfig, run_dir: Path, resume: bool, fresh: bool, ctx: DistContext):
-    """Rank 0 checks and claims the directory; every rank raises the same error if it cannot."""
-    error, run_id = None, None
+def _on_main(ctx: DistContext, run_dir: Path, fn):
+    """fn() on rank 0; its result, or the same error, on every rank."""
+    error, result = None, None
     if ctx.is_main:
         try:
-            if resume:
-                stored = run_dir / "config.yaml"
-                if not stored.is_file():
-                    raise RunDirError(f"--resume {run_dir}: no config.yaml there; is it a run directory?")
-                check_resume_config(load_config(str(stored)), cfg)
-                remove_stale_temporaries(run_dir)
-                run_id = run_id_of(run_dir)
-            else:
-                run_id = new_run_dir(run_dir, fresh=fresh)
-            (run_dir / "config.yaml").write_text(_yaml(cfg))
+            result = fn()
         except (RunDirError, ConfigError) as err:
             error = f"{type(err).__name__}: {err}"
         except OSError as err:
             error = f"OSError: {disk_error(err, run_dir)}"
-    error, run_id = ctx.broadcast_object((error, run_id))
+    error, result = ctx.broadcast_object((error, result))
     if error is not None:
         kind, message = error.split(": ", 1)
         raise {"ConfigError": ConfigError, "OSError": CheckpointError}.get(kind, RunDirError)(message)
+    return result
+
+
+def _check_run_dir(cfg: RunConfig, run_dir: Path, resume: bool, fresh: bool) -> None:
+    """Before any work: may this run use the directory? (Nothing is written yet.)"""
+    if resume:
+        stored = run_dir / "config.yaml"
+        if not stored.is_file():
+            raise RunDirError(f"--resume {run_dir}: no config.yaml there; is it a run directory?")
+        check_resume_config(load_config(str(stored)), cfg)
+    else:
+        check_new_run_dir(run_dir, fresh)
+
+
+def _claim_run_dir(cfg: RunConfig, run_dir: Path, resume: bool, fresh: bool) -> str | None:
+    """Once the run's parts are built: take the directory (a failed start leaves nothing behind)."""
+    if resume:
+        remove_stale_temporaries(run_dir)
+        run_id = run_id_of(run_dir)
+    else:
+        run_id = new_run_dir(run_dir, fresh=fresh)
+    (run_dir / "config.yaml").write_text(_yaml(cfg))
     return run_id
 
 
@@ -116,12 +136,13 @@ def run(config: RunConfig, out_dir: str | os.PathLike | None = None, resume: str
         if state["step"] + 1 >= cfg.train.steps:
             raise RunDirError(f"the run in {run_dir} already finished its {state['step'] + 1} steps; to train "
                               f"longer, resume with --set train.steps=N (N > {state['step'] + 1})")
-    run_id = _claim_run_dir(cfg, run_dir, bool(resume), fresh, ctx)
-    if state is not None and run_id is not None and state.get("run_id") not in (None, run_id):
-        raise RunDirError(f"{ckpt} belongs to another run ({state.get('run_id')}; this directory's is {run_id}): "
-                          "the directory was mixed; resume from the directory that wrote it")
+    _on_main(ctx, run_dir, lambda: _check_run_dir(cfg, run_dir, bool(resume), fresh))
+    if state is not None and state.get("run_id") not in (None, run_id_of(run_dir)):
+        raise RunDirError(f"{ckpt} belongs to another run ({state.get('run_id')}; this directory's is "
+                          f"{run_id_of(run_dir)}): the directory was mixed; resume from the directory that wrote it")
 
-    trainer = make_trainer(cfg, ctx)
+    trainer = make_trainer(cfg, ctx)  # a missing model or an unreachable judge fails here, before the claim
+    run_id = _on_main(ctx, run_dir, lambda: _claim_run_dir(cfg, run_dir, bool(resume), fresh))
     trainer.run_id = run_id
     start = 0
     if state is not None:
@@ -316,7 +337,7 @@ def main(argv: list[str] | None = None) -> int:
     except OSError as e:  # a full or read-only disk, say: one line, not a traceback
         print(f"[rl.train] stopped: {disk_error(e, Path(args.resume or args.out or 'runs'))}", file=sys.stderr)
         return 1
-    except (RunStopped, CheckpointError, FileNotFoundError, ValueError) as e:
+    except (RunStopped, CheckpointError, JudgeError, FileNotFoundError, ValueError) as e:
         print(f"[rl.train] stopped: {e}", file=sys.stderr)
         return 1
     finally:

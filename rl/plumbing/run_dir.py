@@ -35,19 +35,25 @@ class RunDirError(ValueError):
     """--out / --resume names a directory that cannot be used as asked; the message says how."""
 
 
+def check_new_run_dir(run_dir: Path, fresh: bool = False) -> None:
+    """Refuse `run_dir` for a new run when it already holds anything (unless `fresh`); writes nothing."""
+    run_dir = Path(run_dir)
+    if run_dir.exists() and not run_dir.is_dir():
+        raise RunDirError(f"--out {run_dir} is a file, not a directory")
+    if run_dir.is_dir() and any(run_dir.iterdir()) and not fresh:
+        held = "a run" if (run_dir / "config.yaml").exists() or (run_dir / RUN_FILE).exists() else "files"
+        raise RunDirError(
+            f"--out {run_dir} already holds {held}: continue it with --resume {run_dir}, start over with "
+            f"--fresh (moves it to {run_dir.name}.replaced-<time>), or choose another --out")
+
+
 def new_run_dir(run_dir: Path, fresh: bool = False) -> str:
     """Claim `run_dir` for a new run (creating it); returns the new run id.
 
     An existing non-empty directory is refused, or with `fresh` moved aside first."""
     run_dir = Path(run_dir)
-    if run_dir.exists() and not run_dir.is_dir():
-        raise RunDirError(f"--out {run_dir} is a file, not a directory")
+    check_new_run_dir(run_dir, fresh)
     if run_dir.is_dir() and any(run_dir.iterdir()):
-        held = "a run" if (run_dir / "config.yaml").exists() or (run_dir / RUN_FILE).exists() else "files"
-        if not fresh:
-            raise RunDirError(
-                f"--out {run_dir} already holds {held}: continue it with --resume {run_dir}, start over with "
-                f"--fresh (moves it to {run_dir.name}.replaced-<time>), or choose another --out")
         stamp = datetime.datetime.now().strftime("%Y%m%d-%H%M%S-%f")
         aside = run_dir.with_name(f"{run_dir.name}.replaced-{stamp}")
         run_dir.rename(aside)

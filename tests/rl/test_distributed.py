@@ -11,6 +11,7 @@ from rl.plumbing.checkpoint import load_checkpoint
 from rl.plumbing.config import load_config
 
 
+@pytest.mark.slow  # two torchrun-style processes over gloo: ~17 s alone, more on a loaded machine
 @pytest.mark.parametrize("algorithm", ["nft", "refl"])
 def test_two_processes_match_one(quick, tmp_path, algorithm):
     overrides = quick(**{"train.steps": 2, "train.algorithm": algorithm, "refl.batch_size": 4,

@@ -74,3 +74,18 @@ def test_eval_works_on_a_refl_run(quick, tmp_path):
     assert rl.eval.main(["--model", str(run_dir), "--against", "base", "--per-task", "1", "--out", str(out)]) == 0
     report = json.loads((out / "report.json").read_text())
     assert report["judge"] == "rule (score)" and set(report["gsb"]) == {"fill", "extend", "removal", "text"}
+
+
+@pytest.mark.parametrize("name", ["tiny_nft.yaml", "tiny_refl.yaml"])
+def test_every_shipped_tiny_config_trains_evaluates_and_exports(quick, tmp_path, name):
+    """Two steps of each shipped tiny config (shrunk by `quick`), then rl.eval and the export."""
+    from pathlib import Path
+
+    path = Path(__file__).parents[2] / "configs" / name
+    run_dir = tmp_path / "run"
+    cfg = load_config(str(path), quick(**{"train.eval_per_task": 1, "refl.batch_size": 2}))
+    rl.train.run(cfg, out_dir=run_dir)
+    assert (run_dir / "final" / "README.md").is_file() and (run_dir / "final" / "transformer").is_dir()
+    out = tmp_path / "report"
+    assert rl.eval.main(["--model", str(run_dir), "--against", "base", "--per-task", "1", "--out", str(out)]) == 0
+    assert json.loads((out / "report.json").read_text())["gsb"]

@@ -135,6 +135,18 @@ def test_a_failure_before_any_checkpoint_does_not_advise_resume(quick, tmp_path,
     assert latest_checkpoint(tmp_path) is None
 
 
+def test_an_unreachable_judge_is_one_line_and_claims_no_directory(quick, tmp_path, monkeypatch, capsys):
+    def unreachable(cfg, device):
+        raise JudgeError("judge server http://127.0.0.1:9/v1 did not list its models; is it running?")
+
+    monkeypatch.setattr(rl.train, "build_judge", unreachable)
+    out = tmp_path / "run"
+    assert rl.train.main([*_args(quick), "--out", str(out)]) == 1
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err[-1].startswith("[rl.train] stopped: judge server") and not any("Traceback" in x for x in err)
+    assert not out.exists()  # a corrected rerun with the same --out is not refused
+
+
 def test_a_full_disk_is_one_clear_line(quick, tmp_path, monkeypatch, capsys):
     def full(*a, **k):
         raise OSError(errno.ENOSPC, "No space left on device")
