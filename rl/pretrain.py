@@ -43,10 +43,10 @@ from core.metrics import ground_truth_metrics, summarize
 from core.samplers import METHODS, sample_policy
 from core.schedules import flux_sigmas
 from core.tasks import TASKS, TaskMixture
+from core.tensor_store import has_tree, load_tree, save_tree
 from core.tiny_fill import DEFAULT_TRANSFORMER, TinyFillPolicy, rope_axes
 from core.world import SyntheticWorld, collate
 from rl.algorithms.lr_schedule import lr_factor
-from rl.plumbing.tensor_store import has_tree, load_tree, save_tree
 
 UNIFORM_T_SHARE = 0.1
 QUALITY_FILE = "quality.json"
@@ -195,7 +195,7 @@ def state_path(out: Path) -> Path:
 
 
 def _save_state(path: Path, state: dict) -> None:
-    """Tensors as safetensors and the rest as JSON (rl/plumbing/tensor_store.py: no pickle), replaced whole."""
+    """Tensors as safetensors and the rest as JSON (core/tensor_store.py: no pickle), replaced whole."""
     write_atomically(path, lambda tmp: (tmp.mkdir(parents=True), save_tree(state, tmp)))
 
 

@@ -249,13 +249,13 @@ def _save(trainer, run_dir: Path, step: int, cfg: RunConfig, ctx: DistContext) -
 
 def _cached_base_eval(trainer, run_dir: Path):
     """Evaluate the initial weights once per run (a resumed run reuses the stored result)."""
+    from core.tensor_store import has_tree
     from rl.evaluation.run_summary import (
         eval_fingerprint,
         evaluate_weights,
         load_eval,
         save_eval,
     )
-    from rl.plumbing.tensor_store import has_tree
 
     path = run_dir / "eval_base"
     fingerprint = eval_fingerprint(trainer.cfg)

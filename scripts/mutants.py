@@ -30,6 +30,10 @@ class Mutant:
     old: str
     new: str
     tests: tuple[str, ...]
+    also: tuple[tuple[str, str, str], ...] = ()   # more (file, old, new) edits of the same mutant
+
+    def edits(self) -> list[tuple[str, str, str]]:
+        return [(self.file, self.old, self.new), *self.also]
 
 
 UPD = "tests/rl/test_update_settings.py"
@@ -107,6 +111,14 @@ MUTANTS = [
            'elif rule == "strict":', ("tests/kernels",)),
     Mutant("reward map 1/2 + A/c (reference)", "kernels/reference.py", "r = 0.5 + adv / (2 * clip)",
            "r = 0.5 + adv / clip", ("tests/kernels",)),
+    # one consistent mistake in the Triton kernel and its reference alike: only the spec cases can see it
+    Mutant("paper filter > becomes >= (kernel and reference)", "kernels/reference.py",
+           "keep = ~((mu > tau_mean) & (sigma_g < tau_std))", "keep = ~((mu >= tau_mean) & (sigma_g < tau_std))",
+           ("tests/kernels",), also=(("kernels/group_rewards.py", "keep = ~((mu > tau_mean) & (sigma < tau_std))",
+                                      "keep = ~((mu >= tau_mean) & (sigma < tau_std))"),)),
+    Mutant("reward map 0.6 + A/2c (kernel and reference)", "kernels/reference.py", "r = 0.5 + adv / (2 * clip)",
+           "r = 0.6 + adv / (2 * clip)", ("tests/kernels",),
+           also=(("kernels/group_rewards.py", "0.5 + a / (2.0 * clip)", "0.6 + a / (2.0 * clip)"),)),
     Mutant("blend re-noises at t, not t' (reference)", "kernels/reference.py",
            "renoised = (1 - tn) * x0_known.to(acc) + tn * noise.to(acc)",
            "renoised = (1 - tt) * x0_known.to(acc) + tt * noise.to(acc)", ("tests/kernels",)),
@@ -149,16 +161,18 @@ def main(argv: list[str] | None = None) -> int:
             return 2
         killed = 0
         for m in chosen:
-            path = tree / m.file
-            original = path.read_text()
-            if original.count(m.old) != 1:
-                print(f"STALE    {m.name}: the text to mutate occurs {original.count(m.old)} times in {m.file}")
+            originals = {f: (tree / f).read_text() for f, _, _ in m.edits()}
+            stale = [f for f, old, _ in m.edits() if originals[f].count(old) != 1]
+            if stale:
+                print(f"STALE    {m.name}: the text to mutate does not occur exactly once in {stale}")
                 continue
-            path.write_text(original.replace(m.old, m.new))
+            for f, old, new in m.edits():
+                (tree / f).write_text((tree / f).read_text().replace(old, new))
             try:
                 passed, seconds = run_tests(tree, m.tests)
             finally:
-                path.write_text(original)
+                for f, text in originals.items():
+                    (tree / f).write_text(text)
             killed += not passed
             print(f"{'killed ' if not passed else 'SURVIVED'} {m.name:55s} {seconds:5.0f} s", flush=True)
         print(f"\nkill rate: {killed}/{len(chosen)} ({100 * killed / max(len(chosen), 1):.0f}%)")

@@ -30,7 +30,12 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, FluxFillPipeline, FluxTransformer2DModel
+from diffusers import (
+    AutoencoderKL,
+    FlowMatchEulerDiscreteScheduler,
+    FluxFillPipeline,
+    FluxTransformer2DModel,
+)
 from transformers import CLIPTextConfig, CLIPTextModel, T5Config, T5EncoderModel
 
 from .tokenizers import DEFAULT_MAX_LENGTH, build_clip_tokenizer, build_t5_tokenizer
@@ -91,9 +96,9 @@ class TransformerSpec:
     """FluxTransformer2DModel: `num_layers` double-stream and `num_single_layers` single-stream
     blocks of `num_attention_heads` x `attention_head_dim`; rope axes default to `rope_axes`."""
 
-    num_layers: int = 1
-    num_single_layers: int = 2
-    num_attention_heads: int = 3
+    num_layers: int = 2
+    num_single_layers: int = 4
+    num_attention_heads: int = 4
     attention_head_dim: int = 32
     axes_dims_rope: tuple[int, int, int] | None = None
 

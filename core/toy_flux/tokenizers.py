@@ -28,6 +28,7 @@ from __future__ import annotations
 import string
 from collections import Counter
 from collections.abc import Iterable, Sequence
+from itertools import pairwise
 
 from tokenizers import pre_tokenizers
 from transformers import CLIPTokenizer, T5TokenizerFast
@@ -64,7 +65,7 @@ def learn_merges(words: Sequence[str]) -> list[tuple[str, str]]:
     corpus = [[*w[:-1], w[-1] + WORD_SUFFIX] for w in dict.fromkeys(words) if w]
     merges: list[tuple[str, str]] = []
     while True:
-        pairs = Counter((a, b) for symbols in corpus for a, b in zip(symbols, symbols[1:]))
+        pairs = Counter(pair for symbols in corpus for pair in pairwise(symbols))
         if not pairs:
             return merges
         best = min(pairs, key=lambda p: (-pairs[p], p))

@@ -12,11 +12,11 @@ from typing import Any
 
 from torch import Tensor
 
+from core.tensor_store import load_tree, save_tree
 from rl.evaluation.heldout import EvalResult, evaluate, held_out_samples
 from rl.evaluation.plots import plot_reward_curves, plot_time_split
 from rl.evaluation.stats import bootstrap_mean
 from rl.plumbing.run_log import read_metrics
-from rl.plumbing.tensor_store import load_tree, save_tree
 
 GRID_ROWS_PER_TASK = 2
 

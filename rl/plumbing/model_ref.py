@@ -11,10 +11,10 @@ import torch
 from torch import Tensor
 
 from core.policy import Policy
+from core.tensor_store import has_tree
 from rl.plumbing.builders import build_policy
 from rl.plumbing.checkpoint import latest_checkpoint, load_checkpoint
 from rl.plumbing.config import ModelConfig, RunConfig, load_config
-from rl.plumbing.tensor_store import has_tree
 
 
 def resolve_model(spec: str, device: torch.device, default: ModelConfig | None = None, image_size: int = 512

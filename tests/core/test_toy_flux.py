@@ -18,10 +18,25 @@ from core.flux_fill import FluxFillPolicy
 from core.glyphs import GLYPHS
 from core.schedules import flux_sigmas
 from core.tasks import EXTEND_NO_PROMPT, REMOVAL_PROMPT, TASKS
-from core.toy_flux.build import (ClipSpec, T5Spec, ToyFluxSpec, TransformerSpec, VAESpec, build_toy_pipeline,
-                                 check_spec, rope_axes, save_toy_pipeline)
+from core.tensor_store import StoreError
+from core.toy_flux.build import (
+    ClipSpec,
+    T5Spec,
+    ToyFluxSpec,
+    TransformerSpec,
+    VAESpec,
+    build_toy_pipeline,
+    check_spec,
+    rope_axes,
+    save_toy_pipeline,
+)
 from core.toy_flux.state import find_checkpoint, load_state, save_checkpoint, save_state
-from core.toy_flux.tokenizers import build_clip_tokenizer, build_t5_tokenizer, learn_merges, world_words
+from core.toy_flux.tokenizers import (
+    build_clip_tokenizer,
+    build_t5_tokenizer,
+    learn_merges,
+    world_words,
+)
 from core.toy_flux.vae_training import CHECKPOINT, VAETrainConfig, train_vae
 from core.world import BACKGROUNDS, COLOURS, SHAPES, SyntheticWorld, collate
 
@@ -149,7 +164,8 @@ def test_flux_fill_policy_runs_the_toy_on_world_batches(toy_dir):
     c, f = TINY.vae.latent_channels, TINY.vae.scale_factor
     tokens = (SIZE // (2 * f)) ** 2
     assert cond.x0_known.shape == (8, tokens, 4 * c) and cond.cond_latents.shape == (8, tokens, 4 * c + 4 * f * f)
-    assert cond.prompt_embeds.shape == (8, TEXT_LEN, TINY.t5.d_model) and cond.pooled.shape == (8, TINY.clip.hidden_size)
+    assert cond.prompt_embeds.shape == (8, TEXT_LEN, TINY.t5.d_model)
+    assert cond.pooled.shape == (8, TINY.clip.hidden_size)
     assert cond.guidance.tolist() == [30.0] * 8 and cond.latent_hw == (SIZE // f,) * 2
     x = torch.randn(cond.x0_known.shape, generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
@@ -171,7 +187,7 @@ def test_state_store_round_trips_exactly(tmp_path):
     assert list(back["ids"]) == [0, 7] and back["ids"][7] == (1, "a") and torch.equal(back["ids"][0], torch.arange(3))
     assert torch.equal(back["nested"][0], value["nested"][0]) and back["nested"][1:] == [None, True]
     assert torch.equal(back["bytes"], value["bytes"]) and back["bytes"].dtype == torch.uint8
-    with pytest.raises(TypeError, match="cannot store"):
+    with pytest.raises(StoreError, match="cannot store"):
         save_state({"x": object()}, tmp_path / "bad")
 
 

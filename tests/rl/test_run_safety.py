@@ -7,6 +7,7 @@ import torch
 
 import rl.plumbing.checkpoint
 import rl.train
+from core.tensor_store import load_tree, save_tree
 from reward.judge import JudgeError
 from reward.rule_judge import RuleJudge
 from rl.plumbing.checkpoint import (
@@ -16,7 +17,6 @@ from rl.plumbing.checkpoint import (
     save_checkpoint,
 )
 from rl.plumbing.config import load_config
-from rl.plumbing.tensor_store import load_tree, save_tree
 
 
 def _args(quick, **extra):
