@@ -38,6 +38,7 @@ from diffusers import (
 )
 from transformers import CLIPTextConfig, CLIPTextModel, T5Config, T5EncoderModel
 
+from ..config_schema import opt
 from .tokenizers import DEFAULT_MAX_LENGTH, build_clip_tokenizer, build_t5_tokenizer
 
 SPEC_FILE = "toy_flux.json"
@@ -53,13 +54,13 @@ class VAESpec:
     `scaling_factor` / `shift_factor` map latents to roughly unit scale ((z - shift) * scale, as
     FLUX); a fresh VAE has 1 / 0, training fits them (vae_training.fit_latent_scaling)."""
 
-    block_out_channels: tuple[int, ...] = (16, 32, 64)
-    latent_channels: int = 8
-    layers_per_block: int = 1
-    norm_num_groups: int = 8
-    mid_block_attention: bool = False
-    scaling_factor: float = 1.0
-    shift_factor: float = 0.0
+    block_out_channels: tuple[int, ...] = opt((16, 32, 64), "channels of each level (full resolution first)")
+    latent_channels: int = opt(8, "channels of the latent")
+    layers_per_block: int = opt(1, "ResNet blocks per level")
+    norm_num_groups: int = opt(8, "GroupNorm groups (divides every level's channels)")
+    mid_block_attention: bool = opt(False, "self-attention in the middle block")
+    scaling_factor: float = opt(1.0, "latent scale ((z - shift) * scale); training fits it")
+    shift_factor: float = opt(0.0, "latent shift; training fits it")
 
     @property
     def scale_factor(self) -> int:

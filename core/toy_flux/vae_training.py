@@ -1,6 +1,6 @@
 """Train the toy FLUX's AutoencoderKL on the synthetic world's images, resumably and exactly.
 
-    python -m core.toy_flux.vae_training OUT [--steps N] [--stop-after N] [--edge-weight W] ...
+    python -m core.toy_flux.vae_training OUT [--set steps=N] [--stop-after N] [--set edge=W] ...
 
 What it learns from: each training image is one of a world sample's target (what the policy's
 decode must draw), source, or masked source (the Fill condition the policy encodes: the masked
@@ -26,7 +26,6 @@ saved with save_pretrained to OUT/vae.
 """
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import hashlib
 import json
@@ -35,12 +34,15 @@ import random
 import time
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import torch
 from diffusers import AutoencoderKL
 from torch import Tensor
 
+from ..config_cli import config_parser, parse_config
+from ..config_io import ConfigError
+from ..config_schema import POSITIVE, Range, at_least, check_ranges, opt, section
 from ..metrics import sample_metrics
 from ..tasks import TASKS
 from ..world import EditSample, SyntheticWorld
@@ -60,27 +62,29 @@ FREE_ON_RESUME: tuple[str, ...] = ("steps", "eval_every", "eval_per_task", "chec
 class VAETrainConfig:
     """Hyper-parameters of `train_vae`; all but FREE_ON_RESUME must match when a run is resumed."""
 
-    vae: VAESpec = VAESpec()
-    steps: int = 20000              # the estimate for glyph-safe reconstructions (docs/toy_flux.md)
-    batch_size: int = 16
-    lr: float = 1e-3
-    warmup: int = 100
-    min_lr_ratio: float = 0.1
-    schedule: str = "cosine"        # cosine decay to min_lr_ratio at `steps`, or "constant"
-    weight_decay: float = 0.0
-    grad_clip: float = 1.0
-    l1: float = 1.0
-    l2: float = 1.0
-    kl: float = 1e-4
-    edge: float = 0.0               # measured: no glyph gain within 800 steps, ~1 dB PSNR lost
-    mask_weight: float = 0.0        # pixels inside the sample's edit mask weigh 1 + this in l1 / l2
-    kind_weights: tuple[float, float, float] = (0.5, 0.25, 0.25)   # target, source, masked
-    image_size: int = 64
-    world_seed: int = 0
-    seed: int = 0
-    eval_every: int = 250           # 0 = only at the end
-    eval_per_task: int = 64
-    checkpoint_every: int = 250
+    vae: VAESpec = section(VAESpec, "the autoencoder's shape")
+    steps: int = opt(20000, "optimiser steps (the estimate for glyph-safe reconstructions, docs/toy_flux.md)")
+    batch_size: int = opt(16, "images per step")
+    lr: float = opt(1e-3, "peak AdamW learning rate")
+    warmup: int = opt(100, "linear warm-up steps")
+    min_lr_ratio: float = opt(0.1, "the cosine's final rate, as a share of lr")
+    schedule: Literal["cosine", "constant"] = opt("cosine", "learning-rate decay after the warm-up")
+    weight_decay: float = opt(0.0, "AdamW weight decay")
+    grad_clip: float = opt(1.0, "largest gradient norm")
+    l1: float = opt(1.0, "weight of |x' - x|")
+    l2: float = opt(1.0, "weight of (x' - x)^2")
+    kl: float = opt(1e-4, "weight of the posterior's KL to N(0, 1), per latent element")
+    # measured: no glyph gain within 800 steps, ~1 dB PSNR lost
+    edge: float = opt(0.0, "weight of the finite-difference edge loss")
+    mask_weight: float = opt(0.0, "pixels inside the sample's edit mask weigh 1 + this in l1 / l2")
+    kind_weights: tuple[float, float, float] = opt((0.5, 0.25, 0.25),
+                                                   "how often a training image is a target, source, masked source")
+    image_size: int = opt(64, "image side in pixels")
+    world_seed: int = opt(0, "seed of the synthetic world")
+    seed: int = opt(0, "seed of initialisation, data and posterior noise")
+    eval_every: int = opt(250, "held-out evaluation every N steps (0 = only at the end)")
+    eval_per_task: int = opt(64, "held-out samples per task")
+    checkpoint_every: int = opt(250, "checkpoint every N steps (and at the end of every piece)")
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -282,29 +286,30 @@ def _eval_line(entry: dict[str, Any]) -> str:
     return f"step {entry['step']}: PSNR image/mask {psnr}" + "".join(f"; {e}" for e in extra)
 
 
+#: allowed values of every number (core.config_schema.check_ranges names the key on a violation)
+RANGES: dict[str, Range] = {
+    "vae.block_out_channels": at_least(1), "vae.latent_channels": at_least(1), "vae.layers_per_block": at_least(1),
+    "vae.norm_num_groups": at_least(1), "vae.scaling_factor": POSITIVE, "vae.shift_factor": Range(),
+    "steps": at_least(1), "batch_size": at_least(1), "lr": Range(0, 1, open_lo=True), "warmup": at_least(0),
+    "min_lr_ratio": Range(0, 1), "weight_decay": Range(0, 1), "grad_clip": POSITIVE, "l1": at_least(0),
+    "l2": at_least(0), "kl": at_least(0), "edge": at_least(0), "mask_weight": at_least(0),
+    "kind_weights": at_least(0), "image_size": Range(16, 1024), "world_seed": at_least(0), "seed": at_least(0),
+    "eval_every": at_least(0), "eval_per_task": at_least(1), "checkpoint_every": at_least(0),
+}
+
+
 def main(argv: Sequence[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description="Train the toy FLUX VAE on the synthetic world (resumable).")
+    """`python -m core.toy_flux.vae_training OUT [--config FILE] [--set KEY=VALUE ...] [--stop-after N]`."""
+    parser = config_parser("python -m core.toy_flux.vae_training", __doc__.split("\n\n")[0], VAETrainConfig,
+                           ranges=RANGES, example="steps=20000")
     parser.add_argument("out", help="run directory (resumed when it holds a checkpoint)")
-    parser.add_argument("--steps", type=int, default=VAETrainConfig.steps)
-    parser.add_argument("--stop-after", type=int, default=None, help="run at most this many steps now")
-    parser.add_argument("--batch-size", type=int, default=VAETrainConfig.batch_size)
-    parser.add_argument("--lr", type=float, default=VAETrainConfig.lr)
-    parser.add_argument("--schedule", choices=["cosine", "constant"], default=VAETrainConfig.schedule)
-    parser.add_argument("--edge-weight", type=float, default=VAETrainConfig.edge)
-    parser.add_argument("--kl-weight", type=float, default=VAETrainConfig.kl)
-    parser.add_argument("--mask-weight", type=float, default=VAETrainConfig.mask_weight)
-    parser.add_argument("--eval-every", type=int, default=VAETrainConfig.eval_every)
-    parser.add_argument("--eval-per-task", type=int, default=VAETrainConfig.eval_per_task)
-    parser.add_argument("--checkpoint-every", type=int, default=VAETrainConfig.checkpoint_every)
-    parser.add_argument("--block-out-channels", type=int, nargs="+", default=list(VAESpec.block_out_channels))
-    parser.add_argument("--latent-channels", type=int, default=VAESpec.latent_channels)
-    parser.add_argument("--seed", type=int, default=0)
-    args = parser.parse_args(argv)
-    cfg = VAETrainConfig(
-        vae=VAESpec(block_out_channels=tuple(args.block_out_channels), latent_channels=args.latent_channels),
-        steps=args.steps, batch_size=args.batch_size, lr=args.lr, schedule=args.schedule, edge=args.edge_weight,
-        kl=args.kl_weight, mask_weight=args.mask_weight, eval_every=args.eval_every,
-        eval_per_task=args.eval_per_task, checkpoint_every=args.checkpoint_every, seed=args.seed)
+    parser.add_argument("--stop-after", type=int, default=None, metavar="N",
+                        help="run at most N steps now, then checkpoint (resume by running again)")
+    args, cfg = parse_config(parser, VAETrainConfig, list(argv) if argv is not None else None)
+    try:
+        check_ranges(cfg, RANGES, "core/toy_flux/vae_training.py RANGES")
+    except ConfigError as e:
+        parser.exit(2, f"{parser.prog}: config error: {e}\n")
     result = train_vae(args.out, cfg, stop_after=args.stop_after)
     print(f"step {result['step']}/{cfg.steps}" + (f"; VAE saved to {Path(args.out) / 'vae'}" if result["done"] else ""))
 

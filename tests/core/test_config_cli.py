@@ -1,4 +1,5 @@
-"""One config system for every entry point: rl.train, rl.pretrain and reward.train.
+"""One config system for every entry point: rl.train, rl.pretrain, reward.train and the toy VAE's
+pretraining (core.toy_flux.vae_training).
 
 Each takes --config FILE.yaml and --set KEY=VALUE, names a bad key in its error, and lists every
 key of its config dataclass (default, type, meaning) in --help. The expected keys and defaults are
@@ -17,6 +18,7 @@ import rl.train
 from core.config_cli import parse_config, show_value, type_text
 from core.config_io import ConfigError, load_yaml, to_dict
 from core.config_schema import opt
+from core.toy_flux import vae_training
 from rl.plumbing.config import RunConfig
 from rl.plumbing.config_checks import NUMERIC_RANGES
 
@@ -27,6 +29,8 @@ ENTRY_POINTS = {
                     "known_weigth", ("lr", "0")),
     "reward.train": (reward.train.main, reward.train.RewardTrainConfig, reward.train.RANGES, [], "lora_rank",
                      ("epochs", "0")),
+    "core.toy_flux.vae_training": (vae_training.main, vae_training.VAETrainConfig, vae_training.RANGES,
+                                   ["unused"], "vae.latent_chanels", ("lr", "0")),
 }
 
 
