@@ -1,4 +1,4 @@
-"""The rule judge's identity content terms (reward/content_terms.py): seconds for a step's batch.
+"""The rule judge's identity content terms (reward/judges/content_terms.py): seconds for a step's batch.
 
 A default step judges 48 images; the terms must stay a small share of the step (~1.8 s on 2 cores).
 """
@@ -15,7 +15,7 @@ COLUMNS = [("term", "term", "{}"), ("images", "images", "{}"), ("forward ms", "f
 
 def run(device: torch.device, quick: bool, log) -> list[dict]:
     from core.world import SyntheticWorld
-    from reward.content_terms import fill_alignment_term, text_accuracy_term
+    from reward.judges.content_terms import fill_alignment_term, text_accuracy_term
 
     repeats = 3 if quick else 10
     rows = []

@@ -59,9 +59,9 @@ from typing import Any, NoReturn
 import torch
 from torch import Tensor
 
-from .chat_wire import ImageTooLarge, from_openai_messages
-from .prompts import Conversation
-from .vlm_judge import TransformersJudge
+from reward.judges.vlm_judge import TransformersJudge
+from reward.vlm.chat_wire import ImageTooLarge, from_openai_messages
+from reward.vlm.prompts import Conversation
 
 #: the default per-image cap when the judge's own max_pixels is smaller (4096 x 4096)
 DEFAULT_MAX_IMAGE_PIXELS = 4096 * 4096

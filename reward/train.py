@@ -14,7 +14,7 @@ with their defaults and meanings by `--help`; `--out DIR` names the output direc
 
 Without `data` the built-in demo runs: a data builder named by `demo_builder` ("module:function",
 called as `fn(out_dir: Path, *, n_pairs: int, seed: int, label_noise: float) -> Path` of a JSONL
-file in the format of reward/preference_data.py) makes the pairs, and a tiny Qwen2.5-VL (`model`
+file in the format of reward/training/preference_data.py) makes the pairs, and a tiny Qwen2.5-VL (`model`
 tiny, preset `tiny_preset`) is trained on them.
 """
 from __future__ import annotations
@@ -35,26 +35,25 @@ from core.config_cli import config_parser, parse_config
 from core.config_io import ConfigError
 from core.config_schema import POSITIVE, UNIT, Range, at_least, check_ranges, opt
 from core.tasks import DIMENSIONS, TASKS
-
-from .judge import JudgeRequest
-from .preference_data import (
+from reward.judge import JudgeRequest
+from reward.judges.vlm_judge import TransformersJudge
+from reward.training.preference_data import (
     PreferencePair,
     PreferenceRecord,
     load_pair,
     read_preferences,
 )
-from .vlm_judge import TransformersJudge
-from .vlm_parts import VLMParts, load_vlm, resolve_dtype
+from reward.vlm.vlm_parts import VLMParts, load_vlm, resolve_dtype
 
 
 @dataclasses.dataclass
 class RewardTrainConfig:
     """Every setting of `python -m reward.train` (--config FILE.yaml, --set KEY=VALUE)."""
 
-    data: str | None = opt(None, "preference JSONL (format: reward/preference_data.py); null = build the demo data")
+    data: str | None = opt(None, "preference JSONL (format: reward/training/preference_data.py); null = build the demo data")
     out: str = opt("runs/reward_model", "metrics, config and the judge checkpoint (out/judge); also --out DIR")
     model: str = opt("tiny", '"tiny" (built offline), a local dir or a cached Hub id')
-    tiny_preset: str = opt("demo", 'reward.tiny_vlm.PRESETS, for model == "tiny"')
+    tiny_preset: str = opt("demo", 'reward.vlm.tiny_vlm.PRESETS, for model == "tiny"')
     tiny_init_std: float = opt(0.1, "see build_tiny_vlm: at 0.02 its Yes/No logits barely move")
     loss_over: Literal["vocab", "labels"] = opt(
         "vocab", '"vocab": cross-entropy over every token (OneReward); "labels": over Yes/No only (what the '
@@ -86,7 +85,7 @@ class RewardTrainConfig:
     show_crop: bool = opt(True, "also show a crop around the mask")
     crop_size: int = opt(224, "side of that crop in pixels")
     templates: str | dict[str, str] | None = opt(None, "judge template overrides (YAML path or mapping)")
-    demo_builder: str = opt("reward.demo_data:build_demo_data", 'the demo data builder, "module:function"')
+    demo_builder: str = opt("reward.training.demo_data:build_demo_data", 'the demo data builder, "module:function"')
     demo_pairs: int = opt(480, "preference pairs of the demo data")
     label_noise: float = opt(0.1, "demo data: probability that the simulated annotator errs")
     progress: bool = opt(True, "show a progress bar")
@@ -173,7 +172,7 @@ def _device(name: str) -> torch.device:
 
 def load_base(cfg: RewardTrainConfig) -> VLMParts:
     if cfg.model == "tiny":
-        from .tiny_vlm import build_tiny_vlm
+        from reward.vlm.tiny_vlm import build_tiny_vlm
 
         parts = build_tiny_vlm(cfg.tiny_preset, seed=cfg.seed, dtype=resolve_dtype(cfg.dtype),
                                init_std=cfg.tiny_init_std)
@@ -241,7 +240,7 @@ def demo_data(cfg: RewardTrainConfig, out: Path) -> Path:
     except (ImportError, AttributeError) as err:
         raise ValueError(f"no data given and the demo data builder {cfg.demo_builder!r} is not available "
                          f"({err}); set data to a preference JSONL, --set data=FILE.jsonl (format: "
-                         "reward/preference_data.py)") from err
+                         "reward/training/preference_data.py)") from err
     return Path(builder(out / "demo_data", n_pairs=cfg.demo_pairs, seed=cfg.seed, label_noise=cfg.label_noise))
 
 

@@ -41,18 +41,18 @@ def build_policy(cfg: ModelConfig, device: torch.device, image_size: int = 512) 
 
 def build_judge(cfg: JudgeConfig, device: torch.device) -> Judge:
     if cfg.kind == "rule":
-        from reward.rule_judge import RuleJudge
+        from reward.judges.rule_judge import RuleJudge
 
         return RuleJudge()
     if cfg.kind == "transformers":
-        from reward.vlm_judge import TransformersJudge
+        from reward.judges.vlm_judge import TransformersJudge
 
         judge_device = device if cfg.device == "auto" else resolve_device(cfg.device)
         return TransformersJudge(cfg.model, dtype=_DTYPES.get(cfg.dtype, cfg.dtype), device=judge_device,
                                  attn_implementation=cfg.attn_implementation, batch_size=cfg.batch_size,
                                  both_orders=cfg.both_orders, show_crop=cfg.show_crop,
                                  templates=cfg.templates, max_pixels=cfg.max_pixels)
-    from reward.api_judge import OpenAIJudge
+    from reward.judges.api_judge import OpenAIJudge
 
     api_key = os.environ.get(cfg.api_key_env) if cfg.api_key_env else None
     if cfg.api_key_env and not api_key:
@@ -61,7 +61,7 @@ def build_judge(cfg: JudgeConfig, device: torch.device) -> Judge:
     if cfg.tokenizer:
         from transformers import AutoTokenizer
 
-        from reward.labels import label_token_id_map
+        from reward.vlm.labels import label_token_id_map
 
         label_ids = label_token_id_map(AutoTokenizer.from_pretrained(cfg.tokenizer, local_files_only=True))
     judge = OpenAIJudge(cfg.base_url, cfg.model, api_key=api_key, concurrency=cfg.concurrency,

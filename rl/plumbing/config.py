@@ -81,7 +81,7 @@ class JudgeConfig:
     concurrency: int = opt(32, "openai: requests in flight")
     timeout: float = opt(60.0, "openai: seconds per request")
     retries: int = opt(5, "openai: retries of a failed request")
-    templates: str | None = opt(None, "YAML file overriding prompt templates (reward/prompts.py)")
+    templates: str | None = opt(None, "YAML file overriding prompt templates (reward/vlm/prompts.py)")
     tokenizer: str | None = opt(None, "openai: the judge's tokenizer, to send logprob_token_ids to vLLM")
     top_logprobs: int = opt(20, "openai: logprobs per answer position the server returns")
     max_floored_share: float = opt(0.34, "openai: a request fails when more of its labels than this share are "

@@ -20,7 +20,7 @@ MIXED_SPECS = (
 @pytest.fixture(scope="session")
 def tiny_vlm():
     """A frozen tiny Qwen2.5-VL whose answers depend on its input (init_std 0.2, see build_tiny_vlm)."""
-    from reward.tiny_vlm import build_tiny_vlm
+    from reward.vlm.tiny_vlm import build_tiny_vlm
 
     parts = build_tiny_vlm(init_std=0.2, seed=0)
     parts.model.requires_grad_(False)

@@ -9,9 +9,9 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 import pytest
 import torch
 
-from reward.api_judge import OpenAIJudge, label_log_probs
-from reward.chat_wire import decode_image_data_url
 from reward.judge import JudgeError
+from reward.judges.api_judge import OpenAIJudge, label_log_probs
+from reward.vlm.chat_wire import decode_image_data_url
 
 
 def _answer(top: dict[str, float]) -> dict:

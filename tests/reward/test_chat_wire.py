@@ -6,7 +6,7 @@ import pytest
 import torch
 from PIL import Image, ImageFile
 
-from reward.chat_wire import (
+from reward.vlm.chat_wire import (
     ImageTooLarge,
     decode_image_data_url,
     from_openai_messages,

@@ -1,4 +1,4 @@
-"""Adversarial tests of the identity-paying content terms (reward/content_terms.py).
+"""Adversarial tests of the identity-paying content terms (reward/judges/content_terms.py).
 
 The soft-IoU terms they replace paid a filled box |truth| / |box|, and RL learned to paint solid
 blocks of ink and blobs of colour. Here every held-out condition gets the ground truth, a noisy
@@ -17,7 +17,7 @@ import torch
 
 from core.glyphs import GLYPHS, render_text
 from core.world import COLOURS, SHAPES, SyntheticWorld, shape_mask
-from reward.content_terms import (
+from reward.judges.content_terms import (
     fill_alignment_term,
     glyph_templates,
     shape_masks,

@@ -4,7 +4,11 @@ import pytest
 import torch
 
 from core.image_io import save_image
-from reward.preference_data import load_pair, read_preferences, write_preferences
+from reward.training.preference_data import (
+    load_pair,
+    read_preferences,
+    write_preferences,
+)
 
 
 @pytest.fixture

@@ -4,8 +4,8 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from reward.judge import JudgeRequest
-from reward.prompts import JudgeTemplates, build_conversation, conversation_images
-from reward.views import JudgeView, crop_box, mask_crop
+from reward.vlm.prompts import JudgeTemplates, build_conversation, conversation_images
+from reward.vlm.views import JudgeView, crop_box, mask_crop
 
 
 def _request(task="fill", dim="text_alignment", instruction="a red circle", other=True):

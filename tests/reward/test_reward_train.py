@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from core.image_io import save_image
-from reward.preference_data import load_pair, read_preferences
+from reward.judges.vlm_judge import TransformersJudge
 from reward.train import (
     RewardTrainConfig,
     format_table,
@@ -16,9 +16,9 @@ from reward.train import (
     split_records,
     train_reward_model,
 )
-from reward.vlm_judge import TransformersJudge
+from reward.training.preference_data import load_pair, read_preferences
 
-# short questions keep the tiny model's sequences short (the wording is data: reward/prompts.py)
+# short questions keep the tiny model's sequences short (the wording is data: reward/vlm/prompts.py)
 SHORT = {"system": "", "pairwise": "{images}{dimension_name}: is the first better?",
          "image_source": "", "image_first": "", "image_second": ""}
 TASKS = [("fill", ["consistency", "aesthetics"]), ("removal", ["removal_quality"])]

@@ -4,7 +4,7 @@ import torch
 from core.tasks import TASKS, dimensions_for
 from core.world import COLOURS, SyntheticWorld
 from reward.judge import JudgeError, JudgeRequest
-from reward.rule_judge import RuleJudge
+from reward.judges.rule_judge import RuleJudge
 
 
 @pytest.fixture(scope="module")

@@ -10,10 +10,10 @@ import pytest
 import torch
 
 from core.world import SyntheticWorld
-from reward.api_judge import OpenAIJudge
 from reward.judge import JudgeError, JudgeRequest, check_scores
-from reward.rule_judge import RuleJudge
-from reward.vlm_judge import TransformersJudge
+from reward.judges.api_judge import OpenAIJudge
+from reward.judges.rule_judge import RuleJudge
+from reward.judges.vlm_judge import TransformersJudge
 
 NAN = float("nan")
 

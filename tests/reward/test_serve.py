@@ -9,11 +9,11 @@ import urllib.request
 import pytest
 import torch
 
-from reward.api_judge import OpenAIJudge
 from reward.judge import JudgeError
-from reward.labels import label_token_id_map
+from reward.judges.api_judge import OpenAIJudge
+from reward.judges.vlm_judge import TransformersJudge
 from reward.serve import JudgeServer
-from reward.vlm_judge import TransformersJudge
+from reward.vlm.labels import label_token_id_map
 
 
 @pytest.fixture

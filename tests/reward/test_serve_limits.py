@@ -16,10 +16,10 @@ import torch
 from PIL import Image, ImageFile
 
 import reward.serve as serve
-from reward.api_judge import OpenAIJudge
-from reward.labels import label_token_id_map
+from reward.judges.api_judge import OpenAIJudge
+from reward.judges.vlm_judge import TransformersJudge
 from reward.serve import JudgeServer
-from reward.vlm_judge import TransformersJudge
+from reward.vlm.labels import label_token_id_map
 
 READ_TIMEOUT = 5.0
 
@@ -268,7 +268,7 @@ def _served_logprobs(server, payloads, concurrent: bool) -> list[list[float]]:
 
 
 def test_served_scores_are_reproducible_as_documented(make_server, tiny_vlm, make_requests, mixed_specs):
-    from reward.chat_wire import to_openai_messages
+    from reward.vlm.chat_wire import to_openai_messages
 
     judge = TransformersJudge(tiny_vlm)
     convs = judge.conversations(make_requests(mixed_specs), "score")   # prompts of different lengths

@@ -2,9 +2,9 @@ import pytest
 import torch
 from PIL import Image
 
-from reward.prompts import ChatMessage
-from reward.tiny_vlm import TinyVLMSpec, build_image_processor
-from reward.vlm_inputs import (
+from reward.vlm.prompts import ChatMessage
+from reward.vlm.tiny_vlm import TinyVLMSpec, build_image_processor
+from reward.vlm.vlm_inputs import (
     VisionSpec,
     encode_conversations,
     image_patches,

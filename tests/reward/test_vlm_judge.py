@@ -3,9 +3,13 @@ import torch
 from PIL import Image
 
 from reward.judge import JudgeRequest
-from reward.prompts import LABELS
-from reward.tiny_vlm import build_tiny_vlm
-from reward.vlm_judge import TransformersJudge, label_token_id, scores_from_label_probs
+from reward.judges.vlm_judge import (
+    TransformersJudge,
+    label_token_id,
+    scores_from_label_probs,
+)
+from reward.vlm.prompts import LABELS
+from reward.vlm.tiny_vlm import build_tiny_vlm
 
 
 @pytest.mark.parametrize("mode", ["score", "yesno", "pairwise"])
@@ -99,8 +103,8 @@ def test_clear_errors(tiny_vlm, tmp_path, make_requests, mixed_specs):
 def test_qwen3_vl_works_through_the_same_code(tmp_path, make_requests, mixed_specs):
     from transformers import Qwen3VLProcessor
 
-    from reward.prompts import conversation_images
-    from reward.vlm_inputs import _render, encode_conversations
+    from reward.vlm.prompts import conversation_images
+    from reward.vlm.vlm_inputs import _render, encode_conversations
 
     parts = build_tiny_vlm("qwen3-test", init_std=0.2)
     judge = TransformersJudge(parts, batch_size=4, both_orders=True)

@@ -9,7 +9,7 @@ import rl.plumbing.checkpoint
 import rl.train
 from core.tensor_store import load_tree, save_tree
 from reward.judge import JudgeError
-from reward.rule_judge import RuleJudge
+from reward.judges.rule_judge import RuleJudge
 from rl.plumbing.checkpoint import (
     CheckpointError,
     latest_checkpoint,

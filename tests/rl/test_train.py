@@ -6,7 +6,7 @@ import torch
 
 import rl.train
 from reward.judge import JudgeError
-from reward.rule_judge import RuleJudge
+from reward.judges.rule_judge import RuleJudge
 from rl.plumbing.checkpoint import load_checkpoint
 from rl.plumbing.config import load_config
 

@@ -13,7 +13,7 @@ from rl.plumbing.config import load_config
 
 @pytest.fixture(scope="module")
 def judge_dir(tmp_path_factory):
-    from reward.tiny_vlm import build_tiny_vlm
+    from reward.vlm.tiny_vlm import build_tiny_vlm
 
     path = tmp_path_factory.mktemp("tiny_judge")
     build_tiny_vlm(init_std=0.2, seed=0).save_pretrained(path)
@@ -37,8 +37,8 @@ def test_refl_through_an_in_process_vlm_judge(quick, judge_dir, tmp_path):
 
 
 def test_nft_through_the_openai_api_and_reward_serve(quick, judge_dir, tmp_path):
+    from reward.judges.vlm_judge import TransformersJudge
     from reward.serve import JudgeServer
-    from reward.vlm_judge import TransformersJudge
 
     with JudgeServer(TransformersJudge(judge_dir, dtype=torch.float32), port=0, model_name="tiny") as server:
         cfg = load_config(None, quick(**{

@@ -20,9 +20,8 @@ from core.image_io import save_image
 from core.samplers import sample_policy
 from core.tasks import dimensions_for
 from core.world import SyntheticWorld, collate
-
-from .judge import JudgeRequest
-from .rule_judge import RuleJudge
+from reward.judge import JudgeRequest
+from reward.judges.rule_judge import RuleJudge
 
 
 class Candidate(NamedTuple):
@@ -64,7 +63,7 @@ def _candidates(policy, samples, seed: int, settings=CANDIDATE_SETTINGS) -> torc
 def build_demo_data(out_dir: str | Path, *, n_pairs: int = 240, seed: int = 0, label_noise: float = 0.1,
                     policy=None, world: SyntheticWorld | None = None, batch: int = 32,
                     settings=CANDIDATE_SETTINGS, min_gap: float = MIN_GAP) -> Path:
-    """Write images and `preferences.jsonl` (reward/preference_data.py format) into `out_dir`."""
+    """Write images and `preferences.jsonl` (reward/training/preference_data.py format) into `out_dir`."""
     from core.tiny_fill import TinyFillPolicy
 
     settings = tuple(Candidate(*c) for c in settings)

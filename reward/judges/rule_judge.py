@@ -31,8 +31,14 @@ from torch import Tensor
 
 from core.masks import dilate, erode
 from core.world import COLOURS, EditSample
-
-from .judge import Judge, JudgeError, JudgeRequest, Mode, check_mode, check_scores
+from reward.judge import (
+    Judge,
+    JudgeError,
+    JudgeRequest,
+    Mode,
+    check_mode,
+    check_scores,
+)
 
 _LAPLACE = torch.tensor([[0.0, 1.0, 0.0], [1.0, -4.0, 1.0], [0.0, 1.0, 0.0]])
 

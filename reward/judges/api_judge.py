@@ -38,11 +38,18 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from .chat_wire import to_openai_messages
-from .judge import Judge, JudgeError, JudgeRequest, Mode, check_mode, check_scores
-from .labels import scores_from_label_probs
-from .prompts import LABELS, Conversation, JudgeTemplates, build_conversations
-from .views import JudgeView
+from reward.judge import (
+    Judge,
+    JudgeError,
+    JudgeRequest,
+    Mode,
+    check_mode,
+    check_scores,
+)
+from reward.vlm.chat_wire import to_openai_messages
+from reward.vlm.labels import scores_from_label_probs
+from reward.vlm.prompts import LABELS, Conversation, JudgeTemplates, build_conversations
+from reward.vlm.views import JudgeView
 
 _RETRY_STATUS = frozenset({408, 409, 425, 429, 500, 502, 503, 504})
 _LOGPROB_SLACK = 1e-4   # rounding can put log(1) a hair above 0; anything more is not a log-probability
@@ -148,7 +155,7 @@ class OpenAIJudge(Judge):
             missing = [lb for labels in LABELS.values() for lb in labels if lb not in self.label_token_ids]
             if missing:
                 raise ValueError(f"label_token_ids lacks {sorted(set(missing))}; give the id of every label "
-                                 "(see reward.labels.label_token_ids for a tokenizer's ids)")
+                                 "(see reward.vlm.labels.label_token_ids for a tokenizer's ids)")
         self.send_logprob_token_ids = send_logprob_token_ids
         self.both_orders = both_orders
         self.view = JudgeView(show_source=show_source, crop=show_crop, crop_margin=crop_margin, crop_size=crop_size)

@@ -1,6 +1,6 @@
 """The in-process VLM judge: any Qwen2-VL-family chat model through transformers.
 
-Each request becomes a chat (reward/prompts.py); the answer distribution is read at the first
+Each request becomes a chat (reward/vlm/prompts.py); the answer distribution is read at the first
 generated position, restricted to the mode's label tokens (their ids looked up in the tokenizer):
 
 - "score":    expected value of "0".."5", divided by 5 (Edit-R1);
@@ -9,7 +9,7 @@ generated position, restricted to the mode's label tokens (their ids looked up i
   `both_orders` the question is also asked with the images swapped and
   P(edited better) = (P_yes(edited, other) + 1 - P_yes(other, edited)) / 2 cancels position bias.
 
-Images are preprocessed in torch (reward/vlm_inputs.py), so when an edited image requires grad
+Images are preprocessed in torch (reward/vlm/vlm_inputs.py), so when an edited image requires grad
 and grad mode is on, the scores keep the graph back to it (reward feedback learning).
 """
 from __future__ import annotations
@@ -20,17 +20,17 @@ from collections.abc import Mapping
 import torch
 from torch import Tensor
 
-from .judge import Judge, JudgeRequest, Mode, check_mode, check_scores
-from .labels import label_token_id, label_token_ids, scores_from_label_probs  # noqa: F401 - re-exported
-from .prompts import (
+from reward.judge import Judge, JudgeRequest, Mode, check_mode, check_scores
+from reward.vlm.labels import label_token_id, label_token_ids, scores_from_label_probs  # noqa: F401 - re-exported
+from reward.vlm.prompts import (
     Conversation,
     JudgeTemplates,
     build_conversations,
     conversation_images,
 )
-from .views import JudgeView
-from .vlm_inputs import VisionSpec, encode_conversations
-from .vlm_parts import VLMParts, load_vlm, resolve_dtype
+from reward.vlm.views import JudgeView
+from reward.vlm.vlm_inputs import VisionSpec, encode_conversations
+from reward.vlm.vlm_parts import VLMParts, load_vlm, resolve_dtype
 
 
 class TransformersJudge(Judge):

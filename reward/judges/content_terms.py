@@ -1,6 +1,6 @@
 """Content terms of the rule judge that pay for identity (which glyph, which shape), not colour mass.
 
-The soft-IoU content terms (reward/rule_judge.py) pay a filled box |truth| / |box|: RL learned to
+The soft-IoU content terms (reward/judges/rule_judge.py) pay a filled box |truth| / |box|: RL learned to
 paint solid blocks of ink and blobs of the right colour, and the judge's score rose while glyph and
 shape accuracy fell. The terms here read the edit the way core/metrics.py does — classify each
 glyph cell, classify the drawn shape — but softly, so they stay differentiable in the edited image:

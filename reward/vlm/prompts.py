@@ -20,9 +20,8 @@ from typing import Any
 from torch import Tensor
 
 from core.tasks import DIMENSIONS, TASK_DESCRIPTIONS
-
-from .judge import JudgeRequest, check_mode
-from .views import JudgeView, mask_crop
+from reward.judge import JudgeRequest, check_mode
+from reward.vlm.views import JudgeView, mask_crop
 
 #: dimensions whose judgement depends on the user's instruction (the others are prompt-free)
 PROMPT_DIMENSIONS: tuple[str, ...] = ("text_alignment", "text_accuracy")

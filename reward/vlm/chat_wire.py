@@ -17,8 +17,7 @@ from PIL import Image
 from torch import Tensor
 
 from core.image_io import to_pil
-
-from .prompts import ChatMessage, Conversation
+from reward.vlm.prompts import ChatMessage, Conversation
 
 _ROLES = ("system", "user", "assistant")
 

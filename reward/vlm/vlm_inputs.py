@@ -19,7 +19,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from .prompts import Conversation, conversation_images
+from reward.vlm.prompts import Conversation, conversation_images
 
 
 @dataclasses.dataclass(frozen=True)

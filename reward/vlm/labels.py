@@ -11,7 +11,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from .prompts import LABELS
+from reward.vlm.prompts import LABELS
 
 
 def label_token_id(tokenizer: Any, label: str) -> int:

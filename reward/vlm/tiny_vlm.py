@@ -14,9 +14,8 @@ import json
 import torch
 
 from core.tasks import DIMENSIONS, EXTEND_NO_PROMPT, REMOVAL_PROMPT, TASK_DESCRIPTIONS
-
-from .prompts import LABELS, JudgeTemplates
-from .vlm_parts import VLMParts
+from reward.vlm.prompts import LABELS, JudgeTemplates
+from reward.vlm.vlm_parts import VLMParts
 
 SPECIAL_TOKENS: tuple[str, ...] = ("<|endoftext|>", "<|im_start|>", "<|im_end|>", "<|vision_start|>",
                                    "<|vision_end|>", "<|image_pad|>", "<|video_pad|>")
