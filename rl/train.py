@@ -1,15 +1,19 @@
 """`python -m rl.train`: multi-task RL of a mask-guided editor with one judge.
 
-    python -m rl.train [--config FILE] [--set key=value ...] [--out DIR] [--resume DIR]
+    python -m rl.train [--config FILE] [--set key=value ...] [--out DIR [--fresh]] [--resume DIR]
     torchrun --nproc_per_node=N -m rl.train ...       (many processes)
 
 With no arguments it runs the built-in default on CPU: the shipped tiny Fill model, the synthetic
 world's four-task mixture, the rule judge and DiffusionNFT. From Python: `rl.train.run(config)`.
+`--help` lists every config key with its type, range, default and meaning.
 
-A run directory holds: config.yaml (resolved), metrics.jsonl, tensorboard/, samples/*.png,
-ckpt-*/ (atomic checkpoints; `--resume DIR` continues), reward_curve.png, time_split.png,
-summary.json (held-out reward per task, base vs final, with paired intervals), final/ (the
-trained policy, loadable with diffusers/transformers).
+A run directory belongs to one run (`--out` must be new or empty; `--fresh` moves an old one aside)
+and holds: run.json (the run's id), config.yaml (resolved), metrics.jsonl (strict JSON),
+tensorboard/, samples/*.png (labelled grids), ckpt-*/ + latest (atomic checkpoints, safetensors +
+JSON; `--resume DIR` continues bit-exactly), eval_base.* (the cached base evaluation),
+reward_curve.png, time_split.png, summary.json (held-out reward per task, base vs final, paired
+intervals, ground truth), final/ (the trained policy, loadable with diffusers/transformers, and its
+model card), and with train.tracker=wandb, wandb/ and wandb_id.txt.
 """
 from __future__ import annotations
 
