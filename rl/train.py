@@ -141,9 +141,10 @@ def run(config: RunConfig, out_dir: str | os.PathLike | None = None, resume: str
             raise RunDirError(f"the run in {run_dir} already finished its {state['step'] + 1} steps; to train "
                               f"longer, resume with --set train.steps=N (N > {state['step'] + 1})")
     _on_main(ctx, run_dir, lambda: _check_run_dir(cfg, run_dir, bool(resume), fresh))
-    if state is not None and state.get("run_id") not in (None, run_id_of(run_dir)):
+    own_id = run_id_of(run_dir) if state is not None else None
+    if state is not None and state.get("run_id") not in (None, own_id):
         raise RunDirError(f"{ckpt} belongs to another run ({state.get('run_id')}; this directory's is "
-                          f"{run_id_of(run_dir)}): the directory was mixed; resume from the directory that wrote it")
+                          f"{own_id}): the directory was mixed; resume from the directory that wrote it")
 
     trainer = make_trainer(cfg, ctx)  # a missing model or an unreachable judge fails here, before the claim
     run_id = _on_main(ctx, run_dir, lambda: _claim_run_dir(cfg, run_dir, bool(resume), fresh))
