@@ -16,11 +16,17 @@ COLUMNS = [("term", "term", "{}"), ("images", "images", "{}"), ("forward ms", "f
 def run(device: torch.device, quick: bool, log) -> list[dict]:
     from core.world import SyntheticWorld
     from reward.judges.content_terms import fill_alignment_term, text_accuracy_term
+    from reward.judges.extend_terms import extend_alignment_term
+    from reward.judges.rule_judge import RuleJudge
 
     repeats = 3 if quick else 10
     rows = []
-    for name, term in (("text_accuracy", text_accuracy_term), ("fill_alignment", fill_alignment_term)):
-        samples = SyntheticWorld(seed=0).held_out(name.split("_")[0] if name.startswith("text") else "fill", 48)
+    world = SyntheticWorld(seed=0)
+    # extend: only conditions whose prompt describes an object in the new area have this term
+    described = [s for s in world.held_out("extend", 160) if RuleJudge._creates_content("extend", s)][:48]
+    for name, term, samples in (("text_accuracy", text_accuracy_term, world.held_out("text", 48)),
+                                ("fill_alignment", fill_alignment_term, world.held_out("fill", 48)),
+                                ("extend_alignment", extend_alignment_term, described)):
         edited = torch.stack([s.target for s in samples]).to(device)
         term(edited, samples)  # warm-up
         fwd, bwd = [], []

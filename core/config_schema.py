@@ -119,7 +119,7 @@ def numeric_values(cfg: Any, prefix: str = "") -> dict[str, list[float]]:
         if dataclasses.is_dataclass(value):
             out.update(numeric_values(value, key + "."))
             continue
-        items = list(value.values()) if isinstance(value, dict) else value if isinstance(value, list) else [value]
+        items = list(value.values()) if isinstance(value, dict) else value if isinstance(value, (list, tuple)) else [value]
         numbers = [v for v in items if isinstance(v, (int, float)) and not isinstance(v, bool)]
         if numbers:
             out[key] = numbers

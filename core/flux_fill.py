@@ -98,11 +98,41 @@ def check_attention_backend(name: str, *, local_files_only: bool = True,
     return name
 
 
+class _DropMessage:
+    """A logging filter that drops records containing `text`."""
+
+    def __init__(self, text: str):
+        self.text = text
+
+    def filter(self, record) -> bool:
+        return self.text not in record.getMessage()
+
+
+@contextlib.contextmanager
+def quiet_weights_io():
+    """Without diffusers' and transformers' progress bars ("Loading pipeline components", "Loading
+    weights", "Writing model shards"), which a small model prints on every load and save; the
+    libraries' previous settings are restored afterwards."""
+    from diffusers.utils import logging as dl
+    from transformers.utils import logging as tl
+
+    was = dl.is_progress_bar_enabled(), tl.is_progress_bar_enabled()
+    dl.disable_progress_bar()
+    tl.disable_progress_bar()
+    try:
+        yield
+    finally:
+        if was[0]:
+            dl.enable_progress_bar()
+        if was[1]:
+            tl.enable_progress_bar()
+
+
 class FluxFillPolicy(Policy):
     """FLUX.1 Fill as a mask-guided flow-matching editor (see the module docstring)."""
 
-    def __init__(self, pipe: FluxFillPipeline, *, guidance: float | None = None, max_sequence_length: int = 512,
-                 image_size: int | tuple[int, int] = 1024):
+    def __init__(self, pipe: FluxFillPipeline, *, guidance: float | None = None,
+                 max_sequence_length: int | None = None, image_size: int | tuple[int, int] | None = None):
         self.pipe = pipe
         self.model: FluxTransformer2DModel = pipe.transformer
         f = pipe.vae_scale_factor
@@ -116,11 +146,19 @@ class FluxFillPolicy(Policy):
             raise ValueError(f"guidance={guidance} given, but this transformer has no guidance embedding "
                              "(leave model.guidance unset; true CFG is core.samplers.sample_policy(cfg_scale=, uncond=))")
         self.guidance = (DEFAULT_GUIDANCE if guidance is None else float(guidance)) if cfg.guidance_embeds else None
-        self.max_sequence_length = max_sequence_length
+        # FLUX's joint attention has no text mask: T5 padding changes the output, so a model must run
+        # with the length it was trained with. FLUX.1's tokenizer says 512 (the pipeline's default);
+        # the toy's says 16.
+        self.max_sequence_length = (min(512, pipe.tokenizer_2.model_max_length) if max_sequence_length is None
+                                    else int(max_sequence_length))
+        if image_size is None:  # the VAE's native size: FLUX.1's config says 1024, the toy's 64
+            image_size = int(pipe.vae.config.sample_size)
         self.image_size = (image_size, image_size) if isinstance(image_size, int) else tuple(image_size)
         for part in (pipe.vae, pipe.text_encoder, pipe.text_encoder_2):
             part.requires_grad_(False).eval()
         self.model.eval()  # no dropout in FLUX; eval keeps peft's LoRA dropout (0) out of it too
+        #: words the text encoders were trained on, when that is a closed set (the toy: the world's)
+        self.known_words: frozenset[str] | None = None
 
     # -- construction ---------------------------------------------------------------------------
     @classmethod
@@ -135,28 +173,35 @@ class FluxFillPolicy(Policy):
         attention_backend: str | None = None,
         guidance: float | None = None,
         local_files_only: bool = True,
-        max_sequence_length: int = 512,
-        image_size: int | tuple[int, int] = 1024,
+        max_sequence_length: int | None = None,
+        image_size: int | tuple[int, int] | None = None,
         transformer: str | os.PathLike | None = None,
     ) -> "FluxFillPolicy":
         """Load FluxFillPipeline's components from `path` (local directory or cached Hub id).
 
         `lora`: {"r", "alpha", "targets", "init"} (see `add_lora`); `transformer`: a directory
         with a transformer to use instead of the pipeline's (e.g. `save_pretrained(...,
-        transformer_only=True)`); `image_size`: the resolution `schedule()` assumes by default.
+        transformer_only=True)`); `image_size`: the resolution `schedule()` assumes by default (None:
+        the VAE's `sample_size`); `max_sequence_length`: T5 tokens (None: the tokenizer's length, at
+        most 512).
         """
         if attention_backend is not None:
             check_attention_backend(attention_backend, local_files_only=local_files_only, device=device or "cpu")
         resolved = resolve_model_path(path, local_files_only=local_files_only)
         kwargs = {"local_files_only": local_files_only}
         if dtype is not None:
-            kwargs["torch_dtype"] = dtype
-        if transformer is not None:
-            if not (Path(transformer) / "config.json").is_file():
-                raise FileNotFoundError(f"transformer directory {transformer} has no config.json")
-            kwargs["transformer"] = FluxTransformer2DModel.from_pretrained(transformer, torch_dtype=dtype)
-        pipe = FluxFillPipeline.from_pretrained(resolved, **kwargs)
+            kwargs["dtype"] = dtype
+        with quiet_weights_io():
+            if transformer is not None:
+                if not (Path(transformer) / "config.json").is_file():
+                    raise FileNotFoundError(f"transformer directory {transformer} has no config.json")
+                kwargs["transformer"] = FluxTransformer2DModel.from_pretrained(transformer, dtype=dtype)
+            pipe = FluxFillPipeline.from_pretrained(resolved, **kwargs)
         policy = cls(pipe, guidance=guidance, max_sequence_length=max_sequence_length, image_size=image_size)
+        if Path(resolved, "toy_flux.json").is_file():  # the toy: its encoders know only the world's words
+            from .world import VOCABULARY
+
+            policy.known_words = frozenset(VOCABULARY)
         if device is not None:
             pipe.to(device)
         if lora is not None:
@@ -175,7 +220,16 @@ class FluxFillPolicy(Policy):
 
     def to(self, device: str | torch.device | None = None, dtype: torch.dtype | None = None) -> "FluxFillPolicy":
         """Move (and optionally cast) every component; LoRA tensors stay float32."""
-        self.pipe.to(device=device, dtype=dtype)
+        import logging
+
+        # diffusers warns on every cast of a model, even when it keeps no module in float32 ("...: []")
+        noise = logging.getLogger("diffusers.models.modeling_utils")
+        drop = _DropMessage("should be kept in float32: []")
+        noise.addFilter(drop)
+        try:
+            self.pipe.to(device=device, dtype=dtype)
+        finally:
+            noise.removeFilter(drop)
         if dtype is not None and self.has_lora:
             self._lora_to_float32()
         return self
@@ -214,6 +268,20 @@ class FluxFillPolicy(Policy):
         seq, pooled, _ = self.pipe.encode_prompt(prompt=list(prompts), prompt_2=None, device=self.device,
                                                  max_sequence_length=self.max_sequence_length)
         return seq, pooled
+
+    def prompt_problem(self, prompt: str) -> str | None:
+        """Why `prompt` would be read wrongly, or None: more T5 tokens than the model reads (the
+        pipeline truncates silently), or words outside a closed training vocabulary."""
+        n = len(self.pipe.tokenizer_2(prompt).input_ids)
+        if n > self.max_sequence_length:
+            return (f"prompt {prompt!r} has {n} T5 tokens; this model reads {self.max_sequence_length}: "
+                    "shorten it")
+        if self.known_words is not None:
+            unknown = [w for w in re.findall(r"\d|[^\W\d_]+|[^\w\s]", prompt.lower()) if w not in self.known_words]
+            if unknown:
+                return (f"prompt {prompt!r} has words outside the toy model's vocabulary: {unknown}. The toy was "
+                        "trained only on the synthetic world's words (core.world.VOCABULARY)")
+        return None
 
     def _check_inputs(self, images: Tensor, masks: Tensor, prompts: list[str]) -> None:
         if images.dim() != 4 or images.shape[1] != 3:
@@ -321,9 +389,12 @@ class FluxFillPolicy(Policy):
     def save_pretrained(self, directory: str | os.PathLike, *, transformer_only: bool = False) -> None:
         """A FluxFillPipeline directory with the (LoRA-merged) transformer; `transformer_only`
         writes just transformer/ (load it with from_pretrained(base, transformer=...))."""
+        with quiet_weights_io():
+            self._save_pretrained(Path(directory), transformer_only)
+
+    def _save_pretrained(self, root: Path, transformer_only: bool) -> None:
         from huggingface_hub import save_torch_state_dict
 
-        root = Path(directory)
         target = root / "transformer"
         target.mkdir(parents=True, exist_ok=True)
         if self.has_lora:
@@ -340,4 +411,4 @@ class FluxFillPolicy(Policy):
         self.pipe.save_config(root)
 
 
-__all__ = ["FluxFillPolicy", "DEFAULT_GUIDANCE", "resolve_model_path", "check_attention_backend"]
+__all__ = ["FluxFillPolicy", "DEFAULT_GUIDANCE", "quiet_weights_io", "resolve_model_path", "check_attention_backend"]

@@ -20,16 +20,15 @@ other images in a batch: the same image, mask, prompt and seed give the same out
 inside any batch. (Evaluation keys its noise by the held-out condition instead; `Editor.edit(...,
 noise_keys=[sample.key])` reproduces an evaluation image exactly.)
 
-Resolution. The model edits at its working resolution: the tiny model's image size (64x64), or a
-FLUX run's `data.image_size` squared; images and masks are resized to it (a non-square image is
+Resolution. The model edits at its working resolution, the run's `data.image_size` squared (64x64
+for the built-in toy FLUX.1 Fill); images and masks are resized to it (a non-square image is
 squashed to a square, as training data is), and the output is written at that size. With
 --keep-size (keep_size=True) the output is resized back to the input image's size and the input's
 own pixels are put back outside the mask, so the kept region is not blurred by the two resizes.
 
 The known region. Every sampling step keeps the region outside the mask on the re-noised source,
-so at t = 0 it is the source's latents exactly. With the tiny model's pixel codec that means the
-source's pixels (up to the 8-bit rounding of a PNG); with FLUX it is the VAE's round trip of the
-source, which is close but not pixel-exact (--keep-size restores the exact pixels).
+so at t = 0 it is the source's latents exactly: the VAE's round trip of the source, which is close
+but not pixel-exact (--keep-size restores the exact pixels).
 
 Tasks only choose the default prompt: removal uses the fixed removal prompt and extend a generic
 continuation prompt when none is given (core.tasks); fill and text need a prompt.
@@ -41,8 +40,9 @@ From Python:
     editor = load_editor("runs/nft-x")            # load once, edit many times
     out = editor.edit(pil_images, pil_masks, prompts, task="fill", seed=3, keep_size=True)
 
-With diffusers' FluxFillPipeline (FLUX runs; the tiny model has its own pixel codec and text
-encoder, which the pipeline cannot load):
+With diffusers' FluxFillPipeline (a toy run's final/ is a whole pipeline:
+`FluxFillPipeline.from_pretrained("RUN/final")`, called with height=64, width=64,
+max_sequence_length=16):
 
     pipe = FluxFillPipeline.from_pretrained(BASE, torch_dtype=torch.bfloat16).to("cuda")
     pipe.load_lora_weights("RUN/final")
@@ -138,18 +138,17 @@ class Editor:
         return items
 
     def check_prompts(self, prompts: Sequence[str], names: Sequence[str] | None = None) -> None:
-        """EditError listing the prompts this model's text encoder refuses (the tiny model knows only
-        the synthetic world's words); `names` prefixes each (e.g. "file.jsonl:3: ")."""
-        tokenize = getattr(getattr(self.policy, "prompt_encoder", None), "tokenize", None)
-        if tokenize is None:
+        """EditError listing the prompts this model would misread (too long for its T5 length; the
+        toy knows only the synthetic world's words); `names` prefixes each (e.g. "file.jsonl:3: ")."""
+        problem_of = getattr(self.policy, "prompt_problem", None)
+        if problem_of is None:
             return
         problems = []
         for i, prompt in enumerate(prompts):
-            try:
-                tokenize([prompt])
-            except ValueError as e:
+            problem = problem_of(prompt)
+            if problem is not None:
                 where = names[i] if names is not None else ("" if len(prompts) == 1 else f"image {i}: ")
-                problems.append(f"{where}{e}")
+                problems.append(f"{where}{problem}")
         if problems:
             raise EditError("\n".join(problems))
 
@@ -258,8 +257,7 @@ def edit(model: str | os.PathLike | Editor, images: ImageLike | Sequence[ImageLi
 
 
 def _precheck(images, masks, prompts, task, model) -> None:
-    """The input checks that need no loaded model. A tiny model's size is only known once it is
-    loaded (cheap), so Editor.edit checks for masks that vanish at that size."""
+    """The input checks that need no loaded model (Editor.edit repeats the size-dependent ones)."""
     single = not isinstance(images, (list, tuple))
     imgs = [images] if single else list(images)
     n = len(imgs)
@@ -268,12 +266,12 @@ def _precheck(images, masks, prompts, task, model) -> None:
 
 
 def _size_hint(model) -> tuple[int, int] | None:
-    """The working size when the config alone tells it (FLUX: data.image_size), else None."""
+    """The working size the config tells (data.image_size), else None."""
     try:
         cfg = run_settings(model)
     except Exception:  # load_editor reports a bad config with its fix
         return None
-    return (cfg.data.image_size,) * 2 if cfg.model.kind == "flux_fill" else None
+    return (cfg.data.image_size,) * 2
 
 
 # -- the command line ----------------------------------------------------------------------------

@@ -3,7 +3,7 @@
     python -m rl.eval --model RUN_DIR [--against base] [--config FILE] [--set key=value ...]
                       [--per-task N] [--out DIR]
 
-A and B are `base` (the configured base model, by default the shipped tiny model), a run
+A and B are `base` (the configured base model, by default the shipped toy FLUX.1 Fill), a run
 directory, a checkpoint or a model directory. Both edit the same held-out conditions (the synthetic
 world's held-out split, or the `heldout` records of a JSONL file with data.source=jsonl) with the
 same noise. The judge, data and sampler settings come from the run config (defaults: the built-in

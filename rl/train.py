@@ -3,7 +3,7 @@
     python -m rl.train [--config FILE] [--set key=value ...] [--out DIR [--fresh]] [--resume DIR]
     torchrun --nproc_per_node=N -m rl.train ...       (many processes)
 
-With no arguments it runs the built-in default on CPU: the shipped tiny Fill model, the synthetic
+With no arguments it runs the built-in default on CPU: the shipped toy FLUX.1 Fill, the synthetic
 world's four-task mixture, the rule judge and DiffusionNFT. From Python: `rl.train.run(config)`.
 `--help` lists every config key with its type, range, default and meaning.
 

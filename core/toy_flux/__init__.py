@@ -4,8 +4,15 @@
 - `build`: `ToyFluxSpec` and `build_toy_pipeline(spec) -> FluxFillPipeline` (random init);
 - `vae_training`: resumable training of its AutoencoderKL on the world's images;
 - `state`: pickle-free training state (safetensors + JSON);
+- `editor_training`: resumable training of its transformer and text encoders (VAE frozen);
 - `measure`: size-versus-speed measurements (`python -m core.toy_flux.measure`).
+
+The built-in editor is the pipeline directory shipped in `SHIPPED_DIR` (`python -m rl.pretrain`
+builds it): load it with `FluxFillPipeline.from_pretrained(shipped_model_dir())` or
+`core.flux_fill.FluxFillPolicy.from_pretrained(...)`.
 """
+from pathlib import Path
+
 from .build import (
                     ClipSpec,
                     SchedulerSpec,
@@ -17,5 +24,17 @@ from .build import (
                     save_toy_pipeline,
 )
 
-__all__ = ["ToyFluxSpec", "VAESpec", "ClipSpec", "T5Spec", "TransformerSpec", "SchedulerSpec", "build_toy_pipeline",
+#: where the built-in model lives (installed with the package: package-data core/assets/**)
+SHIPPED_DIR = Path(__file__).resolve().parent.parent / "assets" / "toy_flux"
+
+
+def shipped_model_dir() -> Path:
+    """The shipped toy FLUX.1 Fill directory; FileNotFoundError naming the fix when it is missing."""
+    if not (SHIPPED_DIR / "model_index.json").is_file():
+        raise FileNotFoundError(f"the built-in model is missing from {SHIPPED_DIR}: reinstall the package, or "
+                                f"rebuild it with `python -m rl.pretrain --out {SHIPPED_DIR}`")
+    return SHIPPED_DIR
+
+
+__all__ = ["SHIPPED_DIR", "shipped_model_dir", "ToyFluxSpec", "VAESpec", "ClipSpec", "T5Spec", "TransformerSpec", "SchedulerSpec", "build_toy_pipeline",
            "save_toy_pipeline"]

@@ -97,11 +97,11 @@ class TransformerSpec:
     """FluxTransformer2DModel: `num_layers` double-stream and `num_single_layers` single-stream
     blocks of `num_attention_heads` x `attention_head_dim`; rope axes default to `rope_axes`."""
 
-    num_layers: int = 2
-    num_single_layers: int = 4
-    num_attention_heads: int = 4
-    attention_head_dim: int = 32
-    axes_dims_rope: tuple[int, int, int] | None = None
+    num_layers: int = opt(2, "double-stream (text | image) blocks")
+    num_single_layers: int = opt(4, "single-stream blocks")
+    num_attention_heads: int = opt(4, "attention heads")
+    attention_head_dim: int = opt(32, "width of a head (a multiple of 4, >= 12)")
+    axes_dims_rope: tuple[int, int, int] | None = opt(None, "rope dims per position axis (null: rope_axes)")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -260,8 +260,11 @@ def build_toy_pipeline(spec: ToyFluxSpec = ToyFluxSpec(), *, vae: AutoencoderKL 
 def save_toy_pipeline(pipe: FluxFillPipeline, directory: str | os.PathLike, spec: ToyFluxSpec) -> Path:
     """`pipe.save_pretrained(directory)` plus the spec as toy_flux.json (FluxFillPipeline's loader
     ignores that file; it records how the directory was built)."""
+    from ..flux_fill import quiet_weights_io
+
     root = Path(directory)
-    pipe.save_pretrained(root)
+    with quiet_weights_io():
+        pipe.save_pretrained(root)
     (root / SPEC_FILE).write_text(json.dumps(spec.to_dict(), indent=2) + "\n")
     return root
 

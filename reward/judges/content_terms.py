@@ -1,9 +1,10 @@
 """Content terms of the rule judge that pay for identity (which glyph, which shape), not colour mass.
 
-The soft-IoU content terms (reward/judges/rule_judge.py) pay a filled box |truth| / |box|: RL learned to
-paint solid blocks of ink and blobs of the right colour, and the judge's score rose while glyph and
-shape accuracy fell. The terms here read the edit the way core/metrics.py does — classify each
-glyph cell, classify the drawn shape — but softly, so they stay differentiable in the edited image:
+The soft-IoU content terms the rule judge (reward/judges/rule_judge.py) had before these paid a
+filled box |truth| / |box|: RL learned to paint solid blocks of ink and blobs of the right colour,
+and the judge's score rose while glyph and shape accuracy fell. The terms here read the edit the
+way core/metrics.py does — classify each glyph cell, classify the drawn shape — but softly, so
+they stay differentiable in the edited image:
 
 - `text_accuracy_term`: every character cell of the true text is read by a soft template classifier
   over the font's glyphs plus "blank", "solid" and "none of these"; a cell pays 1 for reading as the
@@ -41,8 +42,9 @@ _COLOUR_TABLE = torch.tensor([COLOURS[c] for c in COLOURS])
 _COLOUR_INDEX = {c: i for i, c in enumerate(COLOURS)}
 
 
-def _batch(edited: Tensor,
-           sample: EditSample | Sequence[EditSample]) -> tuple[Tensor, list[EditSample], bool]:
+def as_batch(edited: Tensor,
+             sample: EditSample | Sequence[EditSample]) -> tuple[Tensor, list[EditSample], bool]:
+    """edited as [B,3,H,W] (at least float32), one sample per image, and whether it was one image."""
     single = edited.dim() == 3
     e = edited[None] if single else edited
     if e.dim() != 4 or e.shape[1] != 3:
@@ -53,7 +55,8 @@ def _batch(edited: Tensor,
     return e.to(torch.promote_types(e.dtype, torch.float32)), samples, single
 
 
-def _stack(samples: list[EditSample], get: Callable[[EditSample], Tensor], like: Tensor) -> Tensor:
+def stack_truth(samples: list[EditSample], get: Callable[[EditSample], Tensor], like: Tensor) -> Tensor:
+    """[B, ...]: get(sample) of every sample, on like's dtype and device."""
     # G rollouts of one condition share its tensors: one expand instead of B copies
     if all(s is samples[0] for s in samples):
         return get(samples[0]).to(like)[None].expand(len(samples), *get(samples[0]).shape)
@@ -163,8 +166,8 @@ def text_accuracy_term(edited: Tensor, sample: EditSample | Sequence[EditSample]
     saturates: noise moves every template's distance alike). Positions come from the truth
     (`truth["cells"]`, the renderer's cell corners).
     """
-    e, samples, single = _batch(edited, sample)
-    source = _stack(samples, lambda s: s.source, e)
+    e, samples, single = as_batch(edited, sample)
+    source = stack_truth(samples, lambda s: s.source, e)
     ink_values = torch.tensor([float(s.truth["ink_value"]) for s in samples])
     ink = ink_map(e, source, ink_values)
     owner, corners, right = [], [], []
@@ -192,18 +195,22 @@ def text_accuracy_term(edited: Tensor, sample: EditSample | Sequence[EditSample]
 
 # -- fill ---------------------------------------------------------------------------------------
 
-def colour_probability(pixels: Tensor, colour: Sequence[str] | str, reference: Tensor | None = None, *,
+def colour_probability(pixels: Tensor, colour: Sequence[str] | str | Tensor, reference: Tensor | None = None, *,
                        sigma: float = 0.12, reject_distance: float = 0.3) -> Tensor:
-    """[N]: P(pixel is the named colour) for pixels [N,3] (one colour name, or one per pixel) under
-    a soft nearest-colour classifier.
+    """[N]: P(pixel is the named colour) for pixels [N,3] (one colour name, one per pixel, or their
+    indices in core.world.COLOURS as a long tensor [N]) under a soft nearest-colour classifier.
 
     Classes: the world's named colours, "none" at RGB distance `reject_distance` and, with a
     `reference` [N,3], "unchanged" (distance to the reference pixel). Named colours lie >= 0.31
     apart; at sigma 0.12 a pixel with noise 0.1 per channel (~0.17 away) still reads as its colour,
     while background greys and noise, far from every named colour, read as none or unchanged.
     """
-    names = [colour] * pixels.shape[0] if isinstance(colour, str) else list(colour)
-    idx = torch.tensor([_COLOUR_INDEX[n] for n in names], device=pixels.device)
+    if isinstance(colour, Tensor):
+        idx = colour.to(pixels.device)
+    elif isinstance(colour, str):
+        idx = torch.full((pixels.shape[0],), _COLOUR_INDEX[colour], device=pixels.device)
+    else:
+        idx = torch.tensor([_COLOUR_INDEX[n] for n in colour], device=pixels.device)
     return _colour_probability(pixels, idx, reference, sigma, reject_distance)
 
 
@@ -263,6 +270,13 @@ def _box3(x: Tensor) -> Tensor:
     return F.avg_pool2d(flat, 3, stride=1, padding=1, count_include_pad=False).reshape(x.shape)
 
 
+def neighbourhood_weighted(region: Tensor) -> Tensor:
+    """A soft region [B,H,W] with each pixel weighed by how much of its 3x3 neighbourhood is region
+    too, saturating at half: a stroke's or a shape's edge keeps its weight, isolated pixels that
+    noise pushed towards the colour lose most of theirs."""
+    return region * (2 * _box3(region)).clamp(max=1.0)
+
+
 def shape_probabilities(region: Tensor, mask: Tensor, *, temperature: float = 0.015,
                         reject_similarity: float = 0.86, mask_preference: float = 0.05,
                         radius_scales: Sequence[float] = (0.92, 1.0, 1.08)) -> Tensor:
@@ -289,7 +303,7 @@ def shape_probabilities(region: Tensor, mask: Tensor, *, temperature: float = 0.
     box mask, a big disc on a round one) fits it exactly too, so the mask reading gets
     `mask_preference` on top: a region that is the mask reads as "filled the mask".
     """
-    B, H, W = region.shape
+    H, W = region.shape[-2:]
     with torch.no_grad():
         mass = region.sum((-2, -1)).clamp_min(1e-6)
         support = (mass**2 / (region * region).sum((-2, -1)).clamp_min(1e-6)).clamp_min(1.0)
@@ -303,14 +317,24 @@ def shape_probabilities(region: Tensor, mask: Tensor, *, temperature: float = 0.
         templates = torch.stack([
             shape_masks(H, W, my[:, None] - drop * r, mx[:, None].expand_as(r), r)
             for r in (r0 * f for f in radius_scales)], 2)  # [B, S, scales, H, W]
-    region = region * (2 * _box3(region)).clamp(max=1.0)  # the neighbourhood weighting
-    shapes = cosine(region[:, None, None], templates).amax(2)  # [B, S]
-    whole = cosine(region, mask)[:, None] + mask_preference
-    reject = torch.full_like(whole, reject_similarity)
-    return torch.softmax(torch.cat([shapes, whole, reject], 1) / temperature, 1)
+    return read_shape(region, templates, mask, temperature=temperature, reject_similarity=reject_similarity,
+                      mask_preference=mask_preference)
 
 
-def _windows(support: Tensor, margin: int) -> tuple[Tensor, Tensor]:
+def read_shape(region: Tensor, templates: Tensor, mask: Tensor | None, *, temperature: float = 0.015,
+               reject_similarity: float = 0.86, mask_preference: float = 0.05) -> Tensor:
+    """[B, S (+1) +1]: soft reading of a region [B,H,W] as each of S templates [B,S,n,H,W] (the best
+    of its n poses), as "the whole mask" when a mask [B,H,W] is given, or as "no shape"; the
+    neighbourhood weighting and logits of `shape_probabilities`."""
+    region = neighbourhood_weighted(region)
+    readings = [cosine(region[:, None, None], templates).amax(2)]  # [B, S]
+    if mask is not None:
+        readings.append(cosine(region, mask)[:, None] + mask_preference)
+    readings.append(torch.full_like(readings[0][:, :1], reject_similarity))
+    return torch.softmax(torch.cat(readings, 1) / temperature, 1)
+
+
+def support_windows(support: Tensor, margin: int) -> tuple[Tensor, Tensor]:
     """Row [B,h] and column [B,w] indices of one window per image covering its support [B,H,W]
     plus `margin`; one size for the batch (the largest), kept inside the image."""
 
@@ -327,8 +351,8 @@ def _windows(support: Tensor, margin: int) -> tuple[Tensor, Tensor]:
     return span(support.any(2)), span(support.any(1))
 
 
-def _crop(x: Tensor, rows: Tensor, cols: Tensor) -> Tensor:
-    """The windows [B,h,w,...] of x [B,H,W,...] at `_windows`' indices."""
+def crop(x: Tensor, rows: Tensor, cols: Tensor) -> Tensor:
+    """The windows [B,h,w,...] of x [B,H,W,...] at `support_windows`' indices."""
     n = torch.arange(x.shape[0], device=x.device)[:, None, None]
     return x[n, rows[:, :, None], cols[:, None, :]]
 
@@ -344,15 +368,15 @@ def fill_alignment_term(edited: Tensor, sample: EditSample | Sequence[EditSample
     shape:     P(requested shape) + wrong_shape_credit * P(another shape) of that region;
     placement: its soft IoU with the requested object's mask.
     """
-    e, samples, single = _batch(edited, sample)
-    source = _stack(samples, lambda s: s.source, e)
-    mask = _stack(samples, lambda s: s.mask, e)[:, 0]
-    target = _stack(samples, lambda s: s.truth["object"]["mask"], e)[:, 0]
+    e, samples, single = as_batch(edited, sample)
+    source = stack_truth(samples, lambda s: s.source, e)
+    mask = stack_truth(samples, lambda s: s.mask, e)[:, 0]
+    target = stack_truth(samples, lambda s: s.truth["object"]["mask"], e)[:, 0]
     # nothing outside the mask can count, so every map is cut to a window around it (the shape
     # templates are most of the work: ~3x less of it on 64x64 worlds)
-    rows, cols = _windows(torch.maximum(mask, target) > 0, margin=1)
-    mask, target = _crop(mask, rows, cols), _crop(target, rows, cols)
-    e, source = (_crop(t.permute(0, 2, 3, 1), rows, cols) for t in (e, source))  # [B,h,w,3]
+    rows, cols = support_windows(torch.maximum(mask, target) > 0, margin=1)
+    mask, target = crop(mask, rows, cols), crop(target, rows, cols)
+    e, source = (crop(t.permute(0, 2, 3, 1), rows, cols) for t in (e, source))  # [B,h,w,3]
     b, y, x = (mask > 0).nonzero(as_tuple=True)
     colours = torch.tensor([_COLOUR_INDEX[s.truth["object"]["colour"]] for s in samples], device=e.device)[b]
     pixels, before = e[b, y, x], source[b, y, x]

@@ -3,14 +3,18 @@
 Each (task, dimension) gets a quality q in [0, 1] computed in torch from the edited image and the
 world's truth (differentiable in the edited image, so reward feedback learning can use it):
 
-- content terms are soft overlaps (soft IoU) between "pixels of the requested colour" and where
-  the ground truth puts them, so a blob of the right colour in roughly the right place earns
-  partial credit and leaving the region empty earns none (an exact-match fidelity would score a
-  rough attempt as low as doing nothing, and RL then learns to do nothing — a reward hack):
-  text_alignment   fill: the requested colour vs the requested object's mask; extend: the
-                   described object's colour vs its visible part in the new area (with no
-                   described object: fidelity to the true continuation, below);
-  text_accuracy    ink-coloured pixels in the box vs the true glyph strokes;
+- content terms read identity (which glyph, which shape, of which colour, where), softly so that
+  they stay differentiable, as core/metrics.py reads it for the ground-truth metrics. Soft
+  overlaps of "pixels of the requested colour" with the truth, the terms before them, paid a solid
+  block |truth| / |box|, and RL learned to paint blocks of ink and blobs of colour while glyph and
+  shape accuracy fell. A wrong but well-formed answer keeps partial credit, above every hack
+  (a block, an empty region, noise: about 0), so RL has a slope from junk to form to the right form:
+  text_accuracy    text: a soft per-cell glyph classifier over the font (content_terms);
+  text_alignment   fill: colour x soft shape reading x placement of the drawn region
+                   (content_terms); extend with an object described in the new area: the same
+                   read at the object's true pose, since the kept canvas fixes where it continues,
+                   times fidelity of the rest of the new area to the true continuation
+                   (extend_terms); extend with nothing described: fidelity to the continuation;
 - fidelity terms are exp(-MSE / s) over a region that matters for the dimension:
   removal_quality  the removed object's footprint vs the clean background;
   consistency      the seam: a 3-pixel band inside the mask along its border with the kept region;
@@ -25,12 +29,14 @@ Bradley-Terry probability on the difference of the two images' q.
 """
 from __future__ import annotations
 
+from typing import ClassVar
+
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
 from core.masks import dilate, erode
-from core.world import COLOURS, EditSample
+from core.world import EditSample
 from reward.judge import (
     Judge,
     JudgeError,
@@ -39,6 +45,8 @@ from reward.judge import (
     check_mode,
     check_scores,
 )
+from reward.judges.content_terms import fill_alignment_term, text_accuracy_term
+from reward.judges.extend_terms import extend_alignment_term
 
 _LAPLACE = torch.tensor([[0.0, 1.0, 0.0], [1.0, -4.0, 1.0], [0.0, 1.0, 0.0]])
 
@@ -65,16 +73,6 @@ def _laplacian(x: Tensor) -> Tensor:
     return F.conv2d(x[None], k, padding=1, groups=x.shape[0])[0]
 
 
-def colour_map(image: Tensor, rgb: Tensor, sigma: float = 0.15) -> Tensor:
-    """[1,H,W] in [0,1]: how close each pixel is to the colour `rgb` (named colours lie >= 0.3 apart)."""
-    return torch.exp(-((image - rgb[:, None, None]) ** 2).sum(0, keepdim=True) / (2 * sigma**2))
-
-
-def soft_iou(p: Tensor, m: Tensor) -> Tensor:
-    inter = (p * m).sum()
-    return inter / (p + m - p * m).sum().clamp_min(1e-6)
-
-
 def _wide(x: Tensor) -> Tensor:
     return x.to(torch.promote_types(x.dtype, torch.float32))
 
@@ -97,21 +95,35 @@ class RuleJudge(Judge):
         self.pairwise_temperature = pairwise_temperature
 
     # -- quality of one image on one dimension -----------------------------------------------
-    def quality(self, task: str, dimension: str, edited: Tensor, sample: EditSample) -> Tensor:
+    def quality(self, task: str, dimension: str, edited: Tensor, sample: EditSample,
+                memo: dict | None = None) -> Tensor:
         """q in [0, 1] of one image on one dimension. For edits that must create content (fill, text,
         extend with a described object) every other dimension is gated by the content term:
         q = q_dimension * sqrt(q_content). A judge asked about the consistency of a fill that ignored
         the prompt does not call it perfect; without the gate, "leave the region empty" scores
         high on consistency and aesthetics, and RL learns exactly that (found by the ground-truth
-        metrics of the first default run: fill colour accuracy fell from 1.0 to 0.04)."""
+        metrics of the first default run: fill colour accuracy fell from 1.0 to 0.04).
+
+        `memo`, one dict shared by the calls of one scoring pass, keeps each image's content term:
+        every dimension of the image needs it, and the identity terms cost more than all the others
+        together. An image is known by its memory (the scorer asks about images[i], a new view each
+        time), so its tensors must stay alive and unchanged while the memo is in use."""
         content_dim = self.CONTENT.get(task)
-        q = self._raw(task, dimension, edited, sample)
-        if content_dim is None or dimension == content_dim or not self._creates_content(task, sample):
-            return q
-        return q * self._raw(task, content_dim, edited, sample).clamp_min(0).sqrt()
+        key = None if memo is None else (task, id(sample), edited.device, edited.data_ptr(), edited.dtype,
+                                         tuple(edited.shape), edited.stride(), edited.requires_grad)
+        memo = {} if memo is None else memo
+        edited = _wide(edited)
+        if content_dim is None or not self._creates_content(task, sample):
+            return self._raw(task, dimension, edited, sample)
+        if key not in memo:
+            memo[key] = self._raw(task, content_dim, edited, sample)
+        if dimension == content_dim:
+            return memo[key]
+        # the floor keeps the gradient finite where an identity term underflows to exactly 0 (sqrt'(0) = inf)
+        return self._raw(task, dimension, edited, sample) * memo[key].clamp_min(1e-8).sqrt()
 
     #: the dimension that says whether the requested content is there, per task
-    CONTENT = {"fill": "text_alignment", "text": "text_accuracy", "extend": "text_alignment"}
+    CONTENT: ClassVar[dict[str, str]] = {"fill": "text_alignment", "text": "text_accuracy", "extend": "text_alignment"}
 
     @staticmethod
     def _creates_content(task: str, sample: EditSample) -> bool:
@@ -126,14 +138,13 @@ class RuleJudge(Judge):
         if dimension == "removal_quality":
             return _fidelity(E, T, dilate(truth["object"]["mask"].to(E), 1), 0.01)
         if dimension == "text_alignment":
-            obj = truth["object"] if task == "fill" else truth.get("described")
-            if obj is None or float((obj["mask"].to(E) * M).sum()) == 0:  # extend, nothing described
-                return _fidelity(E, T, M, 0.02)
-            colour = torch.tensor(COLOURS[obj["colour"]], dtype=E.dtype, device=E.device)
-            return soft_iou(colour_map(E, colour) * M, obj["mask"].to(E) * M)
+            if task == "fill":
+                return fill_alignment_term(E, sample)
+            if task == "extend" and self._creates_content(task, sample):
+                return extend_alignment_term(E, sample)
+            return _fidelity(E, T, M, 0.02)
         if dimension == "text_accuracy":
-            ink = torch.full((3,), truth["ink_value"], dtype=E.dtype, device=E.device)
-            return soft_iou(colour_map(E, ink) * M, truth["ink"].to(E))
+            return text_accuracy_term(E, sample)
         if dimension == "consistency":
             return _fidelity(E, T, seam_band(M), 0.008)
         if dimension == "structure":
@@ -154,15 +165,14 @@ class RuleJudge(Judge):
 
     def _raw_scores(self, requests: list[JudgeRequest], mode: str) -> Tensor:
         """The scores before the final guard (`check_scores`), which every backend ends with."""
-        out = []
+        out, memo = [], {}
         for req in requests:
-            sample = req.truth
-            if not isinstance(sample, EditSample):
+            if not isinstance(req.truth, EditSample):
                 raise JudgeError(
                     "the rule judge needs the world's ground truth: pass the core.world.EditSample as "
                     "JudgeRequest.truth (it only judges synthetic-world edits)"
                 )
-            q = self.quality(req.task, req.dimension, _wide(req.edited), sample)
+            q = self.quality(req.task, req.dimension, req.edited, req.truth, memo)
             if mode == "score":
                 levels = torch.arange(6, dtype=q.dtype, device=q.device)
                 p = torch.softmax(-((levels - 5 * q) ** 2) / (2 * self.score_spread**2), 0)
@@ -172,6 +182,6 @@ class RuleJudge(Judge):
             else:
                 if req.other is None:
                     raise JudgeError("pairwise mode needs JudgeRequest.other (the image to compare against)")
-                q_other = self.quality(req.task, req.dimension, _wide(req.other), sample)
+                q_other = self.quality(req.task, req.dimension, req.other, req.truth, memo)
                 out.append(torch.sigmoid((q - q_other) / self.pairwise_temperature))
         return torch.stack(out) if out else torch.zeros(0)

@@ -1,6 +1,6 @@
 """Preference data for the reward-model demo, built the way OneReward built theirs, on the world.
 
-For each synthetic-world condition the built-in tiny editor makes four candidates with different
+For each synthetic-world condition the built-in toy FLUX.1 Fill makes four candidates with different
 sampler settings (step count, solver, stochastic noise, guidance — as the paper varied its
 generator), the rule judge plays the annotator: per dimension of the task it picks the best and
 the worst candidate (best-of-N / worst-of-N), and with probability `label_noise` the annotator errs
@@ -64,12 +64,13 @@ def build_demo_data(out_dir: str | Path, *, n_pairs: int = 240, seed: int = 0, l
                     policy=None, world: SyntheticWorld | None = None, batch: int = 32,
                     settings=CANDIDATE_SETTINGS, min_gap: float = MIN_GAP) -> Path:
     """Write images and `preferences.jsonl` (reward/training/preference_data.py format) into `out_dir`."""
-    from core.tiny_fill import TinyFillPolicy
+    from core.flux_fill import FluxFillPolicy
+    from core.toy_flux import shipped_model_dir
 
     settings = tuple(Candidate(*c) for c in settings)
     out = Path(out_dir)
     (out / "img").mkdir(parents=True, exist_ok=True)
-    policy = policy or TinyFillPolicy.from_pretrained()
+    policy = policy or FluxFillPolicy.from_pretrained(shipped_model_dir())
     world = world or SyntheticWorld(seed=seed + 101)
     judge = RuleJudge()
     rng = random.Random(seed)

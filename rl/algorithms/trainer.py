@@ -135,7 +135,8 @@ class Trainer(abc.ABC):
     def export(self, out_dir) -> None:
         """Save the evaluation EMA where the model's own library can load it: a LoRA adapter in
         diffusers' format when the policy trains one (FluxFillPipeline.load_lora_weights), else
-        the model directory (the tiny model: every part via from_pretrained)."""
+        the transformer (FLUX.1 Fill: transformer/ only) or the whole pipeline directory (the toy:
+        FluxFillPipeline.from_pretrained loads it)."""
         if getattr(self.policy, "has_lora", False) and hasattr(self.policy, "save_lora_weights"):
             self.policy.save_lora_weights(out_dir, weights=self.ema)
             return

@@ -50,7 +50,8 @@ def model_card(final_dir: Path, cfg: RunConfig, summary: dict[str, Any]) -> str:
 def _base_name(cfg: RunConfig) -> str:
     m = cfg.model
     if m.kind == "tiny":
-        return "the shipped tiny Fill model" if m.path is None else f"the tiny Fill model at `{m.path}`"
+        return ("the shipped toy FLUX.1 Fill" if m.path is None
+                else f"the toy FLUX.1 Fill at `{m.path}`")
     return f"FLUX.1 Fill (`{m.path}`)"
 
 
@@ -152,16 +153,18 @@ def _results_section(cfg: RunConfig, summary: dict[str, Any]) -> str:
 
 def _usage_section(cfg: RunConfig, run_dir: Path) -> str:
     lines = ["## Loading\n"]
-    if cfg.model.kind == "tiny":
-        lines += ["```python", "from core.tiny_fill import TinyFillPolicy", "",
-                  f'policy = TinyFillPolicy.from_pretrained("{run_dir / "final"}")', "```", "",
-                  "Each part also loads with its own library: `FluxTransformer2DModel.from_pretrained(final / "
-                  "\"transformer\")` (diffusers), `CLIPTextModel` and `AutoTokenizer` from `text_encoder/` and "
-                  "`tokenizer/` (transformers). The tiny model works on 64x64 images with a pixel codec.\n"]
+    if cfg.model.kind == "tiny" and cfg.model.lora is None:
+        lines += ["A whole FluxFillPipeline directory (the toy works on 64x64 images, 16 T5 tokens):", "",
+                  "```python", "from diffusers import FluxFillPipeline", "",
+                  f'pipe = FluxFillPipeline.from_pretrained("{run_dir / "final"}")',
+                  'image = pipe(prompt="a red circle", image=image, mask_image=mask, height=64, width=64,',
+                  "             max_sequence_length=16, num_inference_steps=8, guidance_scale=30.0).images[0]",
+                  "```", "", "Inside the library: `core.flux_fill.FluxFillPolicy.from_pretrained(final)`.\n"]
     elif cfg.model.lora is not None:
+        base = "core/assets/toy_flux" if cfg.model.kind == "tiny" and cfg.model.path is None else cfg.model.path
         lines += ["A LoRA adapter in diffusers' format:", "", "```python", "import torch",
                   "from diffusers import FluxFillPipeline", "",
-                  f'pipe = FluxFillPipeline.from_pretrained("{cfg.model.path}", torch_dtype=torch.bfloat16)',
+                  f'pipe = FluxFillPipeline.from_pretrained("{base}", torch_dtype=torch.bfloat16)',
                   f'pipe.load_lora_weights("{run_dir / "final"}")', "```", ""]
     else:
         lines += ["The fine-tuned transformer (the rest of the pipeline is the base model's):", "",
@@ -180,17 +183,16 @@ def _usage_section(cfg: RunConfig, run_dir: Path) -> str:
               f"{shift}, the known region re-blended at every step); `--steps`, `--sampler`, `--shift`, "
               "`--seed` and `--keep-size` change that, and `--jsonl RECORDS --out-dir DIR` edits a batch. "
               "From Python: `rl.edit.load_editor(run_dir).edit(images, masks, prompts)`."
-              + (" The tiny model's text encoder knows only the synthetic world's words "
+              + (" The toy's text encoders were trained only on the synthetic world's words "
                  "(`core.world.VOCABULARY`)." if cfg.model.kind == "tiny" else "") + "\n"]
     return "\n".join(lines)
 
 
 def _diffusers_section(cfg: RunConfig) -> str:
     head = "## With diffusers' FluxFillPipeline\n"
-    if cfg.model.kind == "tiny":
-        return head + ("\nThe tiny model has its own pixel codec and text encoder, so FluxFillPipeline cannot run "
-                       "it; use `rl.edit` or `TinyFillPolicy`.\n")
     s = cfg.sampler
+    extra = (["- the toy was trained with 16 T5 tokens: pass `max_sequence_length=16` (FLUX's joint attention "
+              "has no text mask, so other padding changes the edit);"] if cfg.model.kind == "tiny" else [])
     return head + "\n".join([
         "",
         "`pipe(prompt=..., image=..., mask_image=..., height=S, width=S, num_inference_steps=N, "
@@ -203,6 +205,7 @@ def _diffusers_section(cfg: RunConfig) -> str:
         f"`{'euler' if s.method == 'sde' else s.method}` in {s.eval_steps} steps ('dpm2' is DPM-Solver++(2M) "
         "with data prediction). With Euler, no shift set and the same N, the step times are the pipeline's;",
         "- noise: the pipeline draws its own; pass rl.edit's packed noise as `latents=` to share it;",
-        "- the pipeline samples the VAE posterior of the masked image, the training code takes its mode.",
+        "- the pipeline samples the VAE posterior of the masked image, the training code takes its mode;",
+        *extra,
         "",
     ])

@@ -18,25 +18,26 @@ from rl.plumbing.distributed import resolve_device
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
-def build_policy(cfg: ModelConfig, device: torch.device, image_size: int = 512) -> Policy:
-    dtype = _DTYPES[cfg.dtype]
-    if cfg.kind == "tiny":
-        from core.tiny_fill import TinyFillPolicy
-
-        if cfg.path is not None and not Path(cfg.path).exists():
-            raise FileNotFoundError(f"model.path not found: {cfg.path}")
-        policy = TinyFillPolicy.from_pretrained(cfg.path, device=device, dtype=dtype)
-        if cfg.lora is not None:
-            policy.add_lora(r=cfg.lora.r, alpha=cfg.lora.alpha, targets=cfg.lora.targets, init=cfg.lora.init)
-        return policy
+def build_policy(cfg: ModelConfig, device: torch.device, image_size: int | None = None) -> Policy:
+    """The policy of `cfg`: the built-in toy FLUX.1 Fill (kind tiny) or FLUX.1 Fill [dev], both
+    through core.flux_fill.FluxFillPolicy. `image_size`: the resolution FLUX's shift is computed
+    for (None: the VAE's native size, 64 for the toy)."""
     from core.flux_fill import FluxFillPolicy
 
+    path = cfg.path
+    if cfg.kind == "tiny":
+        from core.toy_flux import shipped_model_dir
+
+        if path is not None and not Path(path).exists():
+            raise FileNotFoundError(f"model.path not found: {path}")
+        path = path if path is not None else shipped_model_dir()
+        image_size = None  # the toy's VAE knows its size; data.image_size only resizes the inputs
     lora = None if cfg.lora is None else {"r": cfg.lora.r, "alpha": cfg.lora.alpha,
                                           "targets": cfg.lora.targets, "init": cfg.lora.init}
     return FluxFillPolicy.from_pretrained(
-        cfg.path, device=device, dtype=dtype, lora=lora, gradient_checkpointing=cfg.gradient_checkpointing,
-        attention_backend=cfg.attention_backend, guidance=cfg.guidance, local_files_only=not cfg.allow_download,
-        image_size=image_size)
+        path, device=device, dtype=_DTYPES[cfg.dtype], lora=lora, gradient_checkpointing=cfg.gradient_checkpointing,
+        attention_backend=cfg.attention_backend, guidance=cfg.guidance,
+        local_files_only=cfg.kind == "tiny" or not cfg.allow_download, image_size=image_size)
 
 
 def build_judge(cfg: JudgeConfig, device: torch.device) -> Judge:

@@ -31,8 +31,8 @@ class LoraConfig:
 class ModelConfig:
     """The editing policy being trained."""
 
-    kind: Literal["tiny", "flux_fill"] = opt("tiny", "tiny: the built-in Fill model; flux_fill: FLUX.1 Fill [dev]")
-    path: str | None = opt(None, "null = the shipped tiny model; FLUX: local dir or cached Hub id")
+    kind: Literal["tiny", "flux_fill"] = opt("tiny", "tiny: the built-in toy FLUX.1 Fill; flux_fill: FLUX.1 Fill [dev]")
+    path: str | None = opt(None, "null = the shipped toy (core/assets/toy_flux); FLUX: local dir or cached Hub id")
     dtype: Literal["float32", "bfloat16", "float16"] = opt("float32", "weights and compute dtype of the policy")
     device: str = opt("auto", '"auto" = cuda when available, else cpu')
     lora: LoraConfig | None = opt(None, "null = full fine-tune of the transformer; set (e.g. model.lora.r=32) "
@@ -99,8 +99,8 @@ class SamplerConfig:
     eval_steps: int = opt(8, "steps for evaluation and sample grids")
     shift: float | None = opt(None, "static time shift; null = the model's default")
     noise_level: float = opt(0.7, "sde only: noise scale of the stochastic steps")
-    # (no true-CFG keys: FLUX.1 Fill [dev] and the tiny model are guidance-distilled or trained
-    # without it; core.samplers.sample_policy(cfg_scale=, uncond=) offers true CFG to callers)
+    # (no true-CFG keys: FLUX.1 Fill [dev] is guidance-distilled and the toy trained with its
+    # constant guidance 30; core.samplers.sample_policy(cfg_scale=, uncond=) offers true CFG to callers)
 
 
 @dataclasses.dataclass
@@ -153,7 +153,7 @@ class ReFLConfig:
 class OptimConfig:
     """AdamW and its learning-rate schedule."""
 
-    lr: float = opt(1e-4, "full fine-tune rate of the tiny model; LoRA configs use ~3e-4")
+    lr: float = opt(1e-4, "full fine-tune rate of the toy model; LoRA configs use ~3e-4")
     weight_decay: float = opt(1e-4, "AdamW decoupled weight decay")
     betas: list[float] = opt([0.9, 0.999], "AdamW (beta1, beta2)")
     grad_clip: float = opt(1.0, "largest gradient norm; larger gradients are scaled down to it")

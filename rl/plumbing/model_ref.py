@@ -17,15 +17,15 @@ from rl.plumbing.checkpoint import latest_checkpoint, load_checkpoint
 from rl.plumbing.config import ModelConfig, RunConfig, load_config
 
 
-def resolve_model(spec: str, device: torch.device, default: ModelConfig | None = None, image_size: int = 512
-                  ) -> tuple[Policy, dict[str, Tensor] | None, str]:
+def resolve_model(spec: str, device: torch.device, default: ModelConfig | None = None,
+                  image_size: int | None = None) -> tuple[Policy, dict[str, Tensor] | None, str]:
     """(policy, weights or None, description) for `spec`.
 
-    - "base": the configured base model (the shipped tiny model by default);
+    - "base": the configured base model (the shipped toy FLUX.1 Fill by default);
     - a run directory (config.yaml + final/ or ckpt-*): its exported final model, else the EMA
       weights of its latest checkpoint on its own base model;
     - a checkpoint directory (ckpt-*/state.safetensors + state.json): the EMA weights on the base model of its config;
-    - a model directory saved by `save_pretrained` (tiny format).
+    - a model directory: a FluxFillPipeline directory (`save_pretrained`, what a toy run exports).
     """
     model_cfg = default or ModelConfig()
     if spec == "base":
@@ -37,22 +37,23 @@ def resolve_model(spec: str, device: torch.device, default: ModelConfig | None =
         cfg: RunConfig = load_config(str(path / "config.yaml"))
         final = path / "final"
         if final.is_dir():
-            if cfg.model.kind == "flux_fill":  # the export is a LoRA adapter or a transformer/ dir
-                policy = build_policy(cfg.model, device, cfg.data.image_size)
-                if policy.has_lora:
-                    policy.load_lora_weights(final)
-                    return policy, None, f"run {path} (final LoRA)"
-                raise ValueError(f"{final}: load a fully fine-tuned FLUX transformer with "
-                                 "FluxFillPolicy.from_pretrained(base, transformer=final/'transformer')")
-            return build_policy(_with_path(cfg.model, final), device), None, f"run {path} (final)"
+            if (final / "model_index.json").is_file():  # a whole pipeline (the toy's export)
+                return build_policy(_with_path(cfg.model, final), device, cfg.data.image_size), None, f"run {path} (final)"
+            policy = build_policy(cfg.model, device, cfg.data.image_size)
+            if policy.has_lora:  # the export is a LoRA adapter in diffusers' format
+                policy.load_lora_weights(final)
+                return policy, None, f"run {path} (final LoRA)"
+            raise ValueError(f"{final}: load a fully fine-tuned FLUX transformer with "
+                             "FluxFillPolicy.from_pretrained(base, transformer=final/'transformer')")
         ckpt = latest_checkpoint(path)
         if ckpt is None:
             raise FileNotFoundError(f"run directory {path} has neither final/ nor a checkpoint")
-        return _from_checkpoint(ckpt, cfg.model, device)
+        return _from_checkpoint(ckpt, cfg.model, device, cfg.data.image_size)
     if has_tree(path):
         cfg = load_config(str(path / "config.yaml")) if (path / "config.yaml").is_file() else None
-        return _from_checkpoint(path, cfg.model if cfg else model_cfg, device)
-    return build_policy(_with_path(model_cfg, path), device), None, f"model directory {path}"
+        return _from_checkpoint(path, cfg.model if cfg else model_cfg, device,
+                                cfg.data.image_size if cfg else image_size)
+    return build_policy(_with_path(model_cfg, path), device, image_size), None, f"model directory {path}"
 
 
 def _with_path(cfg: ModelConfig, path: Path) -> ModelConfig:
@@ -61,9 +62,9 @@ def _with_path(cfg: ModelConfig, path: Path) -> ModelConfig:
     return dataclasses.replace(cfg, path=str(path))
 
 
-def _from_checkpoint(ckpt: Path, model_cfg: ModelConfig, device: torch.device):
+def _from_checkpoint(ckpt: Path, model_cfg: ModelConfig, device: torch.device, image_size: int | None = None):
     state = load_checkpoint(ckpt)
-    policy = build_policy(model_cfg, device)
+    policy = build_policy(model_cfg, device, image_size)
     weights = {k: v.to(device) for k, v in state["ema"].items()}
     missing = set(policy.trainable_parameters()) - set(weights)
     if missing:

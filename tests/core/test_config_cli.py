@@ -26,7 +26,7 @@ ENTRY_POINTS = {
     # name: (main, config class, numeric ranges, arguments every call needs, an unknown key, a bad value)
     "rl.train": (rl.train.main, RunConfig, NUMERIC_RANGES, [], "optim.lrr", ("train.steps", "0")),
     "rl.pretrain": (rl.pretrain.main, rl.pretrain.PretrainConfig, rl.pretrain.RANGES, ["--out", "unused"],
-                    "known_weigth", ("lr", "0")),
+                    "editor.known_weigth", ("editor.lr", "0")),
     "reward.train": (reward.train.main, reward.train.RewardTrainConfig, reward.train.RANGES, [], "lora_rank",
                      ("epochs", "0")),
     "core.toy_flux.vae_training": (vae_training.main, vae_training.VAETrainConfig, vae_training.RANGES,
@@ -110,33 +110,50 @@ def test_yaml_config_file_is_read_and_its_values_checked(name, capsys, tmp_path)
     assert code == 2 and "config file not found" in err
 
 
-@pytest.mark.parametrize("module, cls", [(rl.pretrain, rl.pretrain.PretrainConfig),
-                                         (reward.train, reward.train.RewardTrainConfig)])
-def test_yaml_then_set_overrides_build_the_typed_config(module, cls, tmp_path):
+@pytest.mark.parametrize("module, cls, section", [(rl.pretrain, rl.pretrain.PretrainConfig, "editor"),
+                                                  (reward.train, reward.train.RewardTrainConfig, None)])
+def test_yaml_then_set_overrides_build_the_typed_config(module, cls, section, tmp_path):
     config = tmp_path / "config.yaml"
-    config.write_text("seed: 7\nweight_decay: 0.02\n")
-    args, cfg = parse_config(module.parser(), cls, ["--config", str(config), "--set", "seed=3", "--out", "o"])
-    assert isinstance(cfg, cls) and cfg.seed == 3 and cfg.weight_decay == 0.02
+    values = {"seed": 7, "weight_decay": 0.02}
+    config.write_text(yaml.safe_dump({section: values} if section else values))
+    key = f"{section}.seed" if section else "seed"
+    args, cfg = parse_config(module.parser(), cls, ["--config", str(config), "--set", f"{key}=3", "--out", "o"])
+    part = getattr(cfg, section) if section else cfg
+    assert isinstance(cfg, cls) and part.seed == 3 and part.weight_decay == 0.02
     assert str(args.out) == "o"
 
 
 @pytest.mark.parametrize("cls, ranges", [(rl.pretrain.PretrainConfig, rl.pretrain.RANGES),
-                                         (reward.train.RewardTrainConfig, reward.train.RANGES)])
+                                         (reward.train.RewardTrainConfig, reward.train.RANGES),
+                                         (vae_training.VAETrainConfig, vae_training.RANGES)])
 def test_every_numeric_key_declares_its_range(cls, ranges):
-    hints = typing.get_type_hints(cls)
-    numeric = {f.name for f in dataclasses.fields(cls)
-               if {int, float} & {hints[f.name], *typing.get_args(hints[f.name])}}
+    def atoms(tp):
+        yield tp
+        for arg in typing.get_args(tp):
+            yield from atoms(arg)
+
+    def numeric_keys(owner, prefix=""):
+        hints = typing.get_type_hints(owner)
+        for f in dataclasses.fields(owner):
+            inner = [a for a in atoms(hints[f.name]) if dataclasses.is_dataclass(a)]
+            if inner:
+                yield from numeric_keys(inner[0], f"{prefix}{f.name}.")
+            elif {int, float} & set(atoms(hints[f.name])):
+                yield prefix + f.name
+
+    numeric = set(numeric_keys(cls))
     assert numeric == set(ranges), numeric ^ set(ranges)
 
 
 @pytest.mark.parametrize("override, message", [
-    ("lr=0", "lr must be in (0, 1], got 0.0"),
-    ("steps=0", "steps must be in [1, inf)"),
-    ("ema_decay=1", "ema_decay must be in [0, 1)"),
-    ("head_dim=10", "head_dim must be a multiple of 4"),
-    ("double_blocks=0 single_blocks=0", "set double_blocks or single_blocks >= 1"),
-    ("eval_method=heun", "eval_method: 'heun' is not one of ['euler', 'dpm2', 'sde']"),
-    ("batch=many", "batch: expected an integer"),
+    ("editor.lr=0", "editor.lr must be in (0, 1], got 0.0"),
+    ("vae.steps=0", "vae.steps must be in [1, inf)"),
+    ("editor.ema_decay=1", "editor.ema_decay must be in [0, 1)"),
+    ("editor.transformer.attention_head_dim=30", "attention_head_dim must be a multiple of 4"),
+    ("editor.transformer.num_layers=0 editor.transformer.num_single_layers=0",
+     "set num_layers or num_single_layers >= 1"),
+    ("shifts=[0.0]", "shifts must be in (0, inf)"),
+    ("editor.batch_size=many", "editor.batch_size: expected an integer"),
 ])
 def test_pretrain_bad_values_are_named(override, message):
     with pytest.raises(ConfigError, match=re.escape(message)):
@@ -144,7 +161,7 @@ def test_pretrain_bad_values_are_named(override, message):
 
 
 def test_pretrain_still_requires_out(capsys):
-    code, _, err = run_main(rl.pretrain.main, ["--set", "steps=1"], capsys)
+    code, _, err = run_main(rl.pretrain.main, ["--set", "editor.steps=1"], capsys)
     assert code == 2 and "--out" in err
 
 

@@ -43,6 +43,22 @@ def test_modes_in_range_and_pairwise_is_antisymmetric(samples):
     assert torch.allclose(ab + ba, torch.ones_like(ab), atol=1e-6) and ab.min() > 0.5
 
 
+@pytest.mark.parametrize("task", ["fill", "text", "extend"])
+def test_one_scoring_pass_reuses_each_images_content_term_without_mixing_images(task, samples):
+    """score() keeps each image's content term for all its dimensions (the scorer asks about
+    images[i], a new view per request): the scores must be those of one request at a time."""
+    judge = RuleJudge()
+    s = samples[task][:3]
+    images = torch.stack([x.target for x in s] + [x.source for x in s])
+    reqs = [JudgeRequest(task, d, x.source, images[i + k * len(s)], x.mask, x.prompt, truth=x)
+            for k in (0, 1) for i, x in enumerate(s) for d in dimensions_for(task)]
+    together = judge.score(reqs)
+    one_at_a_time = torch.cat([judge.score([r]) for r in reqs])
+    torch.testing.assert_close(together, one_at_a_time, rtol=0, atol=0)
+    half = len(reqs) // 2
+    assert together[:half].mean() > together[half:].mean() + 0.3  # the truth, then the unedited source
+
+
 def test_differentiable_and_matches_finite_differences(samples):
     judge = RuleJudge()
     s = samples["removal"][0]

@@ -1,20 +1,46 @@
+import dataclasses
+
 import pytest
 import torch
+from diffusers import AutoencoderKL
 
-from core.tiny_fill import TinyFillPolicy
+from core.toy_flux import (
+    SHIPPED_DIR,
+    ClipSpec,
+    T5Spec,
+    ToyFluxSpec,
+    TransformerSpec,
+    VAESpec,
+    build_toy_pipeline,
+    save_toy_pipeline,
+)
+
+#: the toy FLUX.1 Fill at test size: every part a real diffusers / transformers class, the
+#: transformer and text encoders far smaller than the shipped ones and random
+TEST_SPEC = ToyFluxSpec(
+    image_size=64, clip=ClipSpec(hidden_size=32, num_layers=1, num_heads=2, intermediate_size=37),
+    t5=T5Spec(d_model=32, num_layers=1, num_heads=2, d_ff=37),
+    transformer=TransformerSpec(num_layers=1, num_single_layers=1, num_attention_heads=2, attention_head_dim=16))
 
 
 @pytest.fixture(scope="session")
 def tiny_model_dir(tmp_path_factory):
-    """A small randomly initialised tiny Fill model on disk (its output layer is not zero, so
-    different noise gives different images and rewards have spread)."""
-    policy = TinyFillPolicy.create(seed=0)
+    """A small toy FLUX.1 Fill pipeline on disk: the shipped, trained VAE (a random one cannot
+    draw the colours the tests' judges ask for) around a random small transformer whose output
+    layer is scaled up, so different noise gives clearly different images and rewards have spread."""
+    vae = AutoencoderKL.from_pretrained(SHIPPED_DIR / "vae")
+    c = vae.config
+    spec = dataclasses.replace(TEST_SPEC, vae=VAESpec(
+        block_out_channels=tuple(c.block_out_channels), latent_channels=c.latent_channels,
+        layers_per_block=c.layers_per_block, norm_num_groups=c.norm_num_groups,
+        mid_block_attention=c.mid_block_add_attention, scaling_factor=c.scaling_factor, shift_factor=c.shift_factor))
+    pipe = build_toy_pipeline(spec, vae=vae)
     with torch.no_grad():
         g = torch.Generator().manual_seed(0)
-        for p in policy.model.proj_out.parameters():
+        for p in pipe.transformer.proj_out.parameters():
             p.copy_(torch.randn(p.shape, generator=g) * 0.05)
     path = tmp_path_factory.mktemp("tiny_model")
-    policy.save_pretrained(path)
+    save_toy_pipeline(pipe, path, spec)
     return path
 
 

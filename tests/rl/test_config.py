@@ -165,7 +165,7 @@ def test_every_config_key_has_a_one_line_meaning():
     meanings = {key: f.metadata.get("help", "") for key, f in fields(RunConfig)}
     assert len(meanings) > 90
     assert [k for k, m in meanings.items() if not m.strip() or "\n" in m] == []
-    assert meanings["optim.lr"].startswith("full fine-tune rate of the tiny model")
+    assert meanings["optim.lr"].startswith("full fine-tune rate of the toy model")
 
 
 def test_help_text_does_not_change_the_config_values():

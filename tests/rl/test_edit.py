@@ -12,7 +12,9 @@ import torch
 from PIL import Image
 
 import rl.train
+from core.flux_fill import FluxFillPolicy
 from core.image_io import to_pil
+from core.masks import dilate
 from core.world import SyntheticWorld
 from rl.edit import NOISE_KEY, EditError, edit, load_editor, main
 from rl.evaluation.heldout import generate_images
@@ -49,10 +51,17 @@ def test_cli_single_image_keeps_the_known_region(tiny_model_dir, tmp_path):
                  "--prompt", "a red circle", "--out", str(out), "--device", "cpu", "--seed", "3"]) == 0
     result = np.asarray(Image.open(out))
     assert result.shape == (64, 64, 3)
-    # blending puts the source's latents back exactly at t = 0; the pixel codec maps them back to the
-    # source's pixels, equal after the 8-bit rounding of the PNG
-    assert np.array_equal(result[~inside], rgb[~inside])
-    assert not np.array_equal(result[inside], rgb[inside])
+    # blending puts the source's latents back exactly at t = 0, so outside the mask the output is the
+    # VAE's round trip of the source, up to the decoder's reach into the generated latents next to it
+    # (measured: mean 8-bit error 1.5 from 4 px off the mask, 24 inside it)
+    policy = FluxFillPolicy.from_pretrained(tiny_model_dir)
+    src = torch.from_numpy(rgb).permute(2, 0, 1).float()[None] / 255
+    m = torch.from_numpy(inside).float()[None, None]
+    cond = policy.encode(src, m, ["a red circle"])
+    round_trip = (policy.decode(cond.x0_known, cond)[0].permute(1, 2, 0).numpy() * 255).round()
+    far = ~dilate(m[0], 4)[0].bool().numpy()
+    error = np.abs(result.astype(float) - round_trip)
+    assert error[far].mean() < 3 and error[inside].mean() > 10
 
     # a larger input: edited at 64x64; --keep-size writes the input's size with its own pixels kept
     image, mask, rgb, inside = _write_pair(tmp_path, size=(96, 128), box=(20, 30, 70, 90), name="big")
@@ -87,7 +96,7 @@ def test_run_directory_defaults_match_evaluation_and_card(quick, tmp_path):
 
     card = (run_dir / "final" / "README.md").read_text()
     for text in ("DiffusionNFT", "`nft`", "## Held-out results", "| **all** |", f"{summary['reward_final']:.3f}",
-                 "TinyFillPolicy.from_pretrained", f"python -m rl.edit --model {run_dir}", "world seed 0",
+                 "FluxFillPipeline.from_pretrained", f"python -m rl.edit --model {run_dir}", "world seed 0",
                  "rule judge", "Ground-truth metrics"):
         assert text in card, text
     for task in ("fill", "extend", "removal", "text"):
@@ -195,7 +204,7 @@ def _bad_cases(tmp_path: Path, model: str):
         "bad steps": (base + ok + ["--steps", "0"], "steps must be a positive integer"),
         "bad sampler": (base + ok + ["--sampler", "heun"], "unknown sampler"),
         "unknown words": (base + ["--image", str(image), "--mask", str(mask), "--prompt", "a zebra"],
-                          "outside the tiny model's vocabulary"),
+                          "outside the toy model's vocabulary"),
         "missing model": (["--model", str(tmp_path / "no_model"), "--out", str(tmp_path / "o.png")] + ok,
                           "not found"),
         "no output": (["--model", model] + ok, "missing --out"),

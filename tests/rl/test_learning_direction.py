@@ -40,13 +40,14 @@ def train(trainer, steps: int) -> None:
     ("refl", {"refl.reference": "static"}),
 ])
 def test_a_few_steps_raise_the_known_reward(quick, monkeypatch, algorithm, extra):
-    overrides = {"train.algorithm": algorithm, "optim.lr": 1e-3, "nft.tau_mean": 0.9, "nft.tau_std": 0.05, **extra}
+    overrides = {"train.algorithm": algorithm, "optim.lr": 3e-3, "nft.tau_mean": 0.9, "nft.tau_std": 0.05, **extra}
     if algorithm == "refl":
         overrides.update({"judge.mode": "pairwise", "refl.batch_size": 8})
     trainer = make_toy_trainer(quick, monkeypatch, RedJudge(), **overrides)
     samples = held_out_samples(trainer.data, trainer.data.tasks, 3)
     before = toy_reward(trainer, samples)
-    train(trainer, 8)
+    train(trainer, 16)
     after = toy_reward(trainer, samples)
-    # measured: NFT 0.42 -> 0.65, ReFL 0.42 -> 0.99; a minimising trainer ends below where it began
+    # measured (test model: the trained toy VAE, a small random transformer): from 0.56, NFT's slowest
+    # variant reached +0.08 in 12 steps, +0.1 in 16; ReFL more; a minimising trainer ends below where it began
     assert after > before + 0.1, (before, after)

@@ -216,7 +216,7 @@ class _Recorder(logging.Handler):
 def test_loading_the_tiny_model_prints_no_noise(tiny_model_dir, capfd, dtype):
     from transformers.utils import logging as hf_logging
 
-    from core.tiny_fill import TinyFillPolicy
+    from core.flux_fill import FluxFillPolicy
 
     # the libraries log through their own handlers, which pytest's capture may not see: listen directly
     recorder = _Recorder()
@@ -224,8 +224,8 @@ def test_loading_the_tiny_model_prints_no_noise(tiny_model_dir, capfd, dtype):
     for lg in loggers:
         lg.addHandler(recorder)
     try:
-        policy = TinyFillPolicy.from_pretrained(tiny_model_dir, dtype=dtype)
-        assert policy.model.dtype == policy.prompt_encoder.text_model.dtype == dtype
+        policy = FluxFillPolicy.from_pretrained(tiny_model_dir, dtype=dtype)
+        assert policy.model.dtype == policy.pipe.text_encoder_2.dtype == dtype
         policy.to(dtype=torch.float32)
         logging.getLogger("diffusers.models.modeling_utils").warning("probe")
     finally:
@@ -235,6 +235,6 @@ def test_loading_the_tiny_model_prints_no_noise(tiny_model_dir, capfd, dtype):
     said = "\n".join(recorder.messages) + out + err
     assert "probe" in recorder.messages  # the recorder hears diffusers' warnings
     assert "should be kept in float32" not in said
-    assert "Loading weights" not in said
+    assert "Loading weights" not in said and "Loading pipeline components" not in said
     assert policy.model.dtype == torch.float32
     assert hf_logging.is_progress_bar_enabled()  # switched off for the load only

@@ -12,9 +12,9 @@ from rl.plumbing.config import load_config
 
 
 def test_small_run_leaves_everything_a_user_expects(quick, tmp_path):
-    from diffusers import FluxTransformer2DModel
+    from diffusers import FluxFillPipeline, FluxTransformer2DModel
 
-    from core.tiny_fill import TinyFillPolicy
+    from core.flux_fill import FluxFillPolicy
 
     cfg = load_config(None, quick(**{
         "train.eval_per_task": 2, "train.sample_every": 1, "train.tensorboard": True}))
@@ -32,7 +32,8 @@ def test_small_run_leaves_everything_a_user_expects(quick, tmp_path):
     assert summary["reward_gain"]["low"] <= summary["reward_gain"]["mean"] <= summary["reward_gain"]["high"]
     # the exported model loads with the libraries' own from_pretrained, and equals the EMA weights
     FluxTransformer2DModel.from_pretrained(tmp_path / "final" / "transformer")
-    exported = TinyFillPolicy.from_pretrained(tmp_path / "final")
+    FluxFillPipeline.from_pretrained(tmp_path / "final")
+    exported = FluxFillPolicy.from_pretrained(tmp_path / "final")
     ema = load_checkpoint(tmp_path)["ema"]
     for name, p in exported.trainable_parameters().items():
         assert torch.equal(p.detach(), ema[name]), name
