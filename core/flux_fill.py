@@ -176,7 +176,7 @@ class FluxFillPolicy(Policy):
         max_sequence_length: int | None = None,
         image_size: int | tuple[int, int] | None = None,
         transformer: str | os.PathLike | None = None,
-    ) -> "FluxFillPolicy":
+    ) -> FluxFillPolicy:
         """Load FluxFillPipeline's components from `path` (local directory or cached Hub id).
 
         `lora`: {"r", "alpha", "targets", "init"} (see `add_lora`); `transformer`: a directory
@@ -218,7 +218,7 @@ class FluxFillPolicy(Policy):
         check_attention_backend(name, local_files_only=local_files_only, device=self.device)
         self.model.set_attention_backend(name)
 
-    def to(self, device: str | torch.device | None = None, dtype: torch.dtype | None = None) -> "FluxFillPolicy":
+    def to(self, device: str | torch.device | None = None, dtype: torch.dtype | None = None) -> FluxFillPolicy:
         """Move (and optionally cast) every component; LoRA tensors stay float32."""
         import logging
 
@@ -411,4 +411,4 @@ class FluxFillPolicy(Policy):
         self.pipe.save_config(root)
 
 
-__all__ = ["FluxFillPolicy", "DEFAULT_GUIDANCE", "quiet_weights_io", "resolve_model_path", "check_attention_backend"]
+__all__ = ["DEFAULT_GUIDANCE", "FluxFillPolicy", "check_attention_backend", "quiet_weights_io", "resolve_model_path"]

@@ -36,9 +36,18 @@ from core.config_schema import Range, at_least, check_ranges, opt, section
 from core.flux_fill import FluxFillPolicy
 from core.image_io import image_grid, save_image
 from core.tasks import TASKS
-from core.toy_flux.build import SPEC_FILE, SchedulerSpec, ToyFluxSpec, build_scheduler, save_toy_pipeline
+from core.toy_flux.build import (
+    SPEC_FILE,
+    ToyFluxSpec,
+    build_scheduler,
+    save_toy_pipeline,
+)
 from core.toy_flux.editor_training import RANGES as EDITOR_RANGES
-from core.toy_flux.editor_training import EditorTrainConfig, evaluate_editor, train_editor
+from core.toy_flux.editor_training import (
+    EditorTrainConfig,
+    evaluate_editor,
+    train_editor,
+)
 from core.toy_flux.vae_training import RANGES as VAE_RANGES
 from core.toy_flux.vae_training import VAETrainConfig, train_vae
 from core.world import SyntheticWorld

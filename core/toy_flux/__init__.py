@@ -36,5 +36,15 @@ def shipped_model_dir() -> Path:
     return SHIPPED_DIR
 
 
-__all__ = ["SHIPPED_DIR", "shipped_model_dir", "ToyFluxSpec", "VAESpec", "ClipSpec", "T5Spec", "TransformerSpec", "SchedulerSpec", "build_toy_pipeline",
-           "save_toy_pipeline"]
+__all__ = [
+    "SHIPPED_DIR",
+    "ClipSpec",
+    "SchedulerSpec",
+    "T5Spec",
+    "ToyFluxSpec",
+    "TransformerSpec",
+    "VAESpec",
+    "build_toy_pipeline",
+    "save_toy_pipeline",
+    "shipped_model_dir",
+]

@@ -140,7 +140,7 @@ class ToyFluxSpec:
         return dataclasses.asdict(self)
 
     @classmethod
-    def from_dict(cls, data: dict[str, Any]) -> "ToyFluxSpec":
+    def from_dict(cls, data: dict[str, Any]) -> ToyFluxSpec:
         """The inverse of `to_dict` (JSON lists become tuples); unknown keys are errors."""
         parts = {"vae": VAESpec, "clip": ClipSpec, "t5": T5Spec, "transformer": TransformerSpec,
                  "scheduler": SchedulerSpec}
@@ -275,5 +275,18 @@ def parameter_counts(pipe: FluxFillPipeline) -> dict[str, int]:
             for name in ("vae", "text_encoder", "text_encoder_2", "transformer")}
 
 
-__all__ = ["ToyFluxSpec", "VAESpec", "ClipSpec", "T5Spec", "TransformerSpec", "SchedulerSpec", "build_toy_pipeline",
-           "build_vae", "build_scheduler", "save_toy_pipeline", "parameter_counts", "rope_axes", "check_spec"]
+__all__ = [
+    "ClipSpec",
+    "SchedulerSpec",
+    "T5Spec",
+    "ToyFluxSpec",
+    "TransformerSpec",
+    "VAESpec",
+    "build_scheduler",
+    "build_toy_pipeline",
+    "build_vae",
+    "check_spec",
+    "parameter_counts",
+    "rope_axes",
+    "save_toy_pipeline",
+]

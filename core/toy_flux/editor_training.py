@@ -31,7 +31,6 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import hashlib
 import json
 import random
 import sys
@@ -46,15 +45,22 @@ from torch import Tensor
 
 from .. import packing
 from ..config_cli import config_parser, parse_config
-from ..config_io import ConfigError
+from ..config_io import ConfigError, from_dict
 from ..config_schema import UNIT, Range, at_least, check_ranges, opt, section
 from ..flux_fill import FluxFillPolicy
 from ..metrics import ground_truth_metrics, summarize
 from ..samplers import sample_policy
 from ..tasks import TASKS
 from ..world import SyntheticWorld, collate
-from .build import ToyFluxSpec, TransformerSpec, VAESpec, build_toy_pipeline, save_toy_pipeline
+from .build import (
+    ToyFluxSpec,
+    TransformerSpec,
+    VAESpec,
+    build_toy_pipeline,
+    save_toy_pipeline,
+)
 from .state import find_checkpoint, load_state, save_checkpoint
+from .steps import step_seed, warmup_cosine
 
 CHECKPOINT = "checkpoint"
 HISTORY = "history.json"
@@ -93,12 +99,6 @@ class EditorTrainConfig:
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
 
-    @classmethod
-    def from_dict(cls, data: dict[str, Any]) -> "EditorTrainConfig":
-        data = dict(data)
-        tr = data.pop("transformer", {})
-        tr = TransformerSpec(**{k: tuple(v) if isinstance(v, list) else v for k, v in tr.items()})
-        return cls(transformer=tr, **{k: tuple(v) if isinstance(v, list) else v for k, v in data.items()})
 
 
 #: allowed values of every number (core.config_schema.check_ranges names the key on a violation)
@@ -115,19 +115,9 @@ RANGES: dict[str, Range] = {
 }
 
 
-def _seed(*parts: object) -> int:
-    return int.from_bytes(hashlib.blake2b("/".join(map(str, parts)).encode(), digest_size=8).digest(),
-                          "little") & (2**62 - 1)
-
-
 def learning_rate(cfg: EditorTrainConfig, step: int) -> float:
     """Linear warm-up, then cosine decay to `min_lr_ratio * lr` at `cfg.steps`."""
-    import math
-
-    if step < cfg.warmup:
-        return cfg.lr * (step + 1) / cfg.warmup
-    progress = min(1.0, (step - cfg.warmup) / max(1, cfg.steps - cfg.warmup))
-    return cfg.lr * (cfg.min_lr_ratio + (1 - cfg.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress)))
+    return warmup_cosine(step, lr=cfg.lr, warmup=cfg.warmup, steps=cfg.steps, min_lr_ratio=cfg.min_lr_ratio)
 
 
 def sample_times(n: int, generator: torch.Generator) -> Tensor:
@@ -140,7 +130,7 @@ def sample_times(n: int, generator: torch.Generator) -> Tensor:
 
 def training_batch(cfg: EditorTrainConfig, step: int, world: SyntheticWorld):
     """The collated world samples of training step `step` (a pure function of the step)."""
-    rng = random.Random(_seed(cfg.seed, "editor-data", step))
+    rng = random.Random(step_seed(cfg.seed, "editor-data", step))
     tasks = rng.choices(TASKS, weights=cfg.task_weights, k=cfg.batch_size)
     return collate([world.sample(task, rng.randrange(2**31), "train") for task in tasks])
 
@@ -259,7 +249,7 @@ def train_editor(out: str | Path, vae_dir: str | Path, cfg: EditorTrainConfig = 
     found = find_checkpoint(out / CHECKPOINT)
     if found is not None:
         state = load_state(found)
-        saved = EditorTrainConfig.from_dict(state["config"])
+        saved = from_dict(EditorTrainConfig, state["config"])
         free = {k: getattr(cfg, k) for k in FREE_ON_RESUME}
         if dataclasses.replace(saved, **free) != cfg:
             changed = [k for k in cfg.to_dict() if k not in free and getattr(saved, k) != getattr(cfg, k)]
@@ -289,7 +279,7 @@ def train_editor(out: str | Path, vae_dir: str | Path, cfg: EditorTrainConfig = 
             for group in optimizer.param_groups:
                 group["lr"] = lr
             batch = training_batch(cfg, step, world)
-            generator = torch.Generator().manual_seed(_seed(cfg.seed, "editor-noise", step))
+            generator = torch.Generator().manual_seed(step_seed(cfg.seed, "editor-noise", step))
             loss = flow_matching_loss(policy, batch, generator, cfg.known_weight).mean()
             if not torch.isfinite(loss):
                 raise RuntimeError(f"non-finite loss at step {step}: lower lr (--set lr=...) and resume "

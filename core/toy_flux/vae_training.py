@@ -27,9 +27,7 @@ saved with save_pretrained to OUT/vae.
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 import json
-import math
 import random
 import time
 from collections.abc import Sequence
@@ -41,13 +39,14 @@ from diffusers import AutoencoderKL
 from torch import Tensor
 
 from ..config_cli import config_parser, parse_config
-from ..config_io import ConfigError
+from ..config_io import ConfigError, from_dict
 from ..config_schema import POSITIVE, Range, at_least, check_ranges, opt, section
 from ..metrics import sample_metrics
 from ..tasks import TASKS
 from ..world import EditSample, SyntheticWorld
 from .build import VAESpec, build_vae
 from .state import find_checkpoint, load_state, save_checkpoint
+from .steps import step_seed, warmup_cosine
 
 CHECKPOINT = "checkpoint"
 HISTORY = "history.json"
@@ -89,16 +88,6 @@ class VAETrainConfig:
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
 
-    @classmethod
-    def from_dict(cls, data: dict[str, Any]) -> "VAETrainConfig":
-        data = dict(data)
-        vae = data.pop("vae", {})
-        vae = VAESpec(**{k: tuple(v) if isinstance(v, list) else v for k, v in vae.items()})
-        return cls(vae=vae, **{k: tuple(v) if isinstance(v, list) else v for k, v in data.items()})
-
-
-def _seed(*parts: object) -> int:
-    return int.from_bytes(hashlib.blake2b("/".join(map(str, parts)).encode(), digest_size=8).digest(), "little")
 
 
 def masked_source(sample: EditSample) -> Tensor:
@@ -110,7 +99,7 @@ def masked_source(sample: EditSample) -> Tensor:
 def training_batch(cfg: VAETrainConfig, step: int, world: SyntheticWorld) -> tuple[Tensor, Tensor]:
     """The images [B, 3, H, W] in [0, 1] of training step `step` and their samples' edit masks
     [B, 1, H, W] (a pure function of the step)."""
-    rng = random.Random(_seed(cfg.seed, "vae-data", step))
+    rng = random.Random(step_seed(cfg.seed, "vae-data", step))
     images, masks = [], []
     for _ in range(cfg.batch_size):
         sample = world.sample(rng.choice(TASKS), rng.randrange(2**31), "train")
@@ -123,12 +112,8 @@ def training_batch(cfg: VAETrainConfig, step: int, world: SyntheticWorld) -> tup
 
 def learning_rate(cfg: VAETrainConfig, step: int) -> float:
     """Linear warm-up, then constant or cosine decay to `min_lr_ratio * lr` at `cfg.steps`."""
-    if step < cfg.warmup:
-        return cfg.lr * (step + 1) / cfg.warmup
-    if cfg.schedule == "constant":
-        return cfg.lr
-    progress = min(1.0, (step - cfg.warmup) / max(1, cfg.steps - cfg.warmup))
-    return cfg.lr * (cfg.min_lr_ratio + (1 - cfg.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress)))
+    return warmup_cosine(step, lr=cfg.lr, warmup=cfg.warmup, steps=cfg.steps, min_lr_ratio=cfg.min_lr_ratio,
+                         constant=cfg.schedule == "constant")
 
 
 def edge_loss(pred: Tensor, target: Tensor) -> Tensor:
@@ -225,12 +210,12 @@ def train_vae(out: str | Path, cfg: VAETrainConfig = VAETrainConfig(), *, stop_a
     vae = build_vae(cfg.vae, image_size=cfg.image_size, seed=cfg.seed)
     params = [p for p in vae.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
-    generator = torch.Generator().manual_seed(_seed(cfg.seed, "vae-noise"))
+    generator = torch.Generator().manual_seed(step_seed(cfg.seed, "vae-noise"))
     step, history = 0, []
     found = find_checkpoint(out / CHECKPOINT)
     if found is not None:
         state = load_state(found)
-        saved = VAETrainConfig.from_dict(state["config"])
+        saved = from_dict(VAETrainConfig, state["config"])
         free = {k: getattr(cfg, k) for k in FREE_ON_RESUME}
         if dataclasses.replace(saved, **free) != cfg:
             changed = [k for k in cfg.to_dict() if k not in free and getattr(saved, k) != getattr(cfg, k)]

@@ -11,7 +11,12 @@ from PIL import Image
 import rl.pretrain
 from core.flux_fill import FluxFillPolicy
 from core.toy_flux.build import TransformerSpec, VAESpec
-from core.toy_flux.editor_training import CHECKPOINT, MODEL, EditorTrainConfig, train_editor
+from core.toy_flux.editor_training import (
+    CHECKPOINT,
+    MODEL,
+    EditorTrainConfig,
+    train_editor,
+)
 from core.toy_flux.state import load_state
 from core.toy_flux.vae_training import VAETrainConfig, train_vae
 
