@@ -1,5 +1,5 @@
-"""One config system for every entry point: rl.train, rl.pretrain, reward.train and the toy VAE's
-pretraining (core.toy_flux.vae_training).
+"""One config system for every entry point: rl.train, rl.plan, rl.pretrain, reward.train and the toy
+VAE's pretraining (core.toy_flux.vae_training).
 
 Each takes --config FILE.yaml and --set KEY=VALUE, names a bad key in its error, and lists every
 key of its config dataclass (default, type, meaning) in --help. The expected keys and defaults are
@@ -13,6 +13,7 @@ import pytest
 import yaml
 
 import reward.train
+import rl.plan
 import rl.pretrain
 import rl.train
 from core.config_cli import parse_config, show_value, type_text
@@ -25,6 +26,7 @@ from rl.plumbing.config_checks import NUMERIC_RANGES
 ENTRY_POINTS = {
     # name: (main, config class, numeric ranges, arguments every call needs, an unknown key, a bad value)
     "rl.train": (rl.train.main, RunConfig, NUMERIC_RANGES, [], "optim.lrr", ("train.steps", "0")),
+    "rl.plan": (rl.plan.main, RunConfig, NUMERIC_RANGES, [], "optim.lrr", ("train.steps", "0")),
     "rl.pretrain": (rl.pretrain.main, rl.pretrain.PretrainConfig, rl.pretrain.RANGES, ["--out", "unused"],
                     "editor.known_weigth", ("editor.lr", "0")),
     "reward.train": (reward.train.main, reward.train.RewardTrainConfig, reward.train.RANGES, [], "lora_rank",

@@ -1,0 +1,269 @@
+"""The per-GPU memory of a run config, row by row, as the code keeps it today.
+
+- FluxFillPolicy moves the whole pipeline to the GPU in model.dtype: transformer, both text
+  encoders and the VAE (core/flux_fill.py);
+- a full fine-tune trains the transformer in model.dtype; LoRA trains only peft adapters, kept in
+  float32 (core/policy.py `add_lora`);
+- the Trainer clones the trainable weights three times, old, EMA and reference, for both
+  algorithms (rl/algorithms/trainer.py), in the trainable weights' dtype;
+- torch.optim.AdamW keeps exp_avg and exp_avg_sq in the parameters' dtype; gradients too;
+  under DDP (more than one GPU) the reducer's buckets hold one more copy of the gradients;
+- the step's peak is the update: gradients, the activations of one micro-batch
+  (rl/planning/flux_activations.py) and the backward's working memory; the rollout (no gradients,
+  all of the GPU's images at once) is compared and the larger counts;
+- an in-process judge (judge.kind=transformers) sits on the same GPU unless judge.device=cpu.
+DDP replicates all of it on every GPU.
+"""
+from __future__ import annotations
+
+import dataclasses
+import math
+
+import torch
+
+from rl.planning.architectures import (
+    PipelineArchitecture,
+    PlanError,
+    pipeline_architecture,
+    vlm_architecture,
+)
+from rl.planning.flux_activations import (
+    Batch,
+    FluxDims,
+    Training,
+    backward_working_bytes,
+    no_grad_peak_bytes,
+    saved_bytes,
+)
+from rl.planning.meta_models import count_component, count_lora, count_vlm
+from rl.plumbing.config import RunConfig
+
+GIB = 1024**3
+#: CUDA context, cuBLAS / NCCL workspaces and caching-allocator slack: a typical value, not computed
+RUNTIME_OVERHEAD = 1 * GIB
+#: a plan "fits" below this share of the GPU (allocator fragmentation needs the rest)
+HEADROOM = 0.9
+_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+_PART_LABELS = {"transformer": "transformer", "text_encoder": "text encoder",
+                "text_encoder_2": "text encoder 2", "vae": "VAE"}
+
+
+def human_bytes(n: float) -> str:
+    """1.23 GiB / 45.6 MiB / 7.8 KiB / 12 B."""
+    for unit, size in (("GiB", 1024**3), ("MiB", 1024**2), ("KiB", 1024)):
+        if abs(n) >= size:
+            return f"{n / size:.2f} {unit}"
+    return f"{int(n)} B"
+
+
+@dataclasses.dataclass(frozen=True)
+class Row:
+    """One line of the table: what it is, its bytes per GPU, and its parameters when it has some."""
+
+    group: str          # weights | training | judge | step | runtime
+    label: str
+    bytes: int
+    params: int | None = None
+    dtype: str = ""
+
+
+@dataclasses.dataclass
+class MemoryPlan:
+    """A run config's rows per GPU, their total against the GPU memory, and what was assumed."""
+
+    gpus: int
+    gpu_memory_gib: float
+    header: list[str]
+    rows: list[Row]
+    notes: list[str]
+    warnings: list[str] = dataclasses.field(default_factory=list)
+    advice: list[str] = dataclasses.field(default_factory=list)
+
+    @property
+    def total_bytes(self) -> int:
+        return sum(r.bytes for r in self.rows)
+
+    @property
+    def gpu_bytes(self) -> float:
+        return self.gpu_memory_gib * GIB
+
+    @property
+    def verdict(self) -> str:
+        """fits (under HEADROOM of the GPU), tight (under all of it) or does not fit."""
+        if self.total_bytes <= HEADROOM * self.gpu_bytes:
+            return "fits"
+        return "tight" if self.total_bytes <= self.gpu_bytes else "does not fit"
+
+    def row(self, label_start: str) -> Row:
+        return next(r for r in self.rows if r.label.startswith(label_start))
+
+
+@dataclasses.dataclass(frozen=True)
+class StepShape:
+    """How many images a GPU handles at once in the rollout and in one backward pass."""
+
+    images_per_step: int
+    per_gpu: int
+    micro_batch: int
+    image_tokens: int
+    text_tokens: int
+
+
+def dtype_of(name: str, key: str) -> torch.dtype:
+    from reward.vlm.vlm_parts import resolve_dtype
+
+    try:
+        return resolve_dtype(name)
+    except ValueError as err:
+        raise PlanError(f"{key}: {err}") from None
+
+
+def step_shape(cfg: RunConfig, arch: PipelineArchitecture, gpus: int) -> tuple[StepShape, list[str]]:
+    """The per-GPU batch of the rollout and of the update (NFT micro-batches, ReFL does not)."""
+    warnings = []
+    if cfg.train.algorithm == "nft":
+        images = cfg.nft.groups_per_step * cfg.nft.group_size
+    else:
+        images = cfg.refl.batch_size
+    if images % gpus:
+        warnings.append(f"rl.train would refuse this: {images} images per step cannot be split evenly over {gpus} "
+                        "processes (the plan rounds the share up)")
+    per_gpu = math.ceil(images / gpus)
+    micro = min(cfg.optim.micro_batch or per_gpu, per_gpu) if cfg.train.algorithm == "nft" else per_gpu
+    vae = arch.part("vae").config
+    side = cfg.data.image_size // (2 ** (len(vae["block_out_channels"]) - 1) * 2)  # VAE factor, then 2x2 packing
+    return StepShape(images, per_gpu, micro, side * side, arch.text_tokens), warnings
+
+
+def _training(cfg: RunConfig) -> Training:
+    lora = cfg.model.lora
+    return Training() if lora is None else Training(frozenset(lora.targets), lora.r, torch.float32)
+
+
+def _weights_and_training_rows(cfg: RunConfig, arch: PipelineArchitecture, dtype: torch.dtype,
+                               gpus: int) -> tuple[list[Row], int, torch.dtype]:
+    """The pipeline's weights, then the trainable weights, their copies, AdamW state and DDP
+    buckets. Returns the rows, the trainable count and its dtype."""
+    rows = []
+    for part in arch.components:
+        count = count_component(part, dtype)
+        rows.append(Row("weights", f"{_PART_LABELS[part.name]} ({count.class_name})", count.bytes, count.params,
+                        str(dtype).removeprefix("torch.")))
+    lora = cfg.model.lora
+    if lora is None:
+        trainable = count_component(arch.part("transformer"), dtype).params
+        train_dtype = dtype
+        rows.append(Row("training", "trainable: the whole transformer (its weights above)", 0, trainable,
+                        str(dtype).removeprefix("torch.")))
+    else:
+        adapters = count_lora(arch.part("transformer"), lora.r, lora.alpha, tuple(lora.targets), lora.init)
+        trainable, train_dtype = adapters.params, torch.float32
+        rows.append(Row("training", f"trainable: LoRA r={lora.r} on {adapters.layers} Linears", trainable * 4,
+                        trainable, "float32"))
+    size, name = train_dtype.itemsize, str(train_dtype).removeprefix("torch.")
+    rows += [Row("training", "copies: old, EMA, reference (3 x trainable)", 3 * trainable * size, 3 * trainable, name),
+             Row("training", "AdamW exp_avg + exp_avg_sq (2 x trainable)", 2 * trainable * size, 2 * trainable, name)]
+    if gpus > 1:
+        rows.append(Row("training", "DDP gradient buckets (1 x trainable)", trainable * size, trainable, name))
+    return rows, trainable, train_dtype
+
+
+def _judge_rows(cfg: RunConfig, gpus: int) -> tuple[list[Row], list[str], list[str]]:
+    """The in-process judge's weights on this GPU; header and warning lines about where it runs."""
+    j = cfg.judge
+    if j.kind == "rule":
+        return [], ["judge    rule (the synthetic world's ground truth): no GPU memory"], []
+    if j.kind == "openai":
+        return [], [f"judge    {j.model} served at {j.base_url}: on its own GPUs, not these"], []
+    dtype = dtype_of(j.dtype, "judge.dtype")
+    arch = vlm_architecture(j.model)
+    count = count_vlm(arch, dtype)
+    name = str(dtype).removeprefix("torch.")
+    header = [f"judge    {j.model} in-process, {name}; architecture from {arch.source}"]
+    if j.device == "cpu":
+        return [Row("judge", f"judge ({count.class_name}) on the CPU", 0, count.params, name)], header, []
+    warnings = []
+    if j.device not in ("auto", "cuda") and gpus > 1:
+        warnings.append(f"judge.device={j.device}: every one of the {gpus} processes loads its judge on that one GPU "
+                        "(use auto: each process's own GPU)")
+    return [Row("judge", f"judge ({count.class_name})", count.bytes, count.params, name)], header, warnings
+
+
+def _step_rows(cfg: RunConfig, dims: FluxDims, shape: StepShape, dtype: torch.dtype, trainable: int,
+               train_dtype: torch.dtype) -> tuple[list[Row], str]:
+    """The step's peak: the update (gradients, activations, backward working memory) or the
+    rollout (no gradients, all of the GPU's images at once), whichever is larger; and a note on the other."""
+    m = cfg.model
+    batch = Batch(shape.micro_batch, shape.image_tokens, shape.text_tokens, dtype, m.gradient_checkpointing)
+    activations = saved_bytes(dims, _training(cfg), batch)
+    working = backward_working_bytes(dims, _training(cfg), batch)
+    grads = trainable * train_dtype.itemsize
+    update = grads + activations + working
+    rollout = no_grad_peak_bytes(dims, shape.per_gpu, shape.image_tokens, shape.text_tokens, dtype)
+    name, train_name = str(dtype).removeprefix("torch."), str(train_dtype).removeprefix("torch.")
+    if update >= rollout:
+        kind = "micro-batch" if cfg.train.algorithm == "nft" else "batch"
+        ckpt = "checkpointed" if m.gradient_checkpointing else "not checkpointed"
+        rows = [Row("step", "gradients (1 x trainable)", grads, trainable, train_name),
+                Row("step", f"activations: {kind} {shape.micro_batch}, {ckpt}", activations, None, name),
+                Row("step", "backward working memory (estimate)", working, None, name)]
+        return rows, (f"the step's peak is the update; the rollout (no gradients, {shape.per_gpu} images at once) "
+                      f"needs {human_bytes(rollout)} at its peak instead")
+    rows = [Row("step", f"rollout peak: {shape.per_gpu} images at once, no gradients (estimate)", rollout, None,
+                name)]
+    return rows, (f"the step's peak is the rollout, which samples all {shape.per_gpu} images of the GPU at once "
+                  f"(optim.micro_batch splits only the update); the update (gradients, activations of "
+                  f"micro-batch {shape.micro_batch}, backward) needs {human_bytes(update)} instead")
+
+
+def _header(cfg: RunConfig, arch: PipelineArchitecture, shape: StepShape, gpus: int) -> list[str]:
+    """What is planned: the policy, then (added by the caller) the judge, then the step's split."""
+    m, algo = cfg.model, cfg.train.algorithm
+    split = (f"{cfg.nft.groups_per_step} x {cfg.nft.group_size}" if algo == "nft" else "refl.batch_size") + \
+        f" = {shape.images_per_step} images / {gpus} GPU{'s' if gpus > 1 else ''} = {shape.per_gpu} per GPU"
+    lora = "full fine-tune" if m.lora is None else f"LoRA r={m.lora.r}"
+    checkpointing = "on" if m.gradient_checkpointing else "off"
+    return [(f"policy   FLUX.1 Fill, {m.dtype}, {lora}, gradient checkpointing {checkpointing}; "
+             f"architecture from {arch.source}"),
+            (f"step     {algo}: {split}; backward on {shape.micro_batch} x ({shape.image_tokens} image + "
+             f"{shape.text_tokens} text tokens)" + ("" if algo == "nft" else " (ReFL has no micro-batches)"))]
+
+
+def _notes(cfg: RunConfig, gpus: int, step_note: str) -> list[str]:
+    every = f"each of the {gpus} GPUs" if gpus > 1 else "under torchrun, every GPU"
+    notes = [
+        (f"DDP replicates everything: {every} holds every row (more GPUs add throughput; they shrink only "
+         "the per-GPU batch). FSDP2 sharding is not implemented yet."),
+        step_note + ".",
+        ("activations: rl/planning/flux_activations.py, checked against a measured forward in "
+         "tests/rl/test_plan.py; flash / memory-efficient attention assumed (eager attention adds "
+         "batch x heads x tokens^2)."),
+        ("not counted: VAE encode / decode and the judge's forward (judge.batch_size queries), "
+         "optimiser-step temporaries."),
+    ]
+    if cfg.train.algorithm == "refl":
+        notes.append("ReFL back-propagates through the VAE decoder and the judge: their activations are "
+                     "not counted, so this total is a lower bound.")
+    return notes
+
+
+def make_plan(cfg: RunConfig, gpus: int = 1, gpu_memory_gib: float = 80.0) -> MemoryPlan:
+    """The plan of `cfg` on `gpus` GPUs of `gpu_memory_gib` GiB each (no advice: planning.advice)."""
+    if gpus < 1 or gpu_memory_gib <= 0:
+        raise PlanError(f"need at least one GPU with some memory, got {gpus} x {gpu_memory_gib} GiB")
+    m = cfg.model
+    dtype = _DTYPES[m.dtype]
+    arch = pipeline_architecture(m.path, m.kind)
+    shape, warnings = step_shape(cfg, arch, gpus)
+    rows, trainable, train_dtype = _weights_and_training_rows(cfg, arch, dtype, gpus)
+    judge_rows, judge_header, judge_warnings = _judge_rows(cfg, gpus)
+    dims = FluxDims.from_config(arch.part("transformer").config)
+    step_rows, step_note = _step_rows(cfg, dims, shape, dtype, trainable, train_dtype)
+    rows += judge_rows + step_rows
+    rows.append(Row("runtime", "CUDA context, cuBLAS / NCCL workspaces (typical)", RUNTIME_OVERHEAD))
+    warnings += judge_warnings
+    if m.device == "cpu":
+        warnings.append("model.device=cpu: this plan is for CUDA GPUs")
+    header = _header(cfg, arch, shape, gpus)
+    header[1:1] = judge_header
+    return MemoryPlan(gpus, gpu_memory_gib, header, rows, _notes(cfg, gpus, step_note), warnings)
