@@ -15,8 +15,10 @@ import torch
 import kernels
 from kernels.reference import (
     group_rewards_reference,
+    grpo_loss_reference,
     masked_blend_step_reference,
     nft_loss_reference,
+    sde_step_logprob_reference,
 )
 
 from . import timing
@@ -27,6 +29,12 @@ GROUP_SIZES = {"quick-2x4": (2, 4, 1), "edit-r1-24x12": (24, 12, 1), "nft-48x24x
 NFT_VARIANTS = {  # (adaptive, reduction, kl_coef): the trainer's call, and the plain paper form
     "adaptive+kl,none": (True, "none", 1e-4),
     "velocity,mean": (False, "mean", 0.0),
+}
+
+
+GRPO_VARIANTS = {  # (on-policy, kl_coef): the first update of a step (ratio 1), a later one with the KL
+    "on-policy,mask": (True, 0.0),
+    "off-policy+kl,mask": (False, 0.04),
 }
 
 
@@ -94,6 +102,52 @@ def _nft_case(device, dtype, size, variant, compiled) -> Case:
     return Case("nft_loss fwd+bwd", variant, size, dtype, nbytes, impls, lambda res: _rel_err(res, exact))
 
 
+def grpo_cases(device: torch.device, dtypes, sizes, variants) -> list[Case]:
+    compiled = _compiled(grpo_loss_reference)
+    return [_grpo_case(device, dtype, size, variant, compiled) for size in sizes for dtype in dtypes
+            for variant in variants]
+
+
+def _grpo_case(device, dtype, size, variant, compiled) -> Case:
+    B, L, C = NFT_SIZES[size]
+    g = torch.Generator(device="cpu").manual_seed(3)
+
+    def make():
+        return torch.randn(B, L, C, generator=g)
+
+    x, v_old = make(), make()
+    mean_x, mean_v, std = 1 + 0.1 * torch.rand(B, generator=g), -0.1 - 0.2 * torch.rand(B, generator=g), \
+        0.1 + 0.3 * torch.rand(B, generator=g)
+    xn = mean_x.view(B, 1, 1) * x + mean_v.view(B, 1, 1) * v_old + std.view(B, 1, 1) * make()
+    vt = (v_old + 0.05 * make()).to(device=device, dtype=dtype).requires_grad_()
+    x, xn, v_ref = (z.to(device=device, dtype=dtype) for z in (x, xn, make()))
+    mask = (torch.rand(B, L, C, generator=g) > 0.3).to(device=device, dtype=dtype)
+    step = {k: z.to(device) for k, z in dict(mean_x=mean_x, mean_v=mean_v, std=std).items()}
+    adv = torch.randn(B, generator=g).to(device)
+    on_policy, kl = GRPO_VARIANTS[variant]
+    logp_old = None if on_policy else (sde_step_logprob_reference(vt.detach(), x, xn, mask=mask, **step)
+                                       + 0.1 * torch.randn(B, generator=g).to(device))
+    ref = v_ref if kl > 0 else None
+    kw = dict(mask=mask, clip_range=0.2, v_ref=ref, kl_coef=kl, reduction="mean", **step)
+
+    def run(fn):
+        out = fn(vt, x, xn, adv, logp_old, **kw)
+        return out, torch.autograd.grad(out, vt)[0]
+
+    impls = {"eager": lambda: run(grpo_loss_reference), "compile": lambda: run(compiled)}
+    if device.type == "cuda":
+        impls["triton"] = lambda: run(kernels.grpo_loss_triton)
+        impls["triton+checks"] = lambda: run(kernels.grpo_loss)
+    exact_vt = vt.detach().double().requires_grad_()
+    exact_kw = dict(kw, mask=mask.double(), v_ref=None if ref is None else ref.double())
+    exact_out = grpo_loss_reference(exact_vt, x.double(), xn.double(), adv, logp_old, **exact_kw)
+    exact = (exact_out.detach(), torch.autograd.grad(exact_out, exact_vt)[0])
+    # the fused kernel's pass budget (grpo_loss.py): 7 with the mask; v_ref +1 on-policy, +3 off-policy
+    passes = 7 + (0 if ref is None else 1 if on_policy else 3)
+    nbytes = passes * B * L * C * (torch.finfo(dtype).bits // 8)
+    return Case("grpo_loss fwd+bwd", variant, size, dtype, nbytes, impls, lambda res: _rel_err(res, exact))
+
+
 def blend_cases(device: torch.device, dtypes, sizes) -> list[Case]:
     compiled = _compiled(masked_blend_step_reference)
     return [_blend_case(device, dtype, size, compiled) for size in sizes for dtype in dtypes]
@@ -145,8 +199,9 @@ def plan(device: torch.device, quick: bool) -> list[Case]:
         dtypes = [torch.float32]
         sizes = ["tiny-64px", "512px-b8"] if quick else list(NFT_SIZES)
     variants = ["adaptive+kl,none"] if quick else list(NFT_VARIANTS)
-    return (nft_cases(device, dtypes, sizes, variants) + blend_cases(device, dtypes, sizes)
-            + group_cases(device, list(GROUP_SIZES)))
+    grpo_variants = ["off-policy+kl,mask"] if quick else list(GRPO_VARIANTS)
+    return (nft_cases(device, dtypes, sizes, variants) + grpo_cases(device, dtypes, sizes, grpo_variants)
+            + blend_cases(device, dtypes, sizes) + group_cases(device, list(GROUP_SIZES)))
 
 
 def run(device: torch.device, quick: bool, peak_gbps: float | None, log: Callable[[str], None]) -> list[dict]:
@@ -156,7 +211,7 @@ def run(device: torch.device, quick: bool, peak_gbps: float | None, log: Callabl
     for case in plan(device, quick):
         measured = {}
         for impl, fn in case.impls.items():
-            with torch.no_grad() if case.kernel != "nft_loss fwd+bwd" else torch.enable_grad():
+            with torch.no_grad() if not case.kernel.endswith("fwd+bwd") else torch.enable_grad():
                 err = case.check(fn())
                 wall = timing.wall_us(fn, device, budget)
                 dev_us = timing.device_us(fn, device)

@@ -2,7 +2,7 @@
 
 Sections (named, run in order; `--only` picks some):
     kernels     the fused kernels against eager PyTorch and torch.compile (bench/kernel_sweep.py)
-    train_step  one DiffusionNFT step of the tiny model: rollout / judge / update (bench/train_step.py)
+    train_step  one DiffusionNFT step of the built-in toy FLUX.1 Fill: rollout / judge / update (bench/train_step.py)
     judge_terms the rule judge's identity content terms on a step's 48 images (bench/judge_terms.py)
 A new section is a function (device, args, log) -> list of row dicts plus its table columns,
 registered in SECTIONS.

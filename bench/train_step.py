@@ -1,7 +1,7 @@
-"""Training-step timing: one DiffusionNFT step of the tiny model, split into rollout / judge / update.
+"""Training-step timing: one DiffusionNFT step of the built-in toy FLUX.1 Fill, split into rollout / judge / update.
 
 The default CPU job's budget is set by this split (README: the time printed at the end of a run);
-on a GPU it shows how far the tiny model is from being launch-bound.
+on a GPU it shows how far the toy model is from being launch-bound.
 """
 from __future__ import annotations
 

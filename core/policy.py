@@ -1,4 +1,4 @@
-"""The one interface every editor implements: the built-in tiny Fill model and FLUX.1 Fill alike.
+"""The one interface every editor implements: the built-in toy FLUX.1 Fill and FLUX.1 Fill [dev] (both FluxFillPolicy).
 
 Conventions shared by the whole library:
 - images are float tensors [B, 3, H, W] in [0, 1]; masks are [B, 1, H, W] with 1 = generate;
@@ -126,7 +126,7 @@ class Policy(abc.ABC):
 
     def schedule(self, steps: int) -> Tensor:
         """The model's default sampling times (steps + 1 values, 1 -> 0); plain linear here, models
-        override it (the tiny model's static shift, FLUX's resolution-dependent dynamic shift)."""
+        override it (FLUX's resolution-dependent dynamic shift)."""
         from .schedules import flux_sigmas
 
         return flux_sigmas(steps)

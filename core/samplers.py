@@ -19,6 +19,10 @@ Methods (`sample(method=...)`):
            (the score of p_t is -eps_hat / t). At t = 1 sigma_t is infinite; like Flow-GRPO we
            evaluate it there as a sqrt(1 / (1 - t')). A step to t' = 0 is deterministic
            (returns x0_hat) so no injected noise is left in the output. a = 0 is the Euler step.
+           The step is Gaussian, x' ~ N(mean_x x + mean_v v, std^2) per element, with the
+           per-step numbers of `sde_step_moments` (Flow-GRPO's log-probabilities use them);
+           `noise_level` may be one number per step (0 = an Euler step there: Flow-GRPO-Fast and
+           MixGRPO inject noise only at the steps they train).
 
 Blending (`Blend(mask, x0_known, noise)`, mask 1 = generate): every step ends in
 `kernels.masked_blend_step`, which keeps the known region on the re-noised source
@@ -33,7 +37,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 
 import torch
 from torch import Tensor
@@ -70,12 +74,17 @@ def cfg_velocity(cond: VelocityFn, uncond: VelocityFn, scale: float) -> Velocity
     return guided
 
 
-def _check_inputs(noise: Tensor, sigmas: Tensor, method: str, blend: Blend | None, noise_level: float) -> None:
+def _check_inputs(noise: Tensor, sigmas: Tensor, method: str, blend: Blend | None,
+                  noise_level: float | Sequence[float]) -> None:
     if method not in METHODS:
         raise ValueError(f"unknown sampling method {method!r}; expected one of {list(METHODS)}")
     check_sigmas(sigmas)
-    if method == "sde" and not (noise_level >= 0 and math.isfinite(noise_level)):
+    levels = [noise_level] if isinstance(noise_level, (int, float)) else list(noise_level)
+    if method == "sde" and not all(isinstance(a, (int, float)) and a >= 0 and math.isfinite(a) for a in levels):
         raise ValueError(f"noise_level must be a finite number >= 0 (0 = deterministic), got {noise_level!r}")
+    if method == "sde" and not isinstance(noise_level, (int, float)) and len(levels) != len(sigmas) - 1:
+        raise ValueError(f"noise_level gives {len(levels)} per-step levels for {len(sigmas) - 1} steps; give one "
+                         "number, or one per step")
     if blend is not None:
         if blend.x0_known.shape != noise.shape or blend.noise.shape != noise.shape:
             raise ValueError(f"blend.x0_known {tuple(blend.x0_known.shape)} and blend.noise "
@@ -93,6 +102,19 @@ def _sde_sigma(t: float, t_next: float, a: float) -> float:
     return a * math.sqrt(t / (1 - (t_next if t >= 1 else t)))
 
 
+def sde_step_moments(t: float, t_next: float, noise_level: float) -> tuple[float, float, float]:
+    """(mean_x, mean_v, std) of the "sde" step from t to t' < t: x' ~ N(mean_x x + mean_v v, std^2)
+    per element, with sigma_t = `_sde_sigma`, dt = t' - t:
+        mean_x = 1 + sigma_t^2 dt / (2t),  mean_v = dt (1 + sigma_t^2 (1 - t) / (2t)),  std = sigma_t sqrt(-dt)
+    (Flow-GRPO's eq. 9 written in x and v). std = 0 for an Euler step (noise_level 0) and for the
+    deterministic step to t' = 0, whose mean x - t v is then x0_hat."""
+    if t_next <= 0 or noise_level == 0:
+        return 1.0, t_next - t, 0.0
+    sig = _sde_sigma(t, t_next, noise_level)
+    dt = t_next - t
+    return 1 + sig**2 * dt / (2 * t), dt * (1 + sig**2 * (1 - t) / (2 * t)), sig * math.sqrt(-dt)
+
+
 def sample(
     velocity: VelocityFn,
     noise: Tensor,
@@ -100,9 +122,10 @@ def sample(
     *,
     method: str = "euler",
     blend: Blend | None = None,
-    noise_level: float = 0.7,
+    noise_level: float | Sequence[float] = 0.7,
     generator: torch.Generator | None = None,
     return_trajectory: bool = False,
+    sde_noise: Callable[[int], Tensor] | None = None,
 ) -> Tensor | tuple[Tensor, Tensor]:
     """Integrate from `noise` (the state at sigmas[0]; pure noise when sigmas[0] = 1) over `sigmas`.
 
@@ -110,10 +133,15 @@ def sample(
     `return_trajectory`, also the stacked states [len(sigmas), *noise.shape]. Stopping early
     (sigmas[:k + 1]) gives exactly the state after k steps of the full schedule, for all methods
     (with the same generator state for "sde"). `noise_level` and `generator` are used by "sde"
-    only (the generator's device draws the noise, which then moves to x's device).
+    only (the generator's device draws the noise, which then moves to x's device); `noise_level`
+    may be a sequence of one level per step (a step at level 0 is an Euler step and draws no noise).
+    `sde_noise(i)`, when given, returns step i's standard normal z (x's shape) instead of a draw
+    from `generator`: a process of a distributed run draws the whole batch's z and keeps its rows.
     """
     _check_inputs(noise, sigmas, method, blend, noise_level)
     times = [float(s) for s in sigmas.detach().to("cpu", torch.float64)]
+    levels = ([float(noise_level)] * (len(times) - 1) if isinstance(noise_level, (int, float))
+              else [float(a) for a in noise_level])
     dtype = torch.promote_types(noise.dtype, torch.float32)
     x = noise.to(dtype)
     B = x.shape[0]
@@ -124,7 +152,7 @@ def sample(
         t_vec = torch.full((B,), t, device=x.device, dtype=torch.float32)
         v = velocity(x, t_vec).to(dtype)
         x0_hat = None if method == "euler" else x - t * v
-        if method == "euler" or (method == "sde" and noise_level == 0 and t_next > 0):
+        if method == "euler" or (method == "sde" and levels[i] == 0 and t_next > 0):
             x_next = None  # the blend kernel (or the plain update below) takes v directly
         elif t_next == 0.0:
             x_next = x0_hat
@@ -136,12 +164,14 @@ def sample(
                 r = (lam[1] - lam[0]) / (lam[2] - lam[1])
                 d = (1 + 0.5 / r) * x0_hat - (0.5 / r) * x0_prev
             x_next = (t_next / t) * x + (1 - t_next) * (1 - ratio) * d
-        else:  # sde
-            sig = _sde_sigma(t, t_next, noise_level)
-            eps_hat = x + (1 - t) * v
-            z = torch.randn(x.shape, generator=generator, dtype=dtype,
-                            device=generator.device if generator is not None else x.device).to(x.device)
-            x_next = x + (t_next - t) * (v + sig**2 / (2 * t) * eps_hat) + sig * math.sqrt(t - t_next) * z
+        else:  # sde: x + dt (v + sigma_t^2 / (2t) eps_hat) + sigma_t sqrt(-dt) z, eps_hat = x + (1 - t) v
+            mean_x, mean_v, std = sde_step_moments(t, t_next, levels[i])
+            if sde_noise is not None:
+                z = sde_noise(i).to(device=x.device, dtype=dtype)
+            else:
+                z = torch.randn(x.shape, generator=generator, dtype=dtype,
+                                device=generator.device if generator is not None else x.device).to(x.device)
+            x_next = mean_x * x + mean_v * v + std * z
         x0_prev = x0_hat
         if blend is not None:
             v_step = v if x_next is None else (x_next - x) / (t_next - t)
@@ -169,7 +199,7 @@ def sample_policy(
     cfg_scale: float = 1.0,
     uncond: Condition | None = None,
     weights: dict[str, Tensor] | None = None,
-    noise_level: float = 0.0,
+    noise_level: float | Sequence[float] = 0.0,
     return_trajectory: bool = False,
 ) -> Tensor | tuple[Tensor, Tensor]:
     """Edit with a Policy: packed latents at the end of `sigmas` (x0 when it ends at 0).

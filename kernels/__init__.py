@@ -1,24 +1,33 @@
 """Fused kernels for flow-matching RL: NFT loss, group rewards, mask-aware blend step.
 
 Public API (other parts and users rely on these names):
-    nft_loss, group_rewards, GroupRewards, masked_blend_step
+    nft_loss, grpo_loss, sde_step_logprob, group_rewards, GroupRewards, masked_blend_step
 
 Each function checks its inputs (kernels.validate: a ValueError naming the problem and the fix),
 then dispatches (kernels.backend): CUDA tensors -> the Triton kernels; CPU tensors -> the eager
 references in kernels.reference, or the Triton kernels under TRITON_INTERPRET=1. backend="triton"
 or "torch" forces one. The maths is docs/design.md's "The maths the kernels implement"; each op file
-(nft_loss.py, group_rewards.py, masked_blend.py) opens with it and its memory-pass budget.
+(nft_loss.py, grpo_loss.py, group_rewards.py, masked_blend.py) opens with it and its memory-pass budget.
 """
 from __future__ import annotations
 
+import torch
 from torch import Tensor
 
 from . import validate
 from .backend import BACKENDS, HAS_TRITON, use_triton
-from .reference import GroupRewards, group_rewards_reference, masked_blend_step_reference, nft_loss_reference
+from .reference import (
+    GroupRewards,
+    group_rewards_reference,
+    grpo_loss_reference,
+    masked_blend_step_reference,
+    nft_loss_reference,
+    sde_step_logprob_reference,
+)
 
 if HAS_TRITON:
     from .group_rewards import group_rewards_triton
+    from .grpo_loss import grpo_loss_triton, sde_step_logprob_triton
     from .masked_blend import masked_blend_step_triton
     from .nft_loss import nft_loss_triton
 
@@ -42,6 +51,47 @@ def nft_loss(v_theta: Tensor, v_old: Tensor, v_target: Tensor, r: Tensor, t: Ten
     fn = nft_loss_triton if use_triton(backend, v_theta.device, "nft_loss") else nft_loss_reference
     return fn(v_theta, v_old, v_target, r, t, beta=beta, adaptive=adaptive, v_ref=v_ref, kl_coef=kl_coef,
               weight=weight, reduction=reduction)
+
+
+def grpo_loss(v_theta: Tensor, x_t: Tensor, x_next: Tensor, advantage: Tensor, logp_old: Tensor | None = None, *,
+              mean_x: Tensor, mean_v: Tensor, std: Tensor, mask: Tensor | None = None, clip_range: float,
+              v_ref: Tensor | None = None, kl_coef: float = 0.0, weight: Tensor | None = None,
+              reduction: str = "mean", return_logp: bool = False,
+              backend: str = "auto") -> Tensor | tuple[Tensor, Tensor]:
+    """Flow-GRPO's clipped objective of one SDE step x_t -> x_next per sample, velocities [B, ...].
+
+    The step is N(mean_x x_t + mean_v v, std^2) per element (core.samplers.sde_step_moments);
+    logp = the mask-weighted mean over elements of its log-density under v = v_theta (mask 1 =
+    generated; it broadcasts to v_theta, e.g. cond.blend_mask); ratio = exp(logp - logp_old), exactly
+    1 when logp_old is None (the sampling policy is the trained one); loss_b = max(-A ratio,
+    -A clip(ratio, 1 - clip_range, 1 + clip_range)) + kl_coef KL_b, KL_b = the mask-weighted mean
+    of (mean_v (v_theta - v_ref))^2 / (2 std^2), the KL of the trained and the reference step per
+    element. advantage, logp_old, mean_x, mean_v, std, weight: [B]. reduction="mean": weighted mean
+    over samples with weight > 0; "none": the [B] losses. return_logp: also the [B] logp (detached).
+    Gradient flows to v_theta only, in its dtype; the loss is fp32 (fp64 for fp64 inputs).
+    """
+    validate.choice("grpo_loss", "backend", backend, BACKENDS)
+    validate.grpo_loss_args(v_theta, x_t, x_next, advantage, logp_old, mean_x=mean_x, mean_v=mean_v, std=std,
+                            mask=mask, clip_range=clip_range, v_ref=v_ref, kl_coef=kl_coef, weight=weight,
+                            reduction=reduction, return_logp=return_logp)
+    fn = grpo_loss_triton if use_triton(backend, v_theta.device, "grpo_loss") else grpo_loss_reference
+    return fn(v_theta, x_t, x_next, advantage, logp_old, mean_x=mean_x, mean_v=mean_v, std=std, mask=mask,
+              clip_range=clip_range, v_ref=v_ref, kl_coef=kl_coef, weight=weight, reduction=reduction,
+              return_logp=return_logp)
+
+
+def sde_step_logprob(v: Tensor, x_t: Tensor, x_next: Tensor, *, mean_x: Tensor, mean_v: Tensor, std: Tensor,
+                     mask: Tensor | None = None, backend: str = "auto") -> Tensor:
+    """[B] log-probabilities of SDE steps x_t -> x_next ~ N(mean_x x_t + mean_v v, std^2): the
+    mask-weighted mean over each sample's elements of the Gaussian log-density (grpo_loss's logp;
+    Flow-GRPO's per-step log-probability, recorded at the rollout). Without gradient (grpo_loss
+    differentiates it); fp32 (fp64 for fp64 inputs)."""
+    validate.choice("sde_step_logprob", "backend", backend, BACKENDS)
+    validate.sde_step_logprob_args(v, x_t, x_next, mean_x=mean_x, mean_v=mean_v, std=std, mask=mask)
+    triton = use_triton(backend, v.device, "sde_step_logprob")
+    fn = sde_step_logprob_triton if triton else sde_step_logprob_reference
+    with torch.no_grad():
+        return fn(v, x_t, x_next, mean_x=mean_x, mean_v=mean_v, std=std, mask=mask)
 
 
 def group_rewards(scores: Tensor, *, dim_weights: Tensor | None = None, std: str = "group", clip: float = 1.0,
@@ -81,4 +131,4 @@ def masked_blend_step(x_t: Tensor, v: Tensor, mask: Tensor, x0_known: Tensor, no
     return fn(x_t, v, mask, x0_known, noise, t, t_next)
 
 
-__all__ = ["nft_loss", "group_rewards", "GroupRewards", "masked_blend_step"]
+__all__ = ["nft_loss", "grpo_loss", "sde_step_logprob", "group_rewards", "GroupRewards", "masked_blend_step"]

@@ -5,12 +5,14 @@ functions (values and gradients); tests compare against them, usually in fp64.
 """
 from __future__ import annotations
 
+import math
 from typing import NamedTuple
 
 import torch
 from torch import Tensor
 
 ADAPTIVE_FLOOR = 1e-5
+LOG_SQRT_2PI = 0.5 * math.log(2 * math.pi)
 
 
 def nft_loss_reference(
@@ -135,3 +137,100 @@ def masked_blend_step_reference(
     euler = x_t.to(acc) + (tn - tt) * v.to(acc)
     renoised = (1 - tn) * x0_known.to(acc) + tn * noise.to(acc)
     return (m * euler + (1 - m) * renoised).to(x_t.dtype)
+
+
+def _rows(x: Tensor, B: int, acc: torch.dtype) -> Tensor:
+    return x.to(acc).reshape(B, -1)
+
+
+def _per_sample(x: Tensor, acc: torch.dtype) -> Tensor:
+    return x.detach().to(acc)[:, None]
+
+
+def _nonzero(count: Tensor) -> Tensor:
+    """M, or 1 where a sample has no generated element (its sums are 0 then, and stay 0 in the
+    gradient; a tiny M would turn that 0 into 0 x inf)."""
+    return torch.where(count > 0, count, torch.ones_like(count))
+
+
+def sde_step_logprob_reference(
+    v: Tensor,
+    x_t: Tensor,
+    x_next: Tensor,
+    *,
+    mean_x: Tensor,
+    mean_v: Tensor,
+    std: Tensor,
+    mask: Tensor | None = None,
+) -> Tensor:
+    """Per-sample log-probability of an SDE step x_t -> x_next under N(mean_x x_t + mean_v v, std^2),
+    as Flow-GRPO takes it: the mean over the sample's elements of the elementwise Gaussian
+    log-density, here weighted by `mask` (1 = generated; the kept region is blended, not sampled):
+
+        logp_b = -sum_i m_i (x_next_i - mu_i)^2 / (2 std_b^2 M_b) - log std_b - log sqrt(2 pi),
+        mu = mean_x_b x_t + mean_v_b v,   M_b = sum_i m_i   (a sample with M_b = 0: the constant terms)
+
+    Computed in fp32 or wider; differentiable in v (the velocity of the policy being scored)."""
+    acc = torch.promote_types(v.dtype, torch.float32)
+    B = v.shape[0]
+    mu = _per_sample(mean_x, acc) * _rows(x_t.detach(), B, acc) + _per_sample(mean_v, acc) * _rows(v, B, acc)
+    e = _rows(x_next.detach(), B, acc) - mu
+    s = std.detach().to(acc)
+    if mask is None:
+        quad, count = e.square().sum(1), torch.full((B,), float(e.shape[1]), dtype=acc, device=v.device)
+    else:
+        m = _rows(mask.detach().expand(v.shape), B, acc)
+        quad, count = (m * e.square()).sum(1), m.sum(1)
+    return -quad / (2 * s**2 * _nonzero(count)) - torch.log(s) - LOG_SQRT_2PI
+
+
+def grpo_loss_reference(
+    v_theta: Tensor,
+    x_t: Tensor,
+    x_next: Tensor,
+    advantage: Tensor,
+    logp_old: Tensor | None = None,
+    *,
+    mean_x: Tensor,
+    mean_v: Tensor,
+    std: Tensor,
+    mask: Tensor | None = None,
+    clip_range: float,
+    v_ref: Tensor | None = None,
+    kl_coef: float = 0.0,
+    weight: Tensor | None = None,
+    reduction: str = "mean",
+    return_logp: bool = False,
+) -> Tensor | tuple[Tensor, Tensor]:
+    """Flow-GRPO's clipped policy objective of one SDE step per sample (docs/design.md):
+
+        logp  = sde_step_logprob_reference(v_theta, ...)            (mask-weighted mean over elements)
+        ratio = exp(logp - logp_old)         (logp_old None: the sampling policy is the current one,
+                                              logp_old = logp detached, so ratio = 1 exactly)
+        loss_b = max(-A ratio, -A clip(ratio, 1 - clip_range, 1 + clip_range))
+                 + kl_coef sum_i m_i (mean_v (v_theta - v_ref))_i^2 / (2 std^2 M_b)
+    The KL term is the KL between the trained and the reference step Gaussians (same std), per
+    generated element. reduction "mean": weighted mean over samples with weight > 0; "none": [B].
+    With `return_logp`, also the per-sample logp (detached). Gradient to v_theta only."""
+    acc = torch.promote_types(v_theta.dtype, torch.float32)
+    B = v_theta.shape[0]
+    kw = dict(mean_x=mean_x, mean_v=mean_v, std=std, mask=mask)
+    logp = sde_step_logprob_reference(v_theta, x_t, x_next, **kw)
+    old = logp.detach() if logp_old is None else logp_old.detach().to(acc)
+    ratio = torch.exp(logp - old)
+    a = advantage.detach().to(acc)
+    loss = torch.maximum(-a * ratio, -a * ratio.clamp(1 - clip_range, 1 + clip_range))
+    if v_ref is not None:
+        d = _per_sample(mean_v, acc) * (_rows(v_theta, B, acc) - _rows(v_ref.detach(), B, acc))
+        if mask is None:
+            quad, count = d.square().sum(1), torch.full((B,), float(d.shape[1]), dtype=acc, device=d.device)
+        else:
+            m = _rows(mask.detach().expand(v_theta.shape), B, acc)
+            quad, count = (m * d.square()).sum(1), m.sum(1)
+        s = std.detach().to(acc)
+        loss = loss + kl_coef * quad / (2 * s**2 * _nonzero(count))
+    if reduction == "mean":
+        w = torch.ones_like(loss) if weight is None else weight.detach().to(acc)
+        kept = w > 0
+        loss = torch.where(kept, loss * w, 0).sum() / torch.where(kept, w, 0).sum().clamp_min(torch.finfo(acc).tiny)
+    return (loss, logp.detach()) if return_logp else loss

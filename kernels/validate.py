@@ -192,3 +192,65 @@ def masked_blend_step_args(x_t, v, mask, x0_known, noise, t, t_next) -> None:
                 fail(op, f"{name} must lie in [0, 1] (flow time), got {value!r}")
     no_grad_needed(op, [("mask", mask), ("t", t), ("t_next", t_next)])
     value_ranges(op, checks)
+
+
+def _broadcast_mask(op: str, mask, ref: Tensor) -> None:
+    tensor(op, "mask", mask, device=ref.device, allow_bool=True)
+    if mask.dim() > ref.dim() or any(m not in (1, x) for m, x in zip(mask.shape[::-1], ref.shape[::-1])):
+        fail(op, f"mask {tuple(mask.shape)} does not broadcast to v {tuple(ref.shape)}; give [B, L, C] (elementwise, "
+                 "e.g. cond.blend_mask) or [B, L, 1] (per token)")
+
+
+def _sde_step_args(op: str, v, x_t, x_next, mean_x, mean_v, std, mask, v_name: str) -> list:
+    """The checks grpo_loss and sde_step_logprob share; returns their per-sample value checks."""
+    tensor(op, v_name, v)
+    if v.dim() < 1 or v.numel() == 0:
+        fail(op, f"{v_name} must be a non-empty [B, ...] tensor, got shape {tuple(v.shape)}")
+    like(op, "x_t", x_t, v, v_name)
+    like(op, "x_next", x_next, v, v_name)
+    if mask is not None:
+        _broadcast_mask(op, mask, v)
+    B, dev = v.shape[0], v.device
+    for name, x in (("mean_x", mean_x), ("mean_v", mean_v), ("std", std)):
+        per_sample(op, name, x, B, dev)
+    return [
+        ("mean_x", mean_x, -HUGE, HUGE, " (core.samplers.sde_step_moments gives it)"),
+        ("mean_v", mean_v, -HUGE, HUGE, " (core.samplers.sde_step_moments gives it)"),
+        ("std", std, float(torch.finfo(torch.float64).tiny), HUGE,
+         " (the step's std must be > 0: an Euler or final step has no log-probability)"),
+    ]
+
+
+def sde_step_logprob_args(v, x_t, x_next, *, mean_x, mean_v, std, mask) -> None:
+    op = "sde_step_logprob"
+    value_ranges(op, _sde_step_args(op, v, x_t, x_next, mean_x, mean_v, std, mask, "v"))
+
+
+def grpo_loss_args(v_theta, x_t, x_next, advantage, logp_old, *, mean_x, mean_v, std, mask, clip_range, v_ref,
+                   kl_coef, weight, reduction, return_logp) -> None:
+    op = "grpo_loss"
+    choice(op, "reduction", reduction, ("mean", "none"))
+    if not isinstance(return_logp, bool):
+        fail(op, f"return_logp must be True or False, got {return_logp!r}")
+    if real(op, "clip_range", clip_range, low=0.0) >= 1:
+        fail(op, f"clip_range must be < 1 (the ratio is clipped to [1 - clip_range, 1 + clip_range]), "
+                 f"got {clip_range!r}")
+    real(op, "kl_coef", kl_coef, low=0.0)
+    checks = _sde_step_args(op, v_theta, x_t, x_next, mean_x, mean_v, std, mask, "v_theta")
+    B, dev = v_theta.shape[0], v_theta.device
+    per_sample(op, "advantage", advantage, B, dev)
+    if logp_old is not None:
+        per_sample(op, "logp_old", logp_old, B, dev)
+    if v_ref is not None:
+        like(op, "v_ref", v_ref, v_theta, "v_theta")
+    elif kl_coef > 0:
+        fail(op, f"kl_coef={kl_coef} needs v_ref, the reference policy's velocity; pass v_ref or kl_coef=0")
+    if weight is not None:
+        if reduction == "none":
+            fail(op, "weight only applies to reduction='mean'; with reduction='none' weight the [B] losses yourself")
+        per_sample(op, "weight", weight, B, dev)
+    value_ranges(op, checks + [
+        ("advantage", advantage, -HUGE, HUGE, " (e.g. group_rewards(...).advantage)"),
+        ("logp_old", logp_old, -HUGE, HUGE, " (the sampling policy's sde_step_logprob)"),
+        ("weight", weight, 0.0, HUGE, " (weights are >= 0; 0 drops a sample)"),
+    ])

@@ -4,7 +4,8 @@
     torchrun --nproc_per_node=N -m rl.train ...       (many processes)
 
 With no arguments it runs the built-in default on CPU: the shipped toy FLUX.1 Fill, the synthetic
-world's four-task mixture, the rule judge and DiffusionNFT. From Python: `rl.train.run(config)`.
+world's four-task mixture, the rule judge and DiffusionNFT (train.algorithm: nft, refl, grpo, awm).
+From Python: `rl.train.run(config)`.
 `--help` lists every config key with its type, range, default and meaning.
 
 A run directory belongs to one run (`--out` must be new or empty; `--fresh` moves an old one aside)
@@ -58,6 +59,8 @@ class RunStopped(RuntimeError):
 
 
 def make_trainer(cfg: RunConfig, ctx: DistContext):
+    from rl.algorithms.awm import AWMTrainer
+    from rl.algorithms.grpo import GRPOTrainer
     from rl.algorithms.nft import NFTTrainer
     from rl.algorithms.refl import ReFLTrainer
 
@@ -65,7 +68,7 @@ def make_trainer(cfg: RunConfig, ctx: DistContext):
     judge = build_judge(cfg.judge, ctx.device)
     data = build_data(cfg.data)
     sigmas = rollout_sigmas(policy, cfg.sampler.steps, cfg.sampler.shift)
-    cls = NFTTrainer if cfg.train.algorithm == "nft" else ReFLTrainer
+    cls = {"nft": NFTTrainer, "refl": ReFLTrainer, "grpo": GRPOTrainer, "awm": AWMTrainer}[cfg.train.algorithm]
     return cls(cfg, policy, judge, data, ctx, sigmas)
 
 

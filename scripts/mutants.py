@@ -39,6 +39,7 @@ class Mutant:
 UPD = "tests/rl/test_update_settings.py"
 DIRECTION = "tests/rl/test_learning_direction.py"
 SAFETY = "tests/rl/test_run_safety.py"
+GRPO_AWM = "tests/rl/test_grpo_awm.py"
 
 MUTANTS = [
     # the trainers
@@ -86,6 +87,25 @@ MUTANTS = [
            "scale = 1 / (kept_total * n_train)", ("tests/rl/test_distributed.py",)),
     Mutant("resume off by one step", "rl/train.py", 'start = state["step"] + 1', 'start = state["step"] + 2',
            ("tests/rl/test_train.py::test_resume_gives_identical_weights",)),
+    Mutant("grpo minimises the reward (-A)", "rl/algorithms/grpo.py", "v, x_t, x_next, adv.advantage[c], logp_old,",
+           "v, x_t, x_next, -adv.advantage[c], logp_old,", (DIRECTION,)),
+    Mutant("grpo's log-probability counts the known region", "rl/algorithms/grpo.py", "mask=sub.blend_mask, clip_range",
+           "mask=None, clip_range", (GRPO_AWM,)),
+    Mutant("grpo's first mini-batch off-policy", "rl/algorithms/grpo.py",
+           "logp_old = None if not applied_any else traj.logp[c, j]", "logp_old = traj.logp[c, j]", (GRPO_AWM,)),
+    Mutant("grpo's KL not Flow-GRPO's (no step length)", "rl/algorithms/grpo.py",
+           "kl_coef=g.kl_coef * (times[k] - times[k + 1])", "kl_coef=g.kl_coef", (GRPO_AWM,)),
+    Mutant("grpo mini-batches contiguous per process", "rl/algorithms/grpo.py",
+           "idx = [p for p in range(n) if (batch.mine.start + p) % U == u]",
+           "idx = list(range(u * n // U, (u + 1) * n // U))", ("tests/rl/test_distributed.py",)),
+    Mutant("grpo rollouts noisy at every step", "rl/algorithms/sde_rollout.py",
+           "levels = [noise_level if (k in steps or not sde_only_trained) else 0.0",
+           "levels = [noise_level if True else 0.0", (GRPO_AWM,)),
+    Mutant("awm minimises the reward (-A)", "rl/algorithms/awm.py", "a_hat = adv.advantage * (",
+           "a_hat = -adv.advantage * (", (DIRECTION,)),
+    Mutant("awm's loss counts the known region", "rl/algorithms/awm.py",
+           "m = mask.to(d.dtype).expand_as(d).reshape(d.shape[0], -1)", "m = torch.ones_like(d).reshape(d.shape[0], -1)",
+           (GRPO_AWM,)),
     # run safety
     Mutant("non-finite weights after a step unchecked", "rl/algorithms/trainer.py",
            "self.weights_nonfinite = float(self.ctx.all_reduce_sum(bad)) > 0", "self.weights_nonfinite = False",
@@ -119,6 +139,14 @@ MUTANTS = [
     Mutant("reward map 0.6 + A/2c (kernel and reference)", "kernels/reference.py", "r = 0.5 + adv / (2 * clip)",
            "r = 0.6 + adv / (2 * clip)", ("tests/kernels",),
            also=(("kernels/group_rewards.py", "0.5 + a / (2.0 * clip)", "0.6 + a / (2.0 * clip)"),)),
+    Mutant("grpo clip holds on the wrong side (kernel)", "kernels/grpo_loss.py",
+           "held = ((adv > 0) & (rho > hi)) | ((adv < 0) & (rho < lo))",
+           "held = ((adv > 0) & (rho < lo)) | ((adv < 0) & (rho > hi))", ("tests/kernels/test_grpo_loss.py",)),
+    Mutant("grpo log-probability without its 1/2 (kernel and reference)", "kernels/reference.py",
+           "return -quad / (2 * s**2 * _nonzero(count))", "return -quad / (s**2 * _nonzero(count))",
+           ("tests/kernels/test_spec.py",),
+           also=(("kernels/grpo_loss.py", "logp = -(q / (2.0 * s2.to(tl.float64) * count))",
+                  "logp = -(q / (s2.to(tl.float64) * count))"),)),
     Mutant("blend re-noises at t, not t' (reference)", "kernels/reference.py",
            "renoised = (1 - tn) * x0_known.to(acc) + tn * noise.to(acc)",
            "renoised = (1 - tt) * x0_known.to(acc) + tt * noise.to(acc)", ("tests/kernels",)),

@@ -16,8 +16,8 @@ Scheduler (our choice for 64x64 toy images): FLUX's curve moved to the toy's tok
 FLUX interpolates mu from base_shift at 256 tokens (512 px) to max_shift at 4096 (1024 px);
 here base_image_seq_len = the tokens of a native-size image (64 for 64x64 and f = 4) and
 max_image_seq_len = 16x that (256x256 images), the same 16x span; base_shift = ln(3), so the
-native size samples with shift 3 (what evaluation picked for the pixel-space tiny model at 64x64,
-core/assets/tiny_fill/tiny_fill.json), and max_shift = base_shift + 0.65, FLUX's span.
+native size samples with shift 3 by default (rl.pretrain re-anchors it at the shift that
+evaluation on a validation world picks), and max_shift = base_shift + 0.65, FLUX's span.
 """
 from __future__ import annotations
 

@@ -1,6 +1,6 @@
 """Learning-rate factor of a step: linear warm-up, then constant, cosine or linear decay.
 
-Used by the RL trainers (optim.decay) and by the tiny model's pre-training. The factor depends on
+Used by the RL trainers (optim.decay). The factor depends on
 the step index alone, so a resumed run sets the same rate an uninterrupted one would have.
 """
 from __future__ import annotations

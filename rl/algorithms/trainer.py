@@ -1,4 +1,4 @@
-"""What both RL algorithms share: weights and their copies, the optimiser, conditions, rollouts.
+"""What the RL algorithms share: weights and their copies, the optimiser, conditions, rollouts.
 
 A trainer owns the policy's trainable weights (updated by the optimiser) and three copies kept as
 plain tensor dicts (rl/algorithms/weight_copies.py): `old` (DiffusionNFT's sampling policy), `ema` (evaluation,

@@ -11,10 +11,12 @@ from typing import Any
 
 from rl.plumbing.config import RunConfig
 
-_NAMES = {"nft": "DiffusionNFT", "refl": "ReFL"}
+_NAMES = {"nft": "DiffusionNFT", "refl": "ReFL", "grpo": "Flow-GRPO", "awm": "AWM"}
 _ALGORITHMS = {
     "nft": "DiffusionNFT with group filtering (Edit-R1 / UniWorld-V2)",
     "refl": "reward feedback learning against a reference model with a pairwise judge (OneReward)",
+    "grpo": "Flow-GRPO (SDE rollouts, clipped per-step likelihood ratios, group advantages)",
+    "awm": "Advantage Weighted Matching (the flow-matching loss weighted by group advantages)",
 }
 
 
@@ -80,6 +82,17 @@ def _training_section(cfg: RunConfig) -> str:
             f"advantage std per {n.std}, clip {n.clip:g}; generated region only: {n.mask_loss}",
             f"- old policy: decay rate {n.old_decay_rate:g} per step up to {n.old_decay_max:g}",
         ]
+    elif t.algorithm in ("grpo", "awm"):
+        n, g, a = cfg.nft, cfg.grpo, cfg.awm
+        lines.append(f"- {n.groups_per_step} conditions per step x {n.group_size} images each; advantage std per "
+                     f"{n.std}, clip {n.clip:g}")
+        if t.algorithm == "grpo":
+            lines.append(f"- {g.trained_steps} trained SDE steps per image ({g.step_selection}; noise "
+                         f"{'only there' if g.sde_only_trained else 'at every step'}), ratio clip {g.clip_range:g}, "
+                         f"KL coefficient {g.kl_coef:g}, {g.mini_batches} optimiser step(s) per step")
+        else:
+            lines.append(f"- {a.train_times} training times per image, {a.weighting} weighting, KL to the initial "
+                         f"model {a.kl_coef:g}, to the lagging copy {a.old_kl_coef:g}")
     else:
         r = cfg.refl
         lines += [

@@ -27,7 +27,7 @@ def what_ifs(cfg: RunConfig, gpus: int) -> list[tuple[str, Change, int]]:
     if not m.gradient_checkpointing:
         out.append(("--set model.gradient_checkpointing=true",
                     lambda c: _replace(c, "model", gradient_checkpointing=True), gpus))
-    if cfg.train.algorithm == "nft" and cfg.optim.micro_batch != 1:
+    if cfg.train.algorithm != "refl" and cfg.optim.micro_batch != 1:
         out.append(("--set optim.micro_batch=1", lambda c: _replace(c, "optim", micro_batch=1), gpus))
     if m.lora is None:
         out.append(("--set model.lora.r=32 (LoRA instead of a full fine-tune)",
@@ -36,7 +36,7 @@ def what_ifs(cfg: RunConfig, gpus: int) -> list[tuple[str, Change, int]]:
         r = m.lora.r // 2
         out.append((f"--set model.lora.r={r}",
                     lambda c: _replace(c, "model", lora=dataclasses.replace(c.model.lora, r=r)), gpus))
-    if cfg.judge.kind == "transformers" and cfg.judge.device != "cpu" and cfg.train.algorithm == "nft":
+    if cfg.judge.kind == "transformers" and cfg.judge.device != "cpu" and cfg.train.algorithm != "refl":
         out.append(("serve the judge on its own GPU (judge.kind=openai, see configs/flux_fill_nft_vllm.yaml)",
                     lambda c: _replace(c, "judge", kind="openai", base_url="http://127.0.0.1:8000/v1"), gpus))
     half = cfg.refl.batch_size // 2

@@ -121,7 +121,7 @@ def dtype_of(name: str, key: str) -> torch.dtype:
 def step_shape(cfg: RunConfig, arch: PipelineArchitecture, gpus: int) -> tuple[StepShape, list[str]]:
     """The per-GPU batch of the rollout and of the update (NFT micro-batches, ReFL does not)."""
     warnings = []
-    if cfg.train.algorithm == "nft":
+    if cfg.train.algorithm != "refl":  # nft, grpo, awm: K groups of G images
         images = cfg.nft.groups_per_step * cfg.nft.group_size
     else:
         images = cfg.refl.batch_size
@@ -129,7 +129,7 @@ def step_shape(cfg: RunConfig, arch: PipelineArchitecture, gpus: int) -> tuple[S
         warnings.append(f"rl.train would refuse this: {images} images per step cannot be split evenly over {gpus} "
                         "processes (the plan rounds the share up)")
     per_gpu = math.ceil(images / gpus)
-    micro = min(cfg.optim.micro_batch or per_gpu, per_gpu) if cfg.train.algorithm == "nft" else per_gpu
+    micro = min(cfg.optim.micro_batch or per_gpu, per_gpu) if cfg.train.algorithm != "refl" else per_gpu
     vae = arch.part("vae").config
     side = cfg.data.image_size // (2 ** (len(vae["block_out_channels"]) - 1) * 2)  # VAE factor, then 2x2 packing
     return StepShape(images, per_gpu, micro, side * side, arch.text_tokens), warnings
@@ -202,7 +202,7 @@ def _step_rows(cfg: RunConfig, dims: FluxDims, shape: StepShape, dtype: torch.dt
     rollout = no_grad_peak_bytes(dims, shape.per_gpu, shape.image_tokens, shape.text_tokens, dtype)
     name, train_name = str(dtype).removeprefix("torch."), str(train_dtype).removeprefix("torch.")
     if update >= rollout:
-        kind = "micro-batch" if cfg.train.algorithm == "nft" else "batch"
+        kind = "micro-batch" if cfg.train.algorithm != "refl" else "batch"
         ckpt = "checkpointed" if m.gradient_checkpointing else "not checkpointed"
         rows = [Row("step", "gradients (1 x trainable)", grads, trainable, train_name),
                 Row("step", f"activations: {kind} {shape.micro_batch}, {ckpt}", activations, None, name),
@@ -219,14 +219,14 @@ def _step_rows(cfg: RunConfig, dims: FluxDims, shape: StepShape, dtype: torch.dt
 def _header(cfg: RunConfig, arch: PipelineArchitecture, shape: StepShape, gpus: int) -> list[str]:
     """What is planned: the policy, then (added by the caller) the judge, then the step's split."""
     m, algo = cfg.model, cfg.train.algorithm
-    split = (f"{cfg.nft.groups_per_step} x {cfg.nft.group_size}" if algo == "nft" else "refl.batch_size") + \
+    split = (f"{cfg.nft.groups_per_step} x {cfg.nft.group_size}" if algo != "refl" else "refl.batch_size") + \
         f" = {shape.images_per_step} images / {gpus} GPU{'s' if gpus > 1 else ''} = {shape.per_gpu} per GPU"
     lora = "full fine-tune" if m.lora is None else f"LoRA r={m.lora.r}"
     checkpointing = "on" if m.gradient_checkpointing else "off"
     return [(f"policy   FLUX.1 Fill, {m.dtype}, {lora}, gradient checkpointing {checkpointing}; "
              f"architecture from {arch.source}"),
             (f"step     {algo}: {split}; backward on {shape.micro_batch} x ({shape.image_tokens} image + "
-             f"{shape.text_tokens} text tokens)" + ("" if algo == "nft" else " (ReFL has no micro-batches)"))]
+             f"{shape.text_tokens} text tokens)" + ("" if algo != "refl" else " (ReFL has no micro-batches)"))]
 
 
 def _notes(cfg: RunConfig, gpus: int, step_note: str) -> list[str]:

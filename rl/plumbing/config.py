@@ -1,6 +1,6 @@
 """The run configuration of `python -m rl.train`. Defaults are the built-in CPU job.
 
-Sections: model, data, judge, sampler, nft, refl, optim, train. Load with `load_config(path,
+Sections: model, data, judge, sampler, nft, refl, grpo, awm, optim, train. Load with `load_config(path,
 overrides)`; every key is typed and checked (core/config_io.py), and `validate` (rl/plumbing/config_checks.py)
 checks every value's range and the paths before any work starts. Each key's one-line meaning is
 the second argument of `opt` (core/config_schema.py): `python -m rl.train --help` prints it.
@@ -105,7 +105,8 @@ class SamplerConfig:
 
 @dataclasses.dataclass
 class NFTConfig:
-    """DiffusionNFT (train.algorithm = nft)."""
+    """DiffusionNFT (train.algorithm = nft). The group keys (group_size .. filter_rule) also make the
+    groups and advantages of grpo and awm."""
 
     group_size: int = opt(4, "images per condition")
     groups_per_step: int = opt(12, "conditions per step")
@@ -133,6 +134,44 @@ class NFTConfig:
     # 0 (or max 0) = on-policy: the old policy's forward pass is skipped
     old_decay_rate: float = opt(0.003, "old <- d old + (1 - d) current, d = min(rate * step, max)")
     old_decay_max: float = opt(0.5, "the cap of the old policy's decay d")
+
+
+@dataclasses.dataclass
+class GRPOConfig:
+    """Flow-GRPO (train.algorithm = grpo); its groups and advantages are nft's group keys."""
+
+    clip_range: float = opt(1e-4, "PPO clip of each step's likelihood ratio to [1 - c, 1 + c] (Flow-GRPO's 1e-4)")
+    kl_coef: float = opt(0.0, "weight of Flow-GRPO's KL to the initial model, mean (mu - mu_ref)^2 / (2 sigma_t^2) "
+                              "per trained step (0 = off; Flow-GRPO: 0.01-0.04)")
+    trained_steps: int = opt(2, "SDE steps trained per image and step (< sampler.steps: the step to t = 0 is "
+                                "deterministic)")
+    step_selection: Literal["random", "window"] = opt(
+        "random", "random: a fresh random subset of the steps each step (Flow-GRPO-Fast); window: consecutive "
+                  "steps (MixGRPO)")
+    window_shift_every: int = opt(0, "window: move the window one step later every N steps (0 = fixed at the first "
+                                     "steps)")
+    sde_only_trained: bool = opt(True, "inject noise only at the trained steps, ODE elsewhere (Flow-GRPO-Fast, "
+                                       "MixGRPO); false = at every step (Flow-GRPO)")
+    mini_batches: int = opt(2, "optimiser steps per step: the images split into this many mini-batches; from the "
+                               "second on the ratio is off-policy and clipped")
+
+
+@dataclasses.dataclass
+class AWMConfig:
+    """Advantage Weighted Matching (train.algorithm = awm); its groups and advantages are nft's group keys."""
+
+    train_times: int = opt(2, "training times per image, each with fresh noise: rollout step times, stratified")
+    timestep_fraction: float = opt(0.9, "the times come from the rollout's steps 1 .. fraction x steps - 1 (AWM's "
+                                        "discrete_wo_init)")
+    weighting: Literal["uniform", "ghuber"] = opt("ghuber", "per-sample loss: uniform = the flow-matching MSE; "
+                                                            "ghuber = t MSE^p / p, AWM's robust weighting")
+    ghuber_power: float = opt(0.25, "p of the ghuber weighting")
+    advantage_max: float = opt(1.0, "advantages (clipped at nft.clip) are rescaled to [-max, max]")
+    kl_coef: float = opt(0.003, "weight of the velocity-space KL to the initial model, mean (v - v_ref)^2 (0 = off)")
+    old_kl_coef: float = opt(1.0, "weight of the velocity-space KL to a lagging copy of the policy (AWM's KL-EMA, a "
+                                  "trust region; 0 = off)")
+    old_decay_rate: float = opt(0.001, "lagging copy: old <- d old + (1 - d) current, d = min(rate * step, max)")
+    old_decay_max: float = opt(0.3, "the cap of the lagging copy's decay d")
 
 
 @dataclasses.dataclass
@@ -169,7 +208,8 @@ class OptimConfig:
 class TrainConfig:
     """The training loop: algorithm, length, evaluation, checkpoints and logging."""
 
-    algorithm: Literal["nft", "refl"] = opt("nft", "nft: DiffusionNFT; refl: ReFL with a pairwise judge")
+    algorithm: Literal["nft", "refl", "grpo", "awm"] = opt(
+        "nft", "nft: DiffusionNFT; refl: ReFL with a pairwise judge; grpo: Flow-GRPO; awm: Advantage Weighted Matching")
     steps: int = opt(220, "optimiser steps")
     seed: int = opt(0, "seed of initialisation, data order and noise")
     time_budget_s: float = opt(0.0, "stop early (with a checkpoint) after this many seconds; 0 = off")
@@ -196,8 +236,11 @@ class RunConfig:
     data: DataConfig = section(DataConfig, "the editing conditions")
     judge: JudgeConfig = section(JudgeConfig, "the reward model")
     sampler: SamplerConfig = section(SamplerConfig, "rollouts and evaluation images")
-    nft: NFTConfig = section(NFTConfig, "DiffusionNFT (train.algorithm = nft)")
+    nft: NFTConfig = section(NFTConfig, "DiffusionNFT (train.algorithm = nft); its group keys also make grpo's and "
+                                        "awm's groups")
     refl: ReFLConfig = section(ReFLConfig, "ReFL (train.algorithm = refl)")
+    grpo: GRPOConfig = section(GRPOConfig, "Flow-GRPO (train.algorithm = grpo)")
+    awm: AWMConfig = section(AWMConfig, "Advantage Weighted Matching (train.algorithm = awm)")
     optim: OptimConfig = section(OptimConfig, "AdamW and its learning-rate schedule")
     train: TrainConfig = section(TrainConfig, "the training loop")
 

@@ -51,6 +51,19 @@ NUMERIC_RANGES: dict[str, Range] = {
     "nft.tau_std": _at_least(0),
     "nft.old_decay_rate": Range(0, 1),
     "nft.old_decay_max": _DECAY,
+    "grpo.clip_range": Range(0, 1, open_hi=True, note="1e-4 in Flow-GRPO"),
+    "grpo.kl_coef": _at_least(0),
+    "grpo.trained_steps": _at_least(1, "and < sampler.steps"),
+    "grpo.window_shift_every": _at_least(0, "0 = a fixed window"),
+    "grpo.mini_batches": _at_least(1, "a divisor of the step's images"),
+    "awm.train_times": _at_least(1),
+    "awm.timestep_fraction": Range(0, 1, open_lo=True),
+    "awm.ghuber_power": Range(0, 1, open_lo=True, note="AWM: 0.25"),
+    "awm.advantage_max": _POSITIVE,
+    "awm.kl_coef": _at_least(0),
+    "awm.old_kl_coef": _at_least(0),
+    "awm.old_decay_rate": Range(0, 1),
+    "awm.old_decay_max": _DECAY,
     "refl.batch_size": _at_least(1),
     "refl.min_step": _at_least(1),
     "refl.max_step": _at_least(1),
@@ -109,9 +122,10 @@ def validate(cfg) -> None:
             f"got {cfg.refl.min_step}/{cfg.refl.max_step}")
     if cfg.train.algorithm == "refl" and cfg.judge.mode != "pairwise":
         raise ConfigError("train.algorithm 'refl' compares against a reference image: set judge.mode=pairwise")
-    if cfg.train.algorithm == "nft" and cfg.judge.mode == "pairwise":
-        raise ConfigError("train.algorithm 'nft' scores each image on its own: set judge.mode=score (Edit-R1's "
-                          "score logits) or yesno")
+    if cfg.train.algorithm in ("nft", "grpo", "awm") and cfg.judge.mode == "pairwise":
+        raise ConfigError(f"train.algorithm '{cfg.train.algorithm}' scores each image on its own: set "
+                          "judge.mode=score (Edit-R1's score logits) or yesno")
+    _check_group_algorithms(cfg)
     _check_device(cfg.model.device, "model.device")
     _check_device(cfg.judge.device, "judge.device")
     if cfg.model.kind == "flux_fill" and not cfg.model.path:
@@ -124,6 +138,26 @@ def validate(cfg) -> None:
         raise ConfigError("judge.kind 'openai' needs judge.base_url and judge.model")
     if cfg.judge.kind == "rule" and cfg.data.source != "world":
         raise ConfigError("the rule judge needs the synthetic world's ground truth: use data.source=world")
+
+
+def _check_group_algorithms(cfg) -> None:
+    """GRPO's SDE rollouts and mini-batches, AWM's training times."""
+    algo, steps, images = cfg.train.algorithm, cfg.sampler.steps, cfg.nft.groups_per_step * cfg.nft.group_size
+    if algo == "grpo":
+        if cfg.sampler.method != "sde" or cfg.sampler.noise_level <= 0:
+            raise ConfigError("train.algorithm 'grpo' trains the log-probabilities of stochastic steps: set "
+                              f"sampler.method=sde and sampler.noise_level > 0 (got {cfg.sampler.method!r}, "
+                              f"{cfg.sampler.noise_level})")
+        if cfg.grpo.trained_steps >= steps:
+            raise ConfigError(f"grpo.trained_steps ({cfg.grpo.trained_steps}) must be < sampler.steps ({steps}): "
+                              "the last step, to t = 0, is deterministic")
+        if images % cfg.grpo.mini_batches:
+            raise ConfigError(f"grpo.mini_batches ({cfg.grpo.mini_batches}) must divide the step's images "
+                              f"(nft.groups_per_step x nft.group_size = {images})")
+    if algo == "awm" and cfg.awm.train_times > int(steps * cfg.awm.timestep_fraction) - 1:
+        raise ConfigError(f"awm.train_times ({cfg.awm.train_times}) is more than the rollout steps it draws from "
+                          f"(1 .. int(sampler.steps x awm.timestep_fraction) - 1 = "
+                          f"{int(steps * cfg.awm.timestep_fraction) - 1}): lower it or raise sampler.steps")
 
 
 def _check_device(name: str, key: str) -> None:

@@ -11,7 +11,8 @@ def spies(monkeypatch):
     """Replace each implementation by a recorder that returns a marker."""
     calls = []
     for name in ("nft_loss_triton", "nft_loss_reference", "group_rewards_triton", "group_rewards_reference",
-                 "masked_blend_step_triton", "masked_blend_step_reference"):
+                 "masked_blend_step_triton", "masked_blend_step_reference", "grpo_loss_triton",
+                 "grpo_loss_reference", "sde_step_logprob_triton", "sde_step_logprob_reference"):
         monkeypatch.setattr(kernels, name, lambda *a, _name=name, **k: calls.append(_name) or _name)
     return calls
 
@@ -22,20 +23,31 @@ def run_all(b: str) -> list[str]:
         kernels.nft_loss(x, x, x, torch.rand(2, device="cpu"), torch.rand(2, device="cpu"), beta=1.0, backend=b),
         kernels.group_rewards(torch.rand(2, 3, device="cpu"), backend=b),
         kernels.masked_blend_step(x, x, torch.ones(2, 1, device="cpu"), x, x, 0.5, 0.4, backend=b),
+        kernels.grpo_loss(x, x, x, torch.randn(2, device="cpu"), mean_x=torch.ones(2, device="cpu"),
+                          mean_v=-torch.ones(2, device="cpu"), std=torch.ones(2, device="cpu"), clip_range=0.2,
+                          backend=b),
+        kernels.sde_step_logprob(x, x, x, mean_x=torch.ones(2, device="cpu"), mean_v=-torch.ones(2, device="cpu"),
+                                 std=torch.ones(2, device="cpu"), backend=b),
     ]
+
+
+TRITON = ["nft_loss_triton", "group_rewards_triton", "masked_blend_step_triton", "grpo_loss_triton",
+          "sde_step_logprob_triton"]
+REFERENCE = ["nft_loss_reference", "group_rewards_reference", "masked_blend_step_reference", "grpo_loss_reference",
+             "sde_step_logprob_reference"]
 
 
 def test_cpu_auto_follows_the_interpreter_flag(spies, monkeypatch):
     monkeypatch.setattr(backend, "INTERPRET", True)
-    assert run_all("auto") == ["nft_loss_triton", "group_rewards_triton", "masked_blend_step_triton"]
+    assert run_all("auto") == TRITON
     monkeypatch.setattr(backend, "INTERPRET", False)
-    assert run_all("auto") == ["nft_loss_reference", "group_rewards_reference", "masked_blend_step_reference"]
+    assert run_all("auto") == REFERENCE
 
 
 def test_forcing_a_backend(spies, monkeypatch):
     monkeypatch.setattr(backend, "INTERPRET", True)
-    assert run_all("torch") == ["nft_loss_reference", "group_rewards_reference", "masked_blend_step_reference"]
-    assert run_all("triton") == ["nft_loss_triton", "group_rewards_triton", "masked_blend_step_triton"]
+    assert run_all("torch") == REFERENCE
+    assert run_all("triton") == TRITON
 
 
 def test_triton_where_it_cannot_run_is_an_error_not_a_fallback(spies, monkeypatch):

@@ -20,7 +20,8 @@ import triton, triton.language as tl
 from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
 
-mods = {m: importlib.import_module(f"kernels.{m}") for m in ("nft_loss", "masked_blend", "group_rewards")}
+mods = {m: importlib.import_module(f"kernels.{m}") for m in ("nft_loss", "masked_blend", "group_rewards",
+                                                               "grpo_loss")}
 BIN = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin")
 POINTERS = {"ws_ptr": "*fp64", "keep_ptr": "*i8", "m_ptr": "*fp32", "r_ptr": "*fp32", "t_ptr": "*fp32",
             "tn_ptr": "*fp32", "w_ptr": "*fp32"}
@@ -77,6 +78,12 @@ CASES = [
           NEED_N=True, BLOCK_R=2, BLOCK_C=1024), 4),
     ("group_rewards", "_group_rewards_kernel", "fp32",
      dict(GLOBAL=True, FILTER=1, HAS_WD=True, ACC="fp32", BLOCK_G=64, BLOCK_S=32, BLOCK_D=4), 4),
+    ("grpo_loss", "_grpo_forward_kernel", "bf16", dict(NFT, HAS_MASK=True, HAS_REF=True, WRITE=2), 8),
+    ("grpo_loss", "_grpo_finalize_kernel", "fp32", dict(HAS_MASK=True, HAS_REF=True, ON_POLICY=False,
+     HAS_WEIGHT=True, MEAN=True, ACC="fp32", FIN_B=FIN[0], FIN_C=FIN[1]), 4),
+    ("grpo_loss", "_grpo_backward_kernel", "bf16", dict(NFT, SPLIT=True, HAS_REF=True, HAS_WEIGHT=True, MEAN=True), 8),
+    ("grpo_loss", "_grpo_finalize_kernel", "fp64", dict(HAS_MASK=False, HAS_REF=False, ON_POLICY=True,
+     HAS_WEIGHT=False, MEAN=False, ACC="fp64", FIN_B=FIN[0], FIN_C=FIN[1]), 4),  # fp64 log and exp
 ]
 print(json.dumps([compile_one(*case) for case in CASES]))
 """
@@ -101,11 +108,12 @@ def test_kernels_compile_for_h100_without_spills(tmp_path):
                           timeout=600)
     assert done.returncode == 0, done.stderr[-4000:]
     report = json.loads(done.stdout.strip().splitlines()[-1])
-    assert len(report) == 8
+    assert len(report) == 12
     for k in report:
         assert k["stack"] == 0, f"{k['kernel']} spills registers: {k}"
         assert k["regs"] <= 168, f"{k['kernel']} uses {k['regs']} registers (fewer than 2 programs per SM)"
-    streaming = report[:2] + report[3:7]  # not the finalize and group kernels (a few scalars each)
+    # not the finalize and group kernels (a few scalars each)
+    streaming = report[:2] + report[3:7] + [report[8], report[10]]
     assert all(k["v4_loads"] for k in streaming), streaming
     writers = streaming[1:]  # the adaptive forward writes no large tensor
     assert all(k["v4_stores"] for k in writers), writers

@@ -15,7 +15,8 @@ def nothing_may_run(monkeypatch):
         raise AssertionError("an implementation ran before the inputs were checked")
 
     for name in ("nft_loss_triton", "nft_loss_reference", "group_rewards_triton", "group_rewards_reference",
-                 "masked_blend_step_triton", "masked_blend_step_reference"):
+                 "masked_blend_step_triton", "masked_blend_step_reference", "grpo_loss_triton",
+                 "grpo_loss_reference", "sde_step_logprob_triton", "sde_step_logprob_reference"):
         monkeypatch.setattr(kernels, name, launched)
 
 
@@ -144,3 +145,65 @@ def test_masked_blend_step_bad_input(change, message):
         kernels.masked_blend_step(args.pop("x_t"), args.pop("v"), args.pop("mask"), args.pop("x0_known"),
                                   args.pop("noise"), args.pop("t"), args.pop("t_next"), **args)
     assert str(err.value).startswith("masked_blend_step: ")
+
+
+def grpo_args(B=3, n=8, **change):
+    args = dict(v_theta=torch.randn(B, n), x_t=torch.randn(B, n), x_next=torch.randn(B, n), advantage=torch.randn(B),
+                logp_old=None, mean_x=torch.ones(B), mean_v=-0.1 * torch.ones(B), std=0.3 * torch.ones(B),
+                mask=None, clip_range=0.2, v_ref=None, kl_coef=0.0, weight=None, reduction="mean",
+                return_logp=False, backend="auto")
+    args.update(change)
+    return args
+
+
+GRPO_BAD = [
+    (dict(v_theta=[[1.0]]), "v_theta must be a torch.Tensor"),
+    (dict(v_theta=torch.ones(3, 8, dtype=torch.int64)), "v_theta must be a floating tensor"),
+    (dict(v_theta=torch.ones(0, 8), x_t=torch.ones(0, 8), x_next=torch.ones(0, 8)), "non-empty"),
+    (dict(x_t=torch.randn(3, 9)), r"x_t has shape \(3, 9\) but v_theta has \(3, 8\)"),
+    (dict(x_next=torch.randn(3, 8, dtype=torch.float64)), "x_next is torch.float64 but v_theta is torch.float32"),
+    (dict(x_next=torch.randn(3, 8, device="meta")), "x_next is on meta"),
+    (dict(advantage=torch.randn(4)), r"advantage must have shape \[B\] = \[3\]"),
+    (dict(advantage=torch.tensor([0.5, NAN, 0.1])), "advantage must be finite"),
+    (dict(logp_old=torch.tensor([0.5, float("inf"), 0.1])), "logp_old must be finite"),
+    (dict(logp_old=torch.zeros(2)), r"logp_old must have shape \[B\]"),
+    (dict(std=torch.tensor([0.3, 0.0, 0.3])), "std must be finite and within .*an Euler or final step"),
+    (dict(std=torch.tensor([0.3, -0.1, 0.3])), "std must be finite and within"),
+    (dict(mean_v=torch.tensor([0.3, NAN, 0.3])), "mean_v must be finite"),
+    (dict(mean_x=torch.ones(3, 1)), r"mean_x must have shape \[B\]"),
+    (dict(mask=torch.ones(3, 9)), r"mask \(3, 9\) does not broadcast to v \(3, 8\)"),
+    (dict(mask=torch.ones(3, 8, dtype=torch.int64)), r"mask must be a floating \(or bool\) tensor"),
+    (dict(clip_range=1.0), "clip_range must be < 1"),
+    (dict(clip_range=-0.1), "clip_range must be >= 0"),
+    (dict(clip_range=NAN), "clip_range must be a finite number"),
+    (dict(kl_coef=0.1), "kl_coef=0.1 needs v_ref"),
+    (dict(kl_coef=-0.1, v_ref=torch.randn(3, 8)), "kl_coef must be >= 0"),
+    (dict(v_ref=torch.randn(3, 4)), "v_ref has shape"),
+    (dict(weight=torch.tensor([1.0, -1.0, 0.0])), r"weight must be finite and within \[0,"),
+    (dict(weight=torch.ones(3), reduction="none"), "weight only applies to reduction='mean'"),
+    (dict(reduction="sum"), r"unknown reduction 'sum'"),
+    (dict(return_logp=1), "return_logp must be True or False"),
+    (dict(backend="cuda"), "unknown backend 'cuda'"),
+]
+
+
+@pytest.mark.parametrize("change, message", GRPO_BAD, ids=[m[:40] for _, m in GRPO_BAD])
+def test_grpo_loss_bad_input(change, message):
+    a = grpo_args(**change)
+    with pytest.raises(ValueError, match=message) as err:
+        kernels.grpo_loss(a.pop("v_theta"), a.pop("x_t"), a.pop("x_next"), a.pop("advantage"), a.pop("logp_old"), **a)
+    assert str(err.value).startswith("grpo_loss: ")
+
+
+@pytest.mark.parametrize("change, message", [
+    (dict(std=torch.zeros(3)), "std must be finite and within"),
+    (dict(x_t=torch.randn(3, 7)), "x_t has shape"),
+    (dict(v=torch.ones(3)), "v must be a non-empty|x_t has shape"),
+])
+def test_sde_step_logprob_bad_input(change, message):
+    a = dict(v=torch.randn(3, 8), x_t=torch.randn(3, 8), x_next=torch.randn(3, 8), mean_x=torch.ones(3),
+             mean_v=-torch.ones(3), std=torch.ones(3), mask=None)
+    a.update(change)
+    with pytest.raises(ValueError, match=message) as err:
+        kernels.sde_step_logprob(a.pop("v"), a.pop("x_t"), a.pop("x_next"), **a)
+    assert str(err.value).startswith("sde_step_logprob: ")

@@ -7,8 +7,10 @@ from kernel_testing import assert_low_precision, guarded, guarded_buffers, rand,
 import kernels
 from kernels.reference import (
     group_rewards_reference,
+    grpo_loss_reference,
     masked_blend_step_reference,
     nft_loss_reference,
+    sde_step_logprob_reference,
 )
 
 pytestmark = pytest.mark.cuda
@@ -102,3 +104,60 @@ def test_group_rewards_on_gpu(dtype, std):
     for name in ("r", "advantage", "mean", "std"):
         torch.testing.assert_close(getattr(got, name), getattr(ref, name), **tol)
     assert torch.equal(got.keep, ref.keep)
+
+
+def grpo_inputs(dtype, on_policy, seed=0):
+    """An SDE step at FLUX scale: x_next = mean + std z, v_theta near the sampling velocity, a binary
+    elementwise mask; off-policy, logp_old puts the ratios inside and outside the clip range 0.2."""
+    x = randn((B, L, C), torch.float64, seed, device="cuda")
+    v_old = randn((B, L, C), torch.float64, seed + 1, device="cuda")
+    mean_x = 1 + 0.1 * rand(B, seed=seed + 2, device="cuda")
+    mean_v = -(0.05 + 0.3 * rand(B, seed=seed + 3, device="cuda"))
+    std = 0.05 + 0.5 * rand(B, seed=seed + 4, device="cuda")
+    xn = (mean_x.view(B, 1, 1) * x + mean_v.view(B, 1, 1) * v_old
+          + std.view(B, 1, 1) * randn((B, L, C), torch.float64, seed + 5, device="cuda"))
+    vt = (v_old + 0.05 * randn((B, L, C), torch.float64, seed + 6, device="cuda")).to(dtype).requires_grad_()
+    mask = (rand((B, L, C), seed=seed + 7, device="cuda") > 0.3).to(dtype)
+    v_ref = randn((B, L, C), dtype, seed + 8, device="cuda")
+    adv = randn(B, torch.float64, seed + 9, device="cuda")
+    weight = (rand(B, seed=seed + 10, device="cuda") > 0.25).double()
+    step = dict(mean_x=mean_x, mean_v=mean_v, std=std, mask=mask)
+    x, xn = x.to(dtype), xn.to(dtype)
+    logp_old = None
+    if not on_policy:
+        exact = sde_step_logprob_reference(vt.detach().double(), x.double(), xn.double(),
+                                           **dict(step, mask=mask.double()))
+        shift = torch.tensor([0.3, -3.0, -0.3, 3.0] * (B // 4), dtype=torch.float64, device="cuda") * 0.18
+        logp_old = exact + shift
+    return vt, x, xn, adv, logp_old, v_ref, weight, step
+
+
+def grpo_loss_grad(fn, vt, x, xn, adv, logp_old, v_ref, weight, step, **kw):
+    out = fn(vt, x, xn, adv, logp_old, v_ref=v_ref, weight=weight if kw.get("reduction") == "mean" else None,
+             **step, **kw)
+    go = torch.linspace(0.5, 1.5, out.numel(), device="cuda", dtype=out.dtype).reshape(out.shape)
+    (g,) = torch.autograd.grad(out, vt, go)
+    return out, g
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("on_policy", [True, False])
+@pytest.mark.parametrize("reduction", ["mean", "none"])
+def test_grpo_loss_at_flux_scale(dtype, on_policy, reduction):
+    vt, x, xn, adv, logp_old, v_ref, weight, step = grpo_inputs(dtype, on_policy)
+    kw = dict(clip_range=0.2, kl_coef=0.04, reduction=reduction)
+    with guarded_buffers():
+        out, g = grpo_loss_grad(kernels.grpo_loss, guarded(vt), guarded(x), guarded(xn), adv, logp_old,
+                                guarded(v_ref), weight, step, **kw)
+    eager, eager_g = grpo_loss_grad(grpo_loss_reference, vt, x, xn, adv, logp_old, v_ref, weight, step, **kw)
+    exact_vt = vt.detach().double().requires_grad_()
+    exact_step = dict(step, mask=step["mask"].double())
+    exact, exact_g = grpo_loss_grad(grpo_loss_reference, exact_vt, x.double(), xn.double(), adv, logp_old,
+                                    v_ref.double(), weight, exact_step, **kw)
+    assert g.dtype == dtype and out.dtype == eager.dtype
+    if dtype == torch.float64:
+        torch.testing.assert_close(out, exact, rtol=1e-10, atol=1e-12)
+        torch.testing.assert_close(g, exact_g, rtol=1e-10, atol=1e-10 * exact_g.abs().max().item())
+    else:
+        assert_low_precision(out, eager, exact, torch.float32, scale=exact.abs().max().item())
+        assert_low_precision(g, eager_g, exact_g, dtype, scale=exact_g.abs().max().item())

@@ -373,3 +373,125 @@ def test_blend_step_matches_the_plain_python_formula(backend, layout):
         grads = torch.autograd.grad(out, leaves, torch.ones_like(out))
         for name, got, expected in zip(("x_t", "v", "x0_known", "noise"), grads, want_grads):
             torch.testing.assert_close(got, expected, **SPEC_TOL, msg=f"{kind}: d/d{name}")
+
+
+# -- GRPO loss ----------------------------------------------------------------------------------------
+def spec_grpo_loss(v, x, xn, adv, logp_old, *, mean_x, mean_v, std, clip_range, mask=None, v_ref=None,
+                   kl_coef=0.0, weight=None, reduction="mean"):
+    """docs/design.md's GRPO loss and its gradient with respect to v_theta, over per-sample lists:
+
+    mu = mean_x x + mean_v v;  logp = -sum m (xn - mu)^2 / (2 std^2 M) - log std - log sqrt(2 pi),  M = sum m
+    ratio = exp(logp - logp_old) (logp_old None: 1, gradient of logp - logp detached)
+    loss = max(-A ratio, -A clip(ratio, 1 - eps, 1 + eps)) + kl_coef sum m (mean_v (v - v_ref))^2 / (2 std^2 M)
+    The policy term's gradient is -A ratio dlogp, or 0 where the clipped term is the larger."""
+    losses, grads = [], []
+    for b in range(len(v)):
+        N = len(v[b])
+        m = [1.0] * N if mask is None else mask[b]
+        M = sum(m)
+        M = M if M > 0 else 1.0
+        a, c, s = mean_x[b], mean_v[b], std[b]
+        e = [xn[b][i] - (a * x[b][i] + c * v[b][i]) for i in range(N)]
+        logp = -sum(m[i] * e[i] ** 2 for i in range(N)) / (2 * s * s * M) - math.log(s) - 0.5 * math.log(2 * math.pi)
+        ratio = 1.0 if logp_old is None else math.exp(logp - logp_old[b])
+        clipped = min(max(ratio, 1 - clip_range), 1 + clip_range)
+        A = adv[b]
+        loss = max(-A * ratio, -A * clipped)
+        g = 0.0 if -A * clipped > -A * ratio else -A * ratio
+        dlogp = [c * m[i] * e[i] / (s * s * M) for i in range(N)]
+        grad = [g * d for d in dlogp]
+        if v_ref is not None:
+            loss += kl_coef * sum(m[i] * (c * (v[b][i] - v_ref[b][i])) ** 2 for i in range(N)) / (2 * s * s * M)
+            grad = [grad[i] + kl_coef * c * c * m[i] * (v[b][i] - v_ref[b][i]) / (s * s * M) for i in range(N)]
+        losses.append(loss)
+        grads.append(grad)
+    if reduction == "none":
+        return losses, grads
+    w = [1.0] * len(v) if weight is None else weight
+    total = sum(wb for wb in w if wb > 0)
+    return (sum(wb * lb for wb, lb in zip(w, losses) if wb > 0) / total,
+            [[(wb / total if wb > 0 else 0.0) * gi for gi in grad] for wb, grad in zip(w, grads)])
+
+
+def public_grpo(backend, v, x, xn, adv, logp_old, **kw):
+    """(loss, d loss / d v_theta) through kernels.grpo_loss; for "none", the gradient of the sum."""
+    vv = f64(v).requires_grad_()
+    lists = {k: None if kw.get(k) is None else f64(kw[k]) for k in ("mean_x", "mean_v", "std", "mask", "v_ref",
+                                                                       "weight")}
+    kw = dict(kw, **lists)
+    out = kernels.grpo_loss(vv, f64(x), f64(xn), f64(adv), None if logp_old is None else f64(logp_old),
+                            backend=backend, **kw)
+    (grad,) = torch.autograd.grad(out.sum(), vv)
+    return out, grad
+
+
+# Hand-computed: x_t = [1, 2], v = [0, 1], mean_x = 1, mean_v = -1/2, std = 1/2, x_next = [1, 1]:
+#   mu = x + c v = [1, 3/2], e = [0, -1/2], M = 2, Q = 1/4, Q / (2 s^2 M) = 1/4,
+#   logp = -1/4 + log 2 - log sqrt(2 pi); dlogp/dv = c m e / (s^2 M) = -e = [0, 1/2].
+# On-policy, A = 2: loss = -2, gradient -A dlogp = [0, -1]; with v_ref = [0, 0], kl_coef = 1:
+#   KL = c^2 sum(v - v_ref)^2 / (2 s^2 M) = 1/4 -> loss -7/4, its gradient c^2 (v - v_ref) / (s^2 M) = [0, 1/2].
+# logp_old = logp - log 2 (ratio 2), clip 1/2: A = 2 -> clipped (max(-4, -3) = -3), no gradient;
+#   A = -2 -> max(4, 3) = 4, gradient -A ratio dlogp = 4 [0, 1/2] = [0, 2].
+# mask [1, 0]: M = 1, Q = 0: logp = log 2 - log sqrt(2 pi), gradient 0.
+_LOGP = -0.25 + math.log(2) - 0.5 * math.log(2 * math.pi)
+_STEP = dict(v=[[0.0, 1.0]], x=[[1.0, 2.0]], xn=[[1.0, 1.0]], mean_x=[1.0], mean_v=[-0.5], std=[0.5])
+GRPO_HAND = [
+    (dict(_STEP, adv=[2.0], logp_old=None, clip_range=0.5), -2.0, [[0.0, -1.0]]),
+    (dict(_STEP, adv=[2.0], logp_old=None, clip_range=0.5, v_ref=[[0.0, 0.0]], kl_coef=1.0), -1.75, [[0.0, -0.5]]),
+    (dict(_STEP, adv=[2.0], logp_old=[_LOGP - math.log(2)], clip_range=0.5), -3.0, [[0.0, 0.0]]),
+    (dict(_STEP, adv=[-2.0], logp_old=[_LOGP - math.log(2)], clip_range=0.5), 4.0, [[0.0, 2.0]]),
+    (dict(_STEP, adv=[-2.0], logp_old=[math.log(2) - 0.5 * math.log(2 * math.pi) - math.log(2)], clip_range=0.5,
+          mask=[[1.0, 0.0]]), 4.0, [[0.0, 0.0]]),
+]
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("case, loss, grad", GRPO_HAND, ids=["on_policy", "on_policy_kl", "clipped", "unclipped",
+                                                             "masked"])
+def test_grpo_loss_hand_computed(backend, case, loss, grad):
+    case = dict(case)
+    out, g = public_grpo(backend, case.pop("v"), case.pop("x"), case.pop("xn"), case.pop("adv"),
+                         case.pop("logp_old"), **case)
+    torch.testing.assert_close(out, f64(loss), **SPEC_TOL)
+    torch.testing.assert_close(g, f64(grad), **SPEC_TOL)
+    v, x, xn = f64(_STEP["v"]), f64(_STEP["x"]), f64(_STEP["xn"])
+    logp = kernels.sde_step_logprob(v, x, xn, mean_x=f64([1.0]), mean_v=f64([-0.5]), std=f64([0.5]), backend=backend)
+    torch.testing.assert_close(logp, f64([_LOGP]), **SPEC_TOL)
+
+
+GRPO_OPTIONS = [(on, reduction, has_ref, has_weight, has_mask) for on in (True, False)
+                for reduction in ("mean", "none") for has_ref in (False, True) for has_weight in (False, True)
+                for has_mask in (False, True) if not (reduction == "none" and has_weight)]
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("on_policy, reduction, has_ref, has_weight, has_mask", GRPO_OPTIONS)
+def test_grpo_loss_matches_the_plain_python_formula(backend, on_policy, reduction, has_ref, has_weight, has_mask):
+    """Every valid option combination; off-policy, the four samples' ratios sit below the clip range
+    with A > 0 (the gradient flows), above it with A > 0 (clipped), inside, and below it with A < 0
+    (clipped); with the mask, one sample has no generated element."""
+    rng = random.Random(11)
+    B, N, eps = 4, 5, 0.2
+    v, x, xn = (_random_lists(rng, B, N) for _ in range(3))
+    mean_x, mean_v, std = [1.1, 0.9, 1.0, 1.05], [-0.3, -0.1, -0.2, -0.05], [0.5, 0.8, 0.3, 0.6]
+    adv = [1.5, 2.0, -0.5, -1.0]
+    mask = [[1.0, 0.0, 1.0, 0.5, 1.0], [1.0] * 5, [0.0] * 5, [0.0, 1.0, 1.0, 1.0, 0.0]] if has_mask else None
+    kw = dict(mean_x=mean_x, mean_v=mean_v, std=std, clip_range=eps, mask=mask, reduction=reduction)
+    logp_old = None
+    if not on_policy:
+        logp = [0.0] * B
+        for b in range(B):
+            m = [1.0] * N if mask is None else mask[b]
+            M = sum(m) or 1.0
+            e = [xn[b][i] - (mean_x[b] * x[b][i] + mean_v[b] * v[b][i]) for i in range(N)]
+            logp[b] = (-sum(m[i] * e[i] ** 2 for i in range(N)) / (2 * std[b] ** 2 * M) - math.log(std[b])
+                       - 0.5 * math.log(2 * math.pi))
+        logp_old = [lp - d * math.log1p(eps) for lp, d in zip(logp, [-3.0, 3.0, 0.3, -3.0])]
+    if has_ref:
+        kw.update(v_ref=_random_lists(rng, B, N), kl_coef=0.7)
+    if has_weight:
+        kw.update(weight=[0.5, 0.0, 2.0, 1.5])
+    want, want_grad = spec_grpo_loss(v, x, xn, adv, logp_old, **kw)
+    got, grad = public_grpo(backend, v, x, xn, adv, logp_old, **kw)
+    torch.testing.assert_close(got, f64(want), **SPEC_TOL)
+    torch.testing.assert_close(grad, f64(want_grad), **SPEC_TOL)

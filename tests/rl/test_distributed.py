@@ -12,10 +12,11 @@ from rl.plumbing.config import load_config
 
 
 @pytest.mark.slow  # two torchrun-style processes over gloo: ~17 s alone, more on a loaded machine
-@pytest.mark.parametrize("algorithm", ["nft", "refl"])
+@pytest.mark.parametrize("algorithm", ["nft", "refl", "grpo", "awm"])
 def test_two_processes_match_one(quick, tmp_path, algorithm):
     overrides = quick(**{"train.steps": 2, "train.algorithm": algorithm, "refl.batch_size": 4,
-                         "judge.mode": "pairwise" if algorithm == "refl" else "score", "optim.micro_batch": 2})
+                         "judge.mode": "pairwise" if algorithm == "refl" else "score", "optim.micro_batch": 2,
+                         "sampler.method": "sde" if algorithm == "grpo" else "dpm2", "grpo.kl_coef": 0.04})
     one = tmp_path / "one"
     rl.train.run(load_config(None, overrides), out_dir=one)
 

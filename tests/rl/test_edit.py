@@ -1,4 +1,4 @@
-"""`python -m rl.edit` and rl.edit's Python API on a small random tiny model; the run's model card."""
+"""`python -m rl.edit` and rl.edit's Python API on a small random toy FLUX.1 Fill (trained VAE); the run's model card."""
 import dataclasses
 import json
 import os

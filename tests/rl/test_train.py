@@ -1,4 +1,4 @@
-"""End-to-end behaviour of `rl.train` on a small random tiny model: files, resume, faults."""
+"""End-to-end behaviour of `rl.train` on a small random toy FLUX.1 Fill (trained VAE): files, resume, faults."""
 import json
 
 import pytest
@@ -43,10 +43,11 @@ def _final_state(path):
     return load_checkpoint(path)
 
 
-@pytest.mark.parametrize("algorithm", ["nft", "refl"])
+@pytest.mark.parametrize("algorithm", ["nft", "refl", "grpo", "awm"])
 def test_resume_gives_identical_weights(quick, tmp_path, algorithm):
     extra = {"train.algorithm": algorithm, "judge.mode": "pairwise" if algorithm == "refl" else "score",
-             "refl.batch_size": 4}
+             "refl.batch_size": 4, "sampler.method": "sde" if algorithm == "grpo" else "dpm2",
+             "grpo.mini_batches": 2, "grpo.kl_coef": 0.04}
     straight = tmp_path / "straight"
     rl.train.run(load_config(None, quick(**extra, **{"train.steps": 4})), out_dir=straight)
     split = tmp_path / "split"
