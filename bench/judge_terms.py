@@ -15,9 +15,10 @@ COLUMNS = [("term", "term", "{}"), ("images", "images", "{}"), ("forward ms", "f
 
 def run(device: torch.device, quick: bool, log) -> list[dict]:
     from core.world import SyntheticWorld
-    from reward.judges.content_terms import fill_alignment_term, text_accuracy_term
+    from reward.judges.content_terms import fill_alignment_term
     from reward.judges.extend_terms import extend_alignment_term
     from reward.judges.rule_judge import RuleJudge
+    from reward.judges.text_terms import text_accuracy_term
 
     repeats = 3 if quick else 10
     rows = []

@@ -1,15 +1,12 @@
-"""Content terms of the rule judge that pay for identity (which glyph, which shape), not colour mass.
+"""Fill's content term of the rule judge, which pays for identity (which shape), not colour mass
+(text's is reward/judges/text_terms.py, extend's reward/judges/extend_terms.py).
 
 The soft-IoU content terms the rule judge (reward/judges/rule_judge.py) had before these paid a
 filled box |truth| / |box|: RL learned to paint solid blocks of ink and blobs of the right colour,
-and the judge's score rose while glyph and shape accuracy fell. The terms here read the edit the
-way core/metrics.py does — classify each glyph cell, classify the drawn shape — but softly, so
-they stay differentiable in the edited image:
+and the judge's score rose while glyph and shape accuracy fell. The term here reads the edit the
+way core/metrics.py does — classify the drawn shape — but softly, so it stays differentiable in
+the edited image:
 
-- `text_accuracy_term`: every character cell of the true text is read by a soft template classifier
-  over the font's glyphs plus "blank", "solid" and "none of these"; a cell pays 1 for reading as the
-  right glyph, `wrong_glyph_credit` for another glyph, 0 otherwise, times its legibility; the term
-  is the mean over cells (not a geometric mean: half the text right is worth half, not nothing).
 - `fill_alignment_term`: the pixels that newly took the requested colour (colour), softly classified
   as one of the world's shapes, as "the whole mask" or as "no shape" (shape), times their soft IoU
   with the requested object's mask (placement). The right shape pays 1, another shape
@@ -18,12 +15,11 @@ they stay differentiable in the edited image:
 A wrong but well-formed answer keeps partial credit on purpose: it must outscore the hacks (a solid
 block, an empty region, noise), or RL has no slope from junk towards well-formed content.
 
-Both take edited [3,H,W] (scalar result) or [B,3,H,W] (result [B]) and the world's EditSample, one
+It takes edited [3,H,W] (scalar result) or [B,3,H,W] (result [B]) and the world's EditSample, one
 for all images (G rollouts of one condition) or a sequence of B.
 """
 from __future__ import annotations
 
-import functools
 import math
 from collections.abc import Callable, Sequence
 
@@ -31,7 +27,6 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from core.glyphs import GLYPH_H, GLYPH_W, GLYPHS, glyph
 from core.world import COLOURS, SHAPES, EditSample
 
 #: area of each world shape in units of r^2 (core.world.shape_mask), to fit r from a region's area
@@ -61,136 +56,6 @@ def stack_truth(samples: list[EditSample], get: Callable[[EditSample], Tensor], 
     if all(s is samples[0] for s in samples):
         return get(samples[0]).to(like)[None].expand(len(samples), *get(samples[0]).shape)
     return torch.stack([get(s) for s in samples]).to(like)
-
-
-# -- text ---------------------------------------------------------------------------------------
-
-def ink_map(edited: Tensor, source: Tensor, ink_value: Tensor) -> Tensor:
-    """[B,H,W] in [0,1]: how far each pixel went from the unedited pixel under it towards the ink,
-    d_src / (d_src + d_ink) with squared RGB distances: 1 on ink, 0 where nothing changed.
-
-    Relative to the source rather than an absolute distance to the ink: the world picks black or
-    white ink against the box's mean luminance, so dark backgrounds can sit ~0.15 per channel from
-    black ink, and a fixed colour kernel either counts them as ink or misses noisy strokes. The
-    ratio is smooth between the two, so a faint or noisy stroke is worth less than a crisp one
-    and the gradient points towards crisper ink (it is 0 only exactly at the source or the ink).
-    """
-    ink = ink_value.to(edited).reshape(-1, 1, 1, 1)
-    d_ink = ((edited - ink) ** 2).sum(1)
-    d_src = ((edited - source) ** 2).sum(1)
-    return d_src / (d_src + d_ink + 1e-4)
-
-
-def glyph_templates(scale: int = 2, margin: int = 1) -> tuple[Tensor, list[str]]:
-    """[K, 5s+2m, 3s+2m] ink templates of every glyph, then "blank" and "solid", and their names.
-
-    The margin ring (blank in every template) makes ink spilling out of the cell count against
-    every reading, so a block over the whole box reads as none of them.
-    """
-    return _templates(scale, margin).clone(), list(GLYPHS) + ["blank", "solid"]
-
-
-@functools.lru_cache(maxsize=8)
-def _templates(scale: int, margin: int) -> Tensor:
-    # cached: the term runs every RL step; callers only read it
-    h, w = GLYPH_H * scale, GLYPH_W * scale
-    cells = [glyph(ch, scale) for ch in GLYPHS] + [torch.zeros(h, w), torch.ones(h, w)]
-    return torch.stack([F.pad(c, (margin,) * 4) for c in cells])
-
-
-def cell_distances(ink: Tensor, cells: Tensor, *, scale: int = 2, margin: int = 1,
-                   max_shift: int = 1) -> Tensor:
-    """[N, P, K]: mean squared distance of each glyph cell's window, moved by each of the P =
-    (2 max_shift + 1)^2 offsets (`cell_offsets`), to every template of `glyph_templates`.
-    ink: [N,H,W] ink maps (one per cell); cells: [N,2] long (top, left) of the cells."""
-    templates = _templates(scale, margin).to(ink)
-    th, tw = templates.shape[-2:]
-    pad = margin + max_shift
-    padded = F.pad(ink, (pad,) * 4)
-    offsets = cell_offsets(max_shift).to(cells.device)  # [P, 2]
-    # in padded coordinates a window at offset (dy, dx) starts at cell + max_shift + (dy, dx)
-    starts = cells[:, None, :] + max_shift + offsets[None]  # [N, P, 2]
-    rows = starts[..., 0, None] + torch.arange(th, device=ink.device)  # [N, P, th]
-    cols = starts[..., 1, None] + torch.arange(tw, device=ink.device)  # [N, P, tw]
-    n = torch.arange(ink.shape[0], device=ink.device)[:, None, None, None]
-    windows = padded[n, rows[..., :, None], cols[..., None, :]]  # [N, P, th, tw]
-    return ((windows[:, :, None] - templates) ** 2).mean((-2, -1))
-
-
-def cell_offsets(max_shift: int = 1) -> Tensor:
-    """[P, 2] long: the (dy, dx) offsets at which `cell_distances` reads a cell, (0, 0) included."""
-    r = torch.arange(-max_shift, max_shift + 1)
-    return torch.stack(torch.meshgrid(r, r, indexing="ij"), -1).reshape(-1, 2)
-
-
-def _reading_logits(dist: Tensor, temperature: float, reject_distance: float, shift_penalty: float,
-                    max_shift: int) -> tuple[Tensor, Tensor]:
-    """Distances with the shift penalty [N, P*K], and the logits of those readings plus "none"."""
-    cost = shift_penalty * cell_offsets(max_shift).abs().sum(1).to(dist)
-    dist = (dist + cost[None, :, None]).flatten(1)
-    reject = torch.full_like(dist[:, :1], reject_distance)
-    return dist, -torch.cat([dist, reject], 1) / temperature
-
-
-def cell_probabilities(dist: Tensor, *, temperature: float = 0.01, reject_distance: float = 0.12,
-                       shift_penalty: float = 0.01) -> Tensor:
-    """[N, K+1]: soft reading of glyph cells from `cell_distances` [N, P, K], over the templates
-    (summed over offsets) and "none".
-
-    Logits are -(distance + shift_penalty * |offset|_1) / temperature. Distinct glyphs differ by
-    >= one font pixel, i.e. scale^2 image pixels (4/96 ~ 0.04 of a window at scale 2): at
-    temperature 0.01 a perfectly drawn wrong glyph leaves the right one ~e^-4. "None" sits at the
-    fixed distance `reject_distance` (~3 font pixels wrong), so noise and part-filled boxes, about
-    equally far from every template, read as nothing rather than as a coin flip among glyphs. The
-    offsets let a right glyph drawn a pixel off still read as itself (core.metrics.read_glyph,
-    which has no margin ring, reads it so too), at a cost.
-    """
-    N, P, K = dist.shape
-    max_shift = (math.isqrt(P) - 1) // 2
-    _, logits = _reading_logits(dist, temperature, reject_distance, shift_penalty, max_shift)
-    p = torch.softmax(logits, 1)
-    return torch.cat([p[:, :-1].reshape(N, P, K).sum(1), p[:, -1:]], 1)
-
-
-def text_accuracy_term(edited: Tensor, sample: EditSample | Sequence[EditSample], *,
-                       wrong_glyph_credit: float = 0.25, temperature: float = 0.01,
-                       reject_distance: float = 0.12, legibility_scale: float = 0.02,
-                       shift_penalty: float = 0.01, max_shift: int = 1, scale: int = 2,
-                       margin: int = 1) -> Tensor:
-    """Soft share of the true text's characters that read as the right glyph, in [0, 1].
-
-    A cell pays, for each reading (template and offset, see `cell_probabilities`), P(reading) *
-    credit * exp(-(distance + offset cost) / legibility_scale): credit 1 for the right glyph,
-    `wrong_glyph_credit` for another, 0 for blank, solid and "none". The legibility factor makes a
-    noisy, faint or misplaced right glyph worth less than a clean one (the reading alone
-    saturates: noise moves every template's distance alike). Positions come from the truth
-    (`truth["cells"]`, the renderer's cell corners).
-    """
-    e, samples, single = as_batch(edited, sample)
-    source = stack_truth(samples, lambda s: s.source, e)
-    ink_values = torch.tensor([float(s.truth["ink_value"]) for s in samples])
-    ink = ink_map(e, source, ink_values)
-    owner, corners, right = [], [], []
-    for b, s in enumerate(samples):
-        for (top, left), ch in zip(s.truth["cells"], s.truth["text"]):
-            owner.append(b)
-            corners.append((top, left))
-            right.append(GLYPHS.index(ch))
-    owner_t = torch.tensor(owner, device=e.device)
-    dist = cell_distances(ink[owner_t], torch.tensor(corners, device=e.device), scale=scale, margin=margin,
-                          max_shift=max_shift)
-    N, P, K = dist.shape
-    dist, logits = _reading_logits(dist, temperature, reject_distance, shift_penalty, max_shift)
-    probs = torch.softmax(logits, 1)[:, :-1].reshape(N, P, K)
-    n_glyphs = len(GLYPHS)
-    credit = torch.zeros(N, K, dtype=e.dtype, device=e.device)
-    credit[:, :n_glyphs] = wrong_glyph_credit
-    credit[torch.arange(N, device=e.device), torch.tensor(right, device=e.device)] = 1.0
-    legible = torch.exp(-dist.reshape(N, P, K) / legibility_scale)
-    cell = (probs * credit[:, None] * legible).sum((1, 2))
-    per_image = torch.zeros(e.shape[0], dtype=e.dtype, device=e.device).index_add(0, owner_t, cell)
-    per_image = per_image / torch.bincount(owner_t, minlength=e.shape[0]).clamp_min(1).to(e)
-    return per_image[0] if single else per_image
 
 
 # -- fill ---------------------------------------------------------------------------------------

@@ -9,7 +9,8 @@ world's truth (differentiable in the edited image, so reward feedback learning c
   block |truth| / |box|, and RL learned to paint blocks of ink and blobs of colour while glyph and
   shape accuracy fell. A wrong but well-formed answer keeps partial credit, above every hack
   (a block, an empty region, noise: about 0), so RL has a slope from junk to form to the right form:
-  text_accuracy    text: a soft per-cell glyph classifier over the font (content_terms);
+  text_accuracy    text: a soft per-cell glyph reading over the font, solid and blank, as
+                   core.metrics reads glyphs (text_terms);
   text_alignment   fill: colour x soft shape reading x placement of the drawn region
                    (content_terms); extend with an object described in the new area: the same
                    read at the object's true pose, since the kept canvas fixes where it continues,
@@ -45,8 +46,9 @@ from reward.judge import (
     check_mode,
     check_scores,
 )
-from reward.judges.content_terms import fill_alignment_term, text_accuracy_term
+from reward.judges.content_terms import fill_alignment_term
 from reward.judges.extend_terms import extend_alignment_term
+from reward.judges.text_terms import text_accuracy_term
 
 _LAPLACE = torch.tensor([[0.0, 1.0, 0.0], [1.0, -4.0, 1.0], [0.0, 1.0, 0.0]])
 
