@@ -66,6 +66,15 @@ class VAESpec:
     def scale_factor(self) -> int:
         return 2 ** (len(self.block_out_channels) - 1)
 
+    @classmethod
+    def of(cls, vae: AutoencoderKL) -> VAESpec:
+        """The spec of a built (e.g. trained) VAE, with its fitted latent scaling."""
+        c = vae.config
+        return cls(block_out_channels=tuple(c.block_out_channels), latent_channels=c.latent_channels,
+                   layers_per_block=c.layers_per_block, norm_num_groups=c.norm_num_groups,
+                   mid_block_attention=c.mid_block_add_attention, scaling_factor=c.scaling_factor,
+                   shift_factor=c.shift_factor)
+
 
 @dataclasses.dataclass(frozen=True)
 class ClipSpec:

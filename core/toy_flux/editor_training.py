@@ -206,13 +206,8 @@ def build_policy(vae_dir: str | Path, cfg: EditorTrainConfig) -> tuple[FluxFillP
     """A freshly initialised toy pipeline around the trained VAE in `vae_dir` (whose sample size is
     the image size), as a policy."""
     vae = AutoencoderKL.from_pretrained(vae_dir)
-    vc = vae.config
-    image_size = int(vc.sample_size)
-    spec = ToyFluxSpec(image_size=image_size, transformer=cfg.transformer, seed=cfg.seed,
-                       vae=VAESpec(block_out_channels=tuple(vc.block_out_channels), latent_channels=vc.latent_channels,
-                                   layers_per_block=vc.layers_per_block, norm_num_groups=vc.norm_num_groups,
-                                   mid_block_attention=vc.mid_block_add_attention,
-                                   scaling_factor=vc.scaling_factor, shift_factor=vc.shift_factor))
+    image_size = int(vae.config.sample_size)
+    spec = ToyFluxSpec(image_size=image_size, transformer=cfg.transformer, seed=cfg.seed, vae=VAESpec.of(vae))
     pipe = build_toy_pipeline(spec, vae=vae)
     policy = FluxFillPolicy(pipe, max_sequence_length=pipe.tokenizer_2.model_max_length, image_size=image_size)
     return policy, spec

@@ -29,11 +29,7 @@ def tiny_model_dir(tmp_path_factory):
     draw the colours the tests' judges ask for) around a random small transformer whose output
     layer is scaled up, so different noise gives clearly different images and rewards have spread."""
     vae = AutoencoderKL.from_pretrained(SHIPPED_DIR / "vae")
-    c = vae.config
-    spec = dataclasses.replace(TEST_SPEC, vae=VAESpec(
-        block_out_channels=tuple(c.block_out_channels), latent_channels=c.latent_channels,
-        layers_per_block=c.layers_per_block, norm_num_groups=c.norm_num_groups,
-        mid_block_attention=c.mid_block_add_attention, scaling_factor=c.scaling_factor, shift_factor=c.shift_factor))
+    spec = dataclasses.replace(TEST_SPEC, vae=VAESpec.of(vae))
     pipe = build_toy_pipeline(spec, vae=vae)
     with torch.no_grad():
         g = torch.Generator().manual_seed(0)
