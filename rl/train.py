@@ -14,7 +14,9 @@ tensorboard/, samples/*.png (labelled grids), ckpt-*/ + latest (atomic checkpoin
 JSON; `--resume DIR` continues bit-exactly), eval_base.* (the cached base evaluation),
 reward_curve.png, time_split.png, summary.json (held-out reward per task, base vs final, paired
 intervals, ground truth), final/ (the trained policy, loadable with diffusers/transformers, and its
-model card), and with train.tracker=wandb, wandb/ and wandb_id.txt.
+model card), and with train.tracker=wandb, wandb/ and wandb_id.txt. With monitor.every=N (the
+reward-hacking monitor, rl/evaluation/monitor.py) also monitor.png, best/ (the best monitored EMA)
+and best/best.json; `monitor/*` records in metrics.jsonl.
 """
 from __future__ import annotations
 
@@ -31,6 +33,7 @@ import torch
 from core.config_io import ConfigError, to_dict
 from reward.judge import JudgeError
 from rl.evaluation.model_card import write_model_card
+from rl.evaluation.monitor import HackingMonitor, reconcile_best
 from rl.evaluation.run_summary import final_summary
 from rl.plumbing.builders import build_data, build_judge, build_policy, rollout_sigmas
 from rl.plumbing.checkpoint import (
@@ -55,7 +58,10 @@ from rl.plumbing.run_log import RunLog, require_tracker, sample_label, save_samp
 
 
 class RunStopped(RuntimeError):
-    """The run stopped on a fault (after saving a checkpoint); the message says why and how to resume."""
+    """The run stopped on a fault (after saving a checkpoint); the message says why and how to resume.
+
+    (A stop of the reward-hacking monitor, monitor.stop_on_hacking, is not a fault and not a RunStopped:
+    the run ends like one that reached its time budget, with its summary, and exit status 0.)"""
 
 
 def make_trainer(cfg: RunConfig, ctx: DistContext):
@@ -150,13 +156,23 @@ def run(config: RunConfig, out_dir: str | os.PathLike | None = None, resume: str
                           f"{own_id}): the directory was mixed; resume from the directory that wrote it")
 
     trainer = make_trainer(cfg, ctx)  # a missing model or an unreachable judge fails here, before the claim
+    monitor = None
+    if cfg.monitor.every:
+        second_judge = _monitor_judge(cfg, ctx) if cfg.monitor.signal == "judge" else None
+        monitor = HackingMonitor(cfg, run_dir, second_judge)
+        monitor.check_data(trainer.data)
     run_id = _on_main(ctx, run_dir, lambda: _claim_run_dir(cfg, run_dir, bool(resume), fresh))
     trainer.run_id = run_id
+    trainer.hacking_monitor = monitor  # its state goes into every checkpoint (_save)
     start = 0
     if state is not None:
         trainer.load_state_dict(state)
         restore_rng_states(state["rng"])
         start = state["step"] + 1
+        if monitor is not None:
+            monitor.load_state_dict(state.get("monitor"))
+            if ctx.is_main:
+                reconcile_best(run_dir, state["step"])
     log = RunLog(run_dir, tensorboard=cfg.train.tensorboard, resume_step=start - 1, tracker=cfg.train.tracker,
                  config=to_dict(cfg)) if ctx.is_main else None
 
@@ -165,6 +181,7 @@ def run(config: RunConfig, out_dir: str | os.PathLike | None = None, resume: str
         base = _cached_base_eval(trainer, run_dir)
 
     progress = _progress(cfg, ctx, start)
+    stopped_at, stop_events, stop_checkpoint = None, [], None
     bad_in_a_row = 0
     t_start = time.perf_counter()
     step = start
@@ -184,9 +201,14 @@ def run(config: RunConfig, out_dir: str | os.PathLike | None = None, resume: str
             spent = sum(metrics.get(k, 0.0) for k in ("time_rollout", "time_judge", "time_update"))
             metrics["images_per_second"] = metrics.get("images", 0) / max(spent, 1e-9)
             metrics["weights_nonfinite"] = trainer.weights_nonfinite
+            events, monitored = [], None
+            if monitor is not None and monitor.due(step) and not trainer.weights_nonfinite:
+                events, monitored = _monitor_step(monitor, trainer, step, metrics, run_dir, ctx, progress)
             if (ctx.is_main and cfg.train.eval_every and (step + 1) % cfg.train.eval_every == 0
                     and step < cfg.train.steps - 1 and not trainer.weights_nonfinite):
-                metrics.update(_periodic_eval(trainer, step))
+                # the monitor's evaluation of this step is the same evaluation when the sets are the same size
+                same = monitored if cfg.monitor.per_task == cfg.train.eval_per_task else None
+                metrics.update(_periodic_eval(trainer, step, same))
             if log is not None:
                 log.log(step, metrics)
             if progress is not None:
@@ -203,12 +225,17 @@ def run(config: RunConfig, out_dir: str | os.PathLike | None = None, resume: str
                     f"{bad_in_a_row} steps in a row had a non-finite loss or gradient (last: step {step}); "
                     f"stopped. Lower optim.lr or check the judge's scores.\n" + _continue_advice(run_dir, saved))
             last = step == cfg.train.steps - 1
+            hacking_stop = bool(events) and cfg.monitor.stop_on_hacking
             over_budget = cfg.train.time_budget_s > 0 and ctx.broadcast_object(  # rank 0's clock decides for all
                 time.perf_counter() - t_start > cfg.train.time_budget_s)
             if ctx.is_main and cfg.train.sample_every and (step % cfg.train.sample_every == 0 or last):
                 _sample_grid(trainer, run_dir, step, base, log)
-            if (cfg.train.checkpoint_every and (step + 1) % cfg.train.checkpoint_every == 0) or last or over_budget:
-                _save(trainer, run_dir, step, cfg, ctx)
+            if ((cfg.train.checkpoint_every and (step + 1) % cfg.train.checkpoint_every == 0) or last or over_budget
+                    or hacking_stop):
+                stop_checkpoint = _save(trainer, run_dir, step, cfg, ctx)
+            if hacking_stop:  # a clean stop (the summary follows), not a fault: the monitor did its job
+                stopped_at, stop_events = step, events
+                break
             if over_budget:
                 if ctx.is_main:
                     print(f"[rl.train] time budget of {cfg.train.time_budget_s:.0f} s reached at step {step}",
@@ -222,11 +249,60 @@ def run(config: RunConfig, out_dir: str | os.PathLike | None = None, resume: str
 
     summary: dict[str, Any] = {}
     if ctx.is_main:
-        summary = final_summary(trainer, run_dir, base, steps_done=step + 1)
+        extra = None if monitor is None else {"monitor": monitor.summary(stopped_at)}
+        summary = final_summary(trainer, run_dir, base, steps_done=step + 1, extra=extra)
         trainer.export(run_dir / "final")
         write_model_card(run_dir / "final", cfg, summary)
+        if stopped_at is not None:  # last, so that it is the run's final word
+            print(f"[rl.train] {monitor.stop_message(stopped_at, stop_events, stop_checkpoint)}", file=sys.stderr)
     ctx.barrier()
     return summary
+
+
+def _monitor_judge(cfg: RunConfig, ctx: DistContext):
+    """The monitor's second judge, on rank 0 (the only one that evaluates); a judge that cannot be
+    built refuses the run on every rank, before any work."""
+    error, judge = None, None
+    if ctx.is_main:
+        try:
+            judge = build_judge(cfg.monitor.judge, ctx.device)
+        except (JudgeError, OSError, ValueError, ImportError) as err:
+            error = f"monitor.judge: {err}"
+    error = ctx.broadcast_object(error)
+    if error is not None:
+        raise ConfigError(error)
+    return judge
+
+
+def _monitor_step(monitor: HackingMonitor, trainer, step: int, metrics: dict[str, Any], run_dir: Path,
+                  ctx: DistContext, progress) -> tuple[list, Any]:
+    """The monitor's evaluation after `step` on rank 0 (its numbers into `metrics`, its warnings to
+    stderr); returns the warnings (on every rank: the stop is decided together) and the evaluation."""
+    error, events, result = None, [], None
+    if ctx.is_main:
+        try:
+            report = monitor.observe(trainer, step)
+        except Exception as err:  # noqa: BLE001 (any failure of the evaluation stops the run the same way)
+            error = f"{type(err).__name__}: {err}"
+        else:
+            metrics.update(report.metrics)
+            events, result = report.events, report.result
+            for event in events:
+                _say(progress, f"[rl.train] {event.message()}")
+    error, events = ctx.broadcast_object((error, events))
+    if error is not None:
+        # the monitor state is checkpointed with the weights: resuming the last checkpoint redoes this step whole
+        raise RunStopped(f"the monitor's evaluation after step {step} failed: {error}\n"
+                         + _continue_advice(run_dir, latest_checkpoint(run_dir)))
+    return events, result
+
+
+def _say(progress, message: str) -> None:
+    """A line on stderr that does not tear the progress bar."""
+    if progress is not None:
+        progress.write(message, file=sys.stderr)
+    else:
+        print(message, file=sys.stderr)
 
 
 def _continue_advice(run_dir: Path, checkpoint: Path | None, fix: str = "fix the cause") -> str:
@@ -250,6 +326,9 @@ def _save(trainer, run_dir: Path, step: int, cfg: RunConfig, ctx: DistContext) -
     path = None
     if ctx.is_main:
         state = {**trainer.state_dict(), "run_id": getattr(trainer, "run_id", None)}
+        monitor = getattr(trainer, "hacking_monitor", None)
+        if monitor is not None:
+            state["monitor"] = monitor.state_dict()
         path = save_checkpoint(run_dir, step, state, _yaml(cfg), keep=cfg.train.keep_checkpoints)
     ctx.barrier()
     return path
@@ -278,11 +357,13 @@ def _cached_base_eval(trainer, run_dir: Path):
     return result
 
 
-def _periodic_eval(trainer, step: int) -> dict[str, Any]:
-    """Held-out judge reward (and ground truth where known) of the EMA, for train.eval_every."""
+def _periodic_eval(trainer, step: int, result=None) -> dict[str, Any]:
+    """Held-out judge reward (and ground truth where known) of the EMA, for train.eval_every;
+    `result`: this step's evaluation of the same held-out set, when the monitor already made it."""
     from rl.evaluation.run_summary import evaluate_weights
 
-    result = evaluate_weights(trainer, trainer.ema, f"step {step}")
+    if result is None:
+        result = evaluate_weights(trainer, trainer.ema, f"step {step}")
     out: dict[str, Any] = {"heldout/reward": float(result.reward.mean()),
                            "heldout/reward_by_task": result.reward_by_task()}
     if result.ground_truth is not None:

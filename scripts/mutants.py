@@ -118,6 +118,14 @@ MUTANTS = [
     Mutant("a resume may change anything", "rl/plumbing/run_dir.py", "if k not in RESUMABLE_KEYS}", "if False}", (SAFETY,)),
     Mutant("optim.grad_clip's range unchecked", "rl/plumbing/config_checks.py", '"optim.grad_clip": Range(0, open_lo=True,',
            '"optim.grad_clip": Range(None, open_lo=True,', ("tests/rl/test_config.py",)),
+    # the reward-hacking monitor
+    Mutant("monitor change is last minus first (not robust)", "rl/evaluation/monitor.py",
+           "return statistics.median(slopes) * (pts[-1][0] - pts[0][0])", "return pts[-1][1] - pts[0][1]",
+           ("tests/rl/test_hacking_monitor.py",)),
+    Mutant("monitor warns without a rising judge", "rl/evaluation/monitor.py",
+           "if judge is None or not judge > judge_rise:", "if judge is None:", ("tests/rl/test_hacking_monitor.py",)),
+    Mutant("monitor state not checkpointed", "rl/train.py", '            state["monitor"] = monitor.state_dict()\n',
+           "            pass\n", ("tests/rl/test_hacking_monitor.py",)),
     # judges
     Mutant("the judges' final score check disabled", "reward/judge.py", "    if bool(bad.any()):\n",
            "    if False:\n", ("tests/reward",)),

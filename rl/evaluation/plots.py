@@ -128,3 +128,48 @@ def plot_time_split(metrics: list[dict[str, Any]], path: Path) -> dict[str, floa
     fig.savefig(path, dpi=100)
     plt.close(fig)
     return means
+
+
+def plot_monitor(history: list[dict[str, Any]], warnings: list[dict[str, Any]], path: Path,
+                 signal_label: str = "ground truth", best_step: int | None = None) -> bool:
+    """monitor.png of the hacking monitor (rl/evaluation/monitor.py): one panel per task with the
+    training judge's held-out reward (left axis, black) and the monitor's signals (right axis, in
+    their own units) against the step (the base model at -1); a red line marks each warning's step,
+    a green one the best monitored step. Returns False (and writes nothing) without history.
+
+    Two y axes because the signals' units differ (PSNR in dB, accuracies in [0, 1]); what matters
+    is the direction of each curve, which is what the warnings compare."""
+    if not history:
+        return False
+    tasks = list(history[-1]["signal"]) or list(history[-1]["judge"])
+    fig, axes = plt.subplots(1, len(tasks), figsize=(4.2 * len(tasks), 3.8), squeeze=False)
+    steps = [p["step"] for p in history]
+    for ax, task in zip(axes[0], tasks):
+        judge = [p["judge"].get(task, math.nan) for p in history]
+        ax.plot(steps, judge, color="black", marker="o", markersize=3, linewidth=1.5, label="training judge")
+        ax.set(xlabel="step (base at -1)", title=task)
+        ax.grid(alpha=0.3)
+        twin = ax.twinx()
+        metrics = list(history[-1]["signal"].get(task, {}))
+        for i, metric in enumerate(metrics):
+            values = [p["signal"].get(task, {}).get(metric, math.nan) for p in history]
+            twin.plot(steps, values, color=plt.get_cmap("tab10")(i % 10), marker="s", markersize=3,
+                      linestyle="--", linewidth=1.5, label=f"{signal_label}: {metric}")
+        for w in warnings:
+            if w["task"] == task:
+                ax.axvline(w["to_step"], color="red", alpha=0.5, linewidth=1)
+        if best_step is not None:
+            ax.axvline(best_step, color="green", linestyle=":", linewidth=1.5)
+        lines = ax.get_legend_handles_labels()
+        more = twin.get_legend_handles_labels()
+        ax.legend(lines[0] + more[0], lines[1] + more[1], fontsize=7, loc="best")
+    axes[0][0].set_ylabel("training judge (held-out)")
+    twin.set_ylabel(f"{signal_label} (own units)")
+    fig.suptitle(f"reward-hacking monitor: training judge vs {signal_label} (red: warning, green: best)")
+    fig.tight_layout()
+    # written whole, then renamed: a viewer refreshing the file never reads half a PNG
+    tmp = path.with_name(f".{path.name}.tmp")
+    fig.savefig(tmp, dpi=90, format="png")
+    plt.close(fig)
+    tmp.replace(path)
+    return True

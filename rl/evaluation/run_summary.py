@@ -21,9 +21,14 @@ from rl.plumbing.run_log import read_metrics
 GRID_ROWS_PER_TASK = 2
 
 
-def evaluate_weights(trainer, weights: dict[str, Tensor] | None, label: str) -> EvalResult:
+def evaluate_weights(trainer, weights: dict[str, Tensor] | None, label: str,
+                     per_task: int | None = None) -> EvalResult:
+    """Edit the first `per_task` held-out conditions of every task (default train.eval_per_task) with
+    `weights` (None: the policy's own), each with its own keyed noise, and score them with the
+    training judge's eval_mode question (and the ground truth where the data has it)."""
     cfg = trainer.cfg
-    samples = held_out_samples(trainer.data, trainer.data.tasks, cfg.train.eval_per_task)
+    per_task = cfg.train.eval_per_task if per_task is None else per_task
+    samples = held_out_samples(trainer.data, trainer.data.tasks, per_task)
     from rl.plumbing.builders import rollout_sigmas
 
     sigmas = rollout_sigmas(trainer.policy, cfg.sampler.eval_steps, cfg.sampler.shift)
@@ -99,7 +104,9 @@ def _reward_of(result) -> Tensor:
     return result.reward if isinstance(result, EvalResult) else result["reward"]
 
 
-def final_summary(trainer, run_dir: Path, base, steps_done: int) -> dict[str, Any]:
+def final_summary(trainer, run_dir: Path, base, steps_done: int,
+                  extra: dict[str, Any] | None = None) -> dict[str, Any]:
+    """Plots, the final held-out evaluation against `base`, and summary.json (with `extra` added)."""
     cfg = trainer.cfg
     metrics = read_metrics(run_dir / "metrics.jsonl")
     plot_reward_curves(metrics, run_dir / "reward_curve.png", title=f"{cfg.train.algorithm} training reward")
@@ -125,6 +132,7 @@ def final_summary(trainer, run_dir: Path, base, steps_done: int) -> dict[str, An
         if final.ground_truth is not None:
             base_gt = base.ground_truth_means() if isinstance(base, EvalResult) else _gt_means(base, final)
             summary["ground_truth"] = {"base": base_gt, "final": final.ground_truth_means()}
+    summary.update(extra or {})
     (run_dir / "summary.json").write_text(json.dumps(summary, indent=2))
     _print_summary(summary)
     return summary

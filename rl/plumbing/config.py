@@ -1,6 +1,6 @@
 """The run configuration of `python -m rl.train`. Defaults are the built-in CPU job.
 
-Sections: model, data, judge, sampler, nft, refl, grpo, awm, optim, train. Load with `load_config(path,
+Sections: model, data, judge, sampler, nft, refl, grpo, awm, optim, train, monitor. Load with `load_config(path,
 overrides)`; every key is typed and checked (core/config_io.py), and `validate` (rl/plumbing/config_checks.py)
 checks every value's range and the paths before any work starts. Each key's one-line meaning is
 the second argument of `opt` (core/config_schema.py): `python -m rl.train --help` prints it.
@@ -229,6 +229,35 @@ class TrainConfig:
 
 
 @dataclasses.dataclass
+class MonitorConfig:
+    """Watching for reward hacking while training (rl/evaluation/monitor.py): the EMA on a fixed held-out
+    set, scored by the training judge and by an independent signal; warnings, best model, optional stop."""
+
+    every: int = opt(0, "evaluate the EMA on the monitor's held-out set after every N steps (0 = off); "
+                        "independent of train.eval_every")
+    per_task: int = opt(16, "held-out conditions per task in the monitor's set (the same conditions and noise "
+                            "at every evaluation)")
+    signal: Literal["truth", "judge"] = opt(
+        "truth", "the independent signal: truth = the built-in world's ground truth (fill shape_acc and "
+                 "object_iou, extend and removal psnr_mask, text glyph_acc); judge = a second judge, monitor.judge")
+    # a JudgeConfig of its own, so any judge (another kind, template, model) can watch the training one
+    judge: JudgeConfig | None = opt(None, "signal = judge: the second judge (keys monitor.judge.*, as judge.*); it "
+                                          "asks its eval_mode question, like every held-out evaluation")
+    window: int = opt(5, "evaluations (the base model's included) over which judge and signal changes are "
+                         "measured; from 5 on, one outlying evaluation cannot fire a warning")
+    judge_rise: float = opt(0.01, "a warning needs the training judge's held-out reward of a task to rise by more "
+                                  "than this over the window")
+    drop_fraction: float = opt(0.05, "... and an accuracy / IoU signal of that task (shape_acc, object_iou, "
+                                     "glyph_acc) to fall by more than this")
+    drop_db: float = opt(0.5, "... or a PSNR signal of that task (psnr_mask) to fall by more than this many dB")
+    drop_judge: float = opt(0.01, "... or the second judge's reward of that task (signal = judge) to fall by more "
+                                  "than this")
+    keep_best: bool = opt(True, "export the EMA to RUN/best/ (with best/best.json) whenever the monitor's score is "
+                                "the best so far")
+    stop_on_hacking: bool = opt(False, "stop the run (checkpoint saved, exit status 0) at the first warning")
+
+
+@dataclasses.dataclass
 class RunConfig:
     """Everything `python -m rl.train` reads: one YAML file, or defaults plus --set overrides."""
 
@@ -243,6 +272,8 @@ class RunConfig:
     awm: AWMConfig = section(AWMConfig, "Advantage Weighted Matching (train.algorithm = awm)")
     optim: OptimConfig = section(OptimConfig, "AdamW and its learning-rate schedule")
     train: TrainConfig = section(TrainConfig, "the training loop")
+    monitor: MonitorConfig = section(MonitorConfig, "watching for reward hacking: training judge vs an independent "
+                                                    "signal on held-out conditions")
 
 
 def load_config(path: str | None = None, overrides: list[str] | None = None) -> RunConfig:

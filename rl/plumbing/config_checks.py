@@ -86,7 +86,16 @@ NUMERIC_RANGES: dict[str, Range] = {
     "train.ema_max_decay": _DECAY,
     "train.max_bad_steps": _at_least(1),
     "train.threads": _at_least(0, "0 = torch's default"),
+    "monitor.every": _at_least(0, "0 = off"),
+    "monitor.per_task": _at_least(1),
+    "monitor.window": _at_least(2, "evaluations; from 5 on one outlying evaluation cannot fire a warning"),
+    "monitor.judge_rise": _at_least(0),
+    "monitor.drop_fraction": _UNIT,
+    "monitor.drop_db": _at_least(0),
+    "monitor.drop_judge": _UNIT,
 }
+# the monitor's second judge (monitor.judge.*) takes the training judge's ranges
+NUMERIC_RANGES.update({f"monitor.{k}": r for k, r in list(NUMERIC_RANGES.items()) if k.startswith("judge.")})
 
 
 def check_ranges(cfg: Any) -> None:
@@ -127,18 +136,51 @@ def validate(cfg) -> None:
                           "judge.mode=score (Edit-R1's score logits) or yesno")
     _check_group_algorithms(cfg)
     _check_device(cfg.model.device, "model.device")
-    _check_device(cfg.judge.device, "judge.device")
+    _check_judge(cfg.judge, "judge", cfg.data.source)
     if cfg.model.kind == "flux_fill" and not cfg.model.path:
         raise ConfigError("model.kind 'flux_fill' needs model.path (a local directory or a cached Hub id)")
     if cfg.model.kind == "tiny" and cfg.model.path and not Path(cfg.model.path).exists():
         raise ConfigError(f"model.path not found: {cfg.model.path}")
-    if cfg.judge.kind == "transformers" and not cfg.judge.model:
-        raise ConfigError("judge.kind 'transformers' needs judge.model (a local directory or a cached Hub id)")
-    if cfg.judge.kind == "openai" and not (cfg.judge.base_url and cfg.judge.model):
-        raise ConfigError("judge.kind 'openai' needs judge.base_url and judge.model")
-    if cfg.judge.kind == "rule" and cfg.data.source != "world":
-        raise ConfigError("the rule judge needs the synthetic world's ground truth: use data.source=world")
+    _check_monitor(cfg)
 
+
+def _check_judge(judge, key: str, data_source: str) -> None:
+    """A judge section (`judge`, or the monitor's `monitor.judge`) names everything its kind needs."""
+    _check_device(judge.device, f"{key}.device")
+    if judge.kind == "transformers" and not judge.model:
+        raise ConfigError(f"{key}.kind 'transformers' needs {key}.model (a local directory or a cached Hub id)")
+    if judge.kind == "openai" and not (judge.base_url and judge.model):
+        raise ConfigError(f"{key}.kind 'openai' needs {key}.base_url and {key}.model")
+    if judge.kind == "rule" and data_source != "world":
+        raise ConfigError(f"the rule judge ({key}.kind 'rule') needs the synthetic world's ground truth: use "
+                          "data.source=world")
+
+
+def _check_monitor(cfg) -> None:
+    """monitor.* (only when the monitor is on: its defaults must not refuse a JSONL run that does not use it)."""
+    m = cfg.monitor
+    if not m.every:
+        return
+    if m.signal == "truth":
+        if cfg.data.source != "world":
+            raise ConfigError(
+                f"monitor.signal 'truth' needs ground truth, which only the built-in world has (data.source is "
+                f"{cfg.data.source!r}): watch with a second judge instead, e.g. --set monitor.signal=judge "
+                "--set monitor.judge.kind=openai --set monitor.judge.base_url=URL --set monitor.judge.model=NAME, "
+                "or turn the monitor off with monitor.every=0")
+        if m.judge is not None:
+            raise ConfigError("monitor.judge is set but monitor.signal is 'truth', so nothing would ask it: set "
+                              "monitor.signal=judge, or remove monitor.judge")
+        return
+    if m.judge is None:
+        raise ConfigError("monitor.signal 'judge' needs a second judge: set monitor.judge.* (the keys of judge.*), "
+                          "e.g. --set monitor.judge.kind=openai --set monitor.judge.base_url=URL "
+                          "--set monitor.judge.model=NAME")
+    if m.judge.mode != "score":
+        # its question is monitor.judge.eval_mode, as for every held-out score; a second key would contradict it
+        raise ConfigError(f"monitor.judge.mode is not used (got {m.judge.mode!r}): the monitor's judge asks its "
+                          "monitor.judge.eval_mode question (score or yesno); leave monitor.judge.mode unset")
+    _check_judge(m.judge, "monitor.judge", cfg.data.source)
 
 def _check_group_algorithms(cfg) -> None:
     """GRPO's SDE rollouts and mini-batches, AWM's training times."""

@@ -28,6 +28,10 @@ RESUMABLE_KEYS = frozenset({
     "judge.base_url", "judge.api_key_env", "judge.concurrency", "judge.timeout", "judge.retries",
     "judge.batch_size", "judge.device", "model.device", "model.attention_backend",
     "model.gradient_checkpointing",
+    # what the monitor does about a warning, and where its second judge is (not what it measures)
+    "monitor.stop_on_hacking", "monitor.keep_best",
+    "monitor.judge.base_url", "monitor.judge.api_key_env", "monitor.judge.concurrency", "monitor.judge.timeout",
+    "monitor.judge.retries", "monitor.judge.batch_size", "monitor.judge.device",
 })
 
 
