@@ -1,4 +1,5 @@
-"""The one interface every editor implements: the built-in toy FLUX.1 Fill and FLUX.1 Fill [dev] (both FluxFillPolicy).
+"""The one interface every editor implements: the built-in toy FLUX.1 Fill and FLUX.1 Fill [dev] (both
+FluxFillPolicy), FLUX.1 Kontext [dev] (FluxKontextPolicy: instruction editing, no mask).
 
 Conventions shared by the whole library:
 - images are float tensors [B, 3, H, W] in [0, 1]; masks are [B, 1, H, W] with 1 = generate;
@@ -32,10 +33,10 @@ class Condition:
 
     prompt_embeds: Tensor            # [B, Lt, D] text sequence for joint attention
     pooled: Tensor                   # [B, Dp] pooled text embedding
-    cond_latents: Tensor             # [B, L, Cc] FLUX Fill conditioning: masked-image | folded mask
+    cond_latents: Tensor             # [B, L, Cc] FLUX Fill: masked-image | folded mask; Kontext: source tokens
     x0_known: Tensor                 # [B, L, C] packed latents of the source (kept region)
-    blend_mask: Tensor               # [B, L, C] or [B, L, 1], 1 = generate (for the blend step)
-    img_ids: Tensor                  # [L, 3] FLUX position ids of image tokens
+    blend_mask: Tensor               # [B, L, C] or [B, L, 1], 1 = generate (for the blend step; all ones: no mask)
+    img_ids: Tensor                  # [L, 3] FLUX position ids of image tokens (Kontext: [2L, 3], + source)
     text_ids: Tensor                 # [Lt, 3] position ids of text tokens
     latent_hw: tuple[int, int]       # unpacked latent height and width
     image_hw: tuple[int, int]        # pixel height and width

@@ -201,6 +201,7 @@ def sample_policy(
     weights: dict[str, Tensor] | None = None,
     noise_level: float | Sequence[float] = 0.0,
     return_trajectory: bool = False,
+    sde_noise: Callable[[int], Tensor] | None = None,
 ) -> Tensor | tuple[Tensor, Tensor]:
     """Edit with a Policy: packed latents at the end of `sigmas` (x0 when it ends at 0).
 
@@ -208,6 +209,7 @@ def sample_policy(
     the noise with which `blend` re-noises the known region (`cond.blend_mask`, `cond.x0_known`).
     `cfg_scale` != 1 applies true CFG against `uncond` (the same edits encoded with the negative
     prompt); `weights` evaluates the policy with that weight set (e.g. the old policy's or EMA's).
+    `sde_noise` is `sample`'s (step i's z instead of a draw from `generator`).
     """
     if cfg_scale != 1.0 and uncond is None:
         raise ValueError(f"cfg_scale={cfg_scale} needs `uncond`: the same batch encoded with the negative "
@@ -226,4 +228,4 @@ def sample_policy(
     velocity = cfg_velocity(v_cond, v_uncond, cfg_scale)
     mix = Blend(cond.blend_mask, cond.x0_known, noise) if blend else None
     return sample(velocity, noise, sigmas, method=method, blend=mix, noise_level=noise_level,
-                  generator=generator, return_trajectory=return_trajectory)
+                  generator=generator, return_trajectory=return_trajectory, sde_noise=sde_noise)

@@ -40,6 +40,7 @@ UPD = "tests/rl/test_update_settings.py"
 DIRECTION = "tests/rl/test_learning_direction.py"
 SAFETY = "tests/rl/test_run_safety.py"
 GRPO_AWM = "tests/rl/test_grpo_awm.py"
+OVERLAP = "tests/rl/test_judge_overlap.py"
 
 MUTANTS = [
     # the trainers
@@ -66,7 +67,7 @@ MUTANTS = [
     Mutant("optim.micro_batch ignored", "rl/algorithms/nft.py", "micro = cfg.optim.micro_batch or n_local", "micro = n_local",
            (UPD,)),
     Mutant("rollout with the trained policy, not the sampling one", "rl/algorithms/nft.py",
-           "x0 = self.generate(cond, noise, self.old,", "x0 = self.generate(cond, noise, None,", (UPD,)),
+           "x0 = self.generate(sub, noise[c], self.old,", "x0 = self.generate(sub, noise[c], None,", (UPD,)),
     Mutant("sampling policy never follows", "rl/algorithms/nft.py",
            "lerp_(self.old, self.params, old_policy_decay(step, nft.old_decay_rate, nft.old_decay_max))",
            "lerp_(self.old, self.params, 0.0)", (UPD,)),
@@ -106,6 +107,24 @@ MUTANTS = [
     Mutant("awm's loss counts the known region", "rl/algorithms/awm.py",
            "m = mask.to(d.dtype).expand_as(d).reshape(d.shape[0], -1)", "m = torch.ones_like(d).reshape(d.shape[0], -1)",
            (GRPO_AWM,)),
+    # the rollout in chunks, judged in a background thread (judge.overlap), and a judge on several endpoints
+    Mutant("overlapped chunks scored out of order", "rl/algorithms/judge_pipeline.py",
+           "answers = [f.result() for f in self._chunks]", "answers = [f.result() for f in self._chunks[::-1]]",
+           (OVERLAP,)),
+    Mutant("chunks draw their own SDE noise", "rl/algorithms/trainer.py",
+           "torch.randn(noise.shape, generator=gen, dtype=dtype)[rows]",
+           "torch.randn(noise[rows].shape, generator=gen, dtype=dtype)", (OVERLAP,)),
+    Mutant("grpo chunks ignore the process's rows", "rl/algorithms/grpo.py",
+           "rows = slice(mine.start + c.start, mine.start + c.stop)", "rows = c", (OVERLAP,)),
+    Mutant("a judge failure in the overlap thread is dropped", "rl/algorithms/judge_pipeline.py",
+           "                future.set_exception(err)", "                future.set_result(None)", (OVERLAP,)),
+    Mutant("endpoints not balanced", "reward/judges/api_judge.py",
+           "return min(fresh, key=lambda i: self.endpoints[i].in_flight), False", "return fresh[0] * 0, False",
+           ("tests/reward/test_api_judge.py",)),
+    Mutant("a failing endpoint's retry waits instead of moving on", "reward/judges/api_judge.py",
+           "return min(fresh, key=lambda i: self.endpoints[i].in_flight), False",
+           "return min(fresh, key=lambda i: self.endpoints[i].in_flight), bool(failed_here)",
+           ("tests/reward/test_api_judge.py",)),
     # run safety
     Mutant("non-finite weights after a step unchecked", "rl/algorithms/trainer.py",
            "self.weights_nonfinite = float(self.ctx.all_reduce_sum(bad)) > 0", "self.weights_nonfinite = False",

@@ -20,6 +20,16 @@ retried with exponential backoff and jitter; after the last retry a JudgeError n
 the last failure. A refused connection before the server has ever answered fails at once with
 the fix (start the server); later refusals (a restarting server) are retried like the rest.
 Other 4xx answers and malformed responses fail at once: retrying cannot fix them.
+
+Several servers of the same model (`base_url` a list of URLs): each request goes to the endpoint
+with the fewest requests in flight that is not cooling down after a failure (ties in turn), so a
+batch spreads over them and a slow one gets less. A retryable failure puts its endpoint aside for
+a backoff that doubles with its consecutive failures, and the request's next attempt goes to
+another endpoint at once (no wait); only when every endpoint has failed does a retry wait. A
+request still has `retries + 1` attempts in all. A refused connection from an endpoint never
+reached moves the request on while another endpoint remains, and fails at once only when every
+endpoint has refused so. Errors name the endpoint; after the last retry, every endpoint tried and
+its last failure. `endpoint_stats()` counts each endpoint's attempts and failures.
 """
 from __future__ import annotations
 
@@ -31,7 +41,7 @@ import threading
 import time
 import urllib.error
 import urllib.request
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
@@ -57,6 +67,25 @@ _LOGPROB_SLACK = 1e-4   # rounding can put log(1) a hair above 0; anything more 
 
 class _Retryable(Exception):
     """A failure worth another attempt (the message says what happened)."""
+
+
+class _RefusedUnseen(_Retryable):
+    """A refused connection from an endpoint that has never answered (not started, or a wrong URL)."""
+
+
+class _Endpoint:
+    """One server of the judge, and what the client knows about it (guarded by the judge's lock)."""
+
+    def __init__(self, base_url: str):
+        self.base_url = base_url.rstrip("/")
+        self.url = self.base_url + "/chat/completions"
+        self.reached = False       # has answered anything (a refusal after that is a restart)
+        self.refused_unseen = False
+        self.in_flight = 0
+        self.failures = 0          # consecutive retryable failures
+        self.down_until = 0.0      # time.monotonic() before which another endpoint is preferred
+        self.attempts = 0
+        self.failed = 0
 
 
 def _refused(err: BaseException) -> bool:
@@ -104,7 +133,9 @@ def label_log_probs(top_logprobs: list[dict[str, Any]], labels: tuple[str, ...],
 class OpenAIJudge(Judge):
     """Scores requests through an OpenAI-compatible server with logprobs.
 
-    `base_url` ends in /v1 (e.g. http://127.0.0.1:8000/v1); `model` is the served model name.
+    `base_url` ends in /v1 (e.g. http://127.0.0.1:8000/v1); a list of such URLs names several
+    servers of the same model, balanced (the module docstring). `model` is the served model name;
+    `concurrency` is the requests in flight per endpoint.
     `label_token_ids` maps label text ("Yes", "No", "0".."5") to token ids; when given, the ids of
     the mode's labels are sent as `logprob_token_ids` (set `send_logprob_token_ids=False` for servers
     that reject the field). The wording and the images shown match `TransformersJudge` with the same
@@ -120,15 +151,20 @@ class OpenAIJudge(Judge):
 
     differentiable = False
 
-    def __init__(self, base_url: str, model: str, *, api_key: str | None = None, concurrency: int = 16,
+    def __init__(self, base_url: str | Sequence[str], model: str, *, api_key: str | None = None,
+                 concurrency: int = 16,
                  timeout: float = 60.0, retries: int = 5, backoff: float = 0.5, max_backoff: float = 30.0,
                  top_logprobs: int = 20, label_token_ids: Mapping[str, int] | None = None,
                  send_logprob_token_ids: bool = True, both_orders: bool = False, show_crop: bool = False,
                  crop_margin: float = 0.25, crop_size: int = 224, show_source: bool = True,
                  templates: JudgeTemplates | Mapping[str, str] | str | os.PathLike | None = None,
                  max_floored_share: float = 0.34):
-        if not isinstance(base_url, str) or not base_url.startswith(("http://", "https://")):
-            raise ValueError(f"base_url must be an http(s) URL such as http://127.0.0.1:8000/v1, got {base_url!r}")
+        urls = [base_url] if isinstance(base_url, str) else list(base_url) if isinstance(base_url, Sequence) else []
+        if not urls or not all(isinstance(u, str) and u.startswith(("http://", "https://")) for u in urls):
+            raise ValueError(f"base_url must be an http(s) URL such as http://127.0.0.1:8000/v1 (or a list of them), "
+                             f"got {base_url!r}")
+        if len({u.rstrip("/") for u in urls}) != len(urls):
+            raise ValueError(f"base_url names a server twice: {urls}")
         for name, value, low in (("concurrency", concurrency, 1), ("retries", retries, 0),
                                  ("top_logprobs", top_logprobs, 0)):
             if not isinstance(value, int) or value < low:
@@ -142,8 +178,7 @@ class OpenAIJudge(Judge):
         self.last_floored_share = 0.0
         self.floor_stats = {"requests": 0, "labels": 0, "floored_labels": 0, "floored_requests": 0,
                             "refused_requests": 0}
-        self.base_url = base_url.rstrip("/")
-        self.url = self.base_url + "/chat/completions"
+        self.endpoints = [_Endpoint(u) for u in urls]
         self.model = model
         self.api_key = api_key
         self.concurrency = concurrency
@@ -160,10 +195,20 @@ class OpenAIJudge(Judge):
         self.both_orders = both_orders
         self.view = JudgeView(show_source=show_source, crop=show_crop, crop_margin=crop_margin, crop_size=crop_size)
         self.templates = templates if isinstance(templates, JudgeTemplates) else JudgeTemplates.from_config(templates)
-        self._pool = ThreadPoolExecutor(max_workers=concurrency, thread_name_prefix="judge-http")
-        self._reached = threading.Event()   # set once the server has answered anything
-        self.attempts = 0                   # HTTP attempts made (for logs and tests)
+        self._pool = ThreadPoolExecutor(max_workers=concurrency * len(urls), thread_name_prefix="judge-http")
+        self.attempts = 0                   # HTTP attempts made, all endpoints (for logs and tests)
+        self._turn = 0                      # round-robin start among equally loaded endpoints
         self._lock = threading.Lock()
+
+    @property
+    def base_urls(self) -> list[str]:
+        return [e.base_url for e in self.endpoints]
+
+    def endpoint_stats(self) -> dict[str, dict[str, int]]:
+        """Per endpoint (base URL): HTTP attempts sent, retryable failures, requests in flight now."""
+        with self._lock:
+            return {e.base_url: {"attempts": e.attempts, "failed": e.failed, "in_flight": e.in_flight}
+                    for e in self.endpoints}
 
     # -- one HTTP request ---------------------------------------------------------------------
     def _payload(self, conversation: Conversation, mode: str) -> dict[str, Any]:
@@ -175,52 +220,108 @@ class OpenAIJudge(Judge):
             payload["logprob_token_ids"] = [self.label_token_ids[lb] for lb in LABELS[mode]]
         return payload
 
-    def _post_once(self, body: bytes) -> dict[str, Any]:
+    def _post_once(self, endpoint: _Endpoint, body: bytes) -> dict[str, Any]:
         headers = {"Content-Type": "application/json", "Accept": "application/json"}
         if self.api_key:
             headers["Authorization"] = f"Bearer {self.api_key}"
-        req = urllib.request.Request(self.url, data=body, headers=headers, method="POST")
-        with self._lock:
-            self.attempts += 1
+        req = urllib.request.Request(endpoint.url, data=body, headers=headers, method="POST")
         try:
             with urllib.request.urlopen(req, timeout=self.timeout) as resp:
-                self._reached.set()
+                endpoint.reached = True
                 raw = resp.read()
         except urllib.error.HTTPError as err:
-            self._reached.set()
+            endpoint.reached = True
             detail = err.read()[:500].decode("utf-8", "replace")
             if err.code in _RETRY_STATUS:
                 raise _Retryable(f"HTTP {err.code}: {detail}") from err
-            raise JudgeError(f"judge server {self.url} rejected the request with HTTP {err.code}: {detail}") from err
+            raise JudgeError(
+                f"judge server {endpoint.url} rejected the request with HTTP {err.code}: {detail}") from err
         except (urllib.error.URLError, OSError) as err:
-            if _refused(err) and not self._reached.is_set():
-                raise JudgeError(
-                    f"cannot connect to the judge server at {self.url} (connection refused). Start it first: "
-                    "`python -m reward.serve --model DIR --port PORT` or `vllm serve MODEL --max-logprobs 20`, "
-                    "and check judge.base_url") from err
+            if _refused(err) and not endpoint.reached:
+                raise _RefusedUnseen(f"connection refused ({getattr(err, 'reason', err)})") from err
             raise _Retryable(f"{type(err).__name__}: {getattr(err, 'reason', err)}") from err
         try:
             return json.loads(raw)
         except json.JSONDecodeError as err:
             raise _Retryable(f"response is not JSON: {raw[:200]!r}") from err
 
-    def _post(self, payload: dict[str, Any]) -> dict[str, Any]:
+    def _pick(self, failed_here: set[int]) -> tuple[int, bool]:
+        """(the endpoint for a request's next attempt, whether to back off first) — under the lock.
+
+        Prefer endpoints that have not failed this request and are not cooling down, then the fewest
+        in flight, ties in turn; when every endpoint is set aside, the one whose cool-down ends first
+        (one that has answered before one that never did), after a backoff if this request has failed
+        (a request's first attempt never waits: one failure elsewhere does not hold up the batch)."""
+        now = time.monotonic()
+        n = len(self.endpoints)
+        order = [(self._turn + k) % n for k in range(n)]
+        self._turn = (self._turn + 1) % n
+        fresh = [i for i in order if i not in failed_here and self.endpoints[i].down_until <= now]
+        if fresh:
+            return min(fresh, key=lambda i: self.endpoints[i].in_flight), False
+        usable = [i for i in order if not self.endpoints[i].refused_unseen] or order
+        return min(usable, key=lambda i: self.endpoints[i].down_until), bool(failed_here)
+
+    def _post(self, payload: dict[str, Any]) -> tuple[dict[str, Any], _Endpoint]:
+        """One request, retried over the endpoints (the module docstring); the answer and who gave it."""
         body = json.dumps(payload).encode("utf-8")
-        last = ""
-        for attempt in range(self.retries + 1):
-            if attempt:
-                delay = min(self.max_backoff, self.backoff * 2 ** (attempt - 1))
-                time.sleep(delay * (0.5 + 0.5 * random.random()))   # jitter spreads out concurrent retries
+        last: dict[int, str] = {}       # endpoint index -> its last failure for this request
+        waits = 0
+        for _ in range(self.retries + 1):
+            with self._lock:  # chosen and counted at once, so concurrent requests see each other
+                i, wait = self._pick(set(last))
+                endpoint = self.endpoints[i]
+                self.attempts += 1
+                endpoint.attempts += 1
+                endpoint.in_flight += 1
             try:
-                return self._post_once(body)
+                if wait:
+                    delay = min(self.max_backoff, self.backoff * 2 ** waits)
+                    waits += 1
+                    time.sleep(delay * (0.5 + 0.5 * random.random()))   # jitter spreads out concurrent retries
+                data = self._post_once(endpoint, body)
             except _Retryable as err:
-                last = str(err)
-        raise JudgeError(f"judge server {self.url} failed after {self.retries + 1} attempt(s); last failure: {last}")
+                with self._lock:
+                    endpoint.in_flight -= 1
+                    endpoint.failed += 1
+                    endpoint.failures += 1
+                    endpoint.down_until = time.monotonic() + min(
+                        self.max_backoff, self.backoff * 2 ** (endpoint.failures - 1))
+                    if isinstance(err, _RefusedUnseen):
+                        endpoint.refused_unseen = True
+                    never_reached = all(e.refused_unseen and not e.reached for e in self.endpoints)
+                last[i] = str(err)
+                if never_reached:
+                    raise self._unreachable() from err
+                continue
+            except BaseException:
+                with self._lock:
+                    endpoint.in_flight -= 1
+                raise
+            with self._lock:
+                endpoint.in_flight -= 1
+                endpoint.failures, endpoint.down_until, endpoint.refused_unseen = 0, 0.0, False
+            return data, endpoint
+        if len(self.endpoints) == 1:
+            raise JudgeError(f"judge server {self.endpoints[0].url} failed after {self.retries + 1} attempt(s); "
+                             f"last failure: {last[0]}")
+        tried = "; ".join(f"{self.endpoints[i].url}: {msg}" for i, msg in last.items())
+        raise JudgeError(f"judge servers failed after {self.retries + 1} attempt(s) over {len(last)} of "
+                         f"{len(self.endpoints)} endpoints; last failure of each: {tried}")
+
+    def _unreachable(self) -> JudgeError:
+        """Every endpoint refused the connection without ever answering: not started, or a wrong URL."""
+        urls = ", ".join(e.url for e in self.endpoints)
+        where = "the judge server at" if len(self.endpoints) == 1 else "any of the judge servers at"
+        return JudgeError(
+            f"cannot connect to {where} {urls} (connection refused). Start it first: "
+            "`python -m reward.serve --model DIR --port PORT` or `vllm serve MODEL --max-logprobs 20`, "
+            "and check judge.base_url")
 
     def _label_log_probs(self, conversation: Conversation, mode: str) -> tuple[list[float], int]:
         """One request: the mode's label log-probabilities and how many of them were floored."""
-        data = self._post(self._payload(conversation, mode))
-        where = f"judge server {self.url}"
+        data, endpoint = self._post(self._payload(conversation, mode))
+        where = f"judge server {endpoint.url}"
         try:
             position = data["choices"][0]["logprobs"]["content"][0]
             top = list(position.get("top_logprobs") or [])
@@ -276,18 +377,26 @@ class OpenAIJudge(Judge):
         return check_scores(scores.float().to(requests[0].edited.device), len(requests), "OpenAIJudge")
 
     def ping(self) -> list[str]:
-        """The served model names (GET /models): a quick check that the server is up and serves `model`."""
-        req = urllib.request.Request(self.base_url + "/models", headers=(
-            {"Authorization": f"Bearer {self.api_key}"} if self.api_key else {}))
-        try:
-            with urllib.request.urlopen(req, timeout=self.timeout) as resp:
-                names = [m["id"] for m in json.loads(resp.read())["data"]]
-        except (urllib.error.URLError, OSError, KeyError, TypeError, json.JSONDecodeError) as err:
-            raise JudgeError(f"judge server {self.base_url} did not list its models ({err}); is it running? "
-                             "Start `python -m reward.serve --model DIR` or vLLM") from err
-        if self.model not in names:
-            raise JudgeError(f"judge server {self.base_url} serves {names}, not {self.model!r}: set judge.model")
-        return names
+        """The served model names (GET /models) of the first endpoint: a quick check that every
+        endpoint is up and serves `model` (a JudgeError names each that is not)."""
+        problems, first = [], None
+        for endpoint in self.endpoints:
+            req = urllib.request.Request(endpoint.base_url + "/models", headers=(
+                {"Authorization": f"Bearer {self.api_key}"} if self.api_key else {}))
+            try:
+                with urllib.request.urlopen(req, timeout=self.timeout) as resp:
+                    names = [m["id"] for m in json.loads(resp.read())["data"]]
+            except (urllib.error.URLError, OSError, KeyError, TypeError, json.JSONDecodeError) as err:
+                problems.append(f"judge server {endpoint.base_url} did not list its models ({err}); is it running? "
+                                "Start `python -m reward.serve --model DIR` or vLLM")
+                continue
+            endpoint.reached = True
+            if self.model not in names:
+                problems.append(f"judge server {endpoint.base_url} serves {names}, not {self.model!r}: set judge.model")
+            first = names if first is None else first
+        if problems:
+            raise JudgeError("; ".join(problems))
+        return first
 
     def close(self) -> None:
         self._pool.shutdown(wait=False, cancel_futures=True)

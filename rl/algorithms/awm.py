@@ -84,12 +84,19 @@ def awm_loss(v_theta: Tensor, v_target: Tensor, advantage: Tensor, t: Tensor, ma
 
 class AWMTrainer(GroupTrainer):
     def rollout(self, step: int) -> Rollout:
-        """K conditions, G images each, from the current policy with the configured sampler; x0 kept."""
+        """K conditions, G images each, from the current policy with the configured sampler, in chunks
+        of sampler.rollout_chunk handed to the judge as they are made; x0 kept."""
         mine, samples, cond, noise = self.group_conditions(step)
-        x0 = self.generate(cond, noise, None, generator=step_generator(self.cfg.train.seed, step, SDE))
-        with torch.no_grad():
-            images = self.policy.decode(x0, cond)
-        return Rollout(step, mine, samples, cond, x0, images)
+
+        def make(c: slice) -> tuple[Tensor, Tensor]:
+            sub = cond.index(c)
+            x0 = self.generate(sub, noise[c], None, sde_noise=self.chunk_sde_noise(step, SDE, noise, c))
+            with torch.no_grad():
+                return x0, self.policy.decode(x0, sub)
+
+        pieces, judging = self.judged_rollout(samples, noise.shape[0], make)
+        x0, images = (torch.cat([p[i] for p in pieces]) for i in (0, 1))
+        return Rollout(step, mine, samples, cond, x0, images, judging)
 
     def update(self, batch: Rollout, adv: GroupAdvantages, metrics: dict[str, Any]) -> None:
         cfg, awm, ctx = self.cfg, self.cfg.awm, self.ctx

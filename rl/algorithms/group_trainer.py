@@ -6,7 +6,8 @@ groups and their advantages come from nft's group keys (group_size, groups_per_s
 std_eps, tau_mean / tau_std, filter_rule) through `kernels.group_rewards`: A = clip((s - mean_g) /
 (std + eps), -c, c), and a group the filter drops weighs 0 in the update. Each process holds its
 contiguous share of the step's images (`ctx.share`); scores are gathered so groups are whole.
-Subclasses make the rollout (their own sampler) and the update (their own loss).
+Subclasses make the rollout (their own sampler, in chunks through `Trainer.judged_rollout`, so that
+judge.overlap scores a chunk while the next is generated) and the update (their own loss).
 """
 from __future__ import annotations
 

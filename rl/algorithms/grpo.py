@@ -33,6 +33,7 @@ import torch
 import kernels
 from core.policy import Condition
 from rl.algorithms.group_trainer import SDE, STEPS, GroupAdvantages, GroupTrainer
+from rl.algorithms.judge_pipeline import ChunkJudging
 from rl.algorithms.sde_rollout import SDETrajectory, sde_rollout, step_tensors, trained_steps
 from rl.algorithms.trainer import step_generator
 
@@ -47,6 +48,7 @@ class GRPORollout:
     cond: Condition
     traj: SDETrajectory               # x0, the recorded steps, their states and log-probabilities
     images: torch.Tensor              # decoded [n, 3, H, W]
+    judging: ChunkJudging             # the judge's work on the images (`score` takes its result)
 
 
 class GRPOTrainer(GroupTrainer):
@@ -57,12 +59,20 @@ class GRPOTrainer(GroupTrainer):
         steps = trained_steps(self.sigmas, g.trained_steps, g.step_selection, step, g.window_shift_every,
                               step_generator(seed, step, STEPS))
         N = cfg.nft.groups_per_step * cfg.nft.group_size
-        traj = sde_rollout(self.policy, cond, noise, self.sigmas.to(self.device), noise_level=cfg.sampler.noise_level,
-                           steps=steps, sde_only_trained=g.sde_only_trained,
-                           generator=step_generator(seed, step, SDE), share=(N, mine))
-        with torch.no_grad():
-            images = self.policy.decode(traj.x0, cond)
-        return GRPORollout(step, mine, samples, cond, traj, images)
+
+        def make(c: slice) -> tuple[SDETrajectory, torch.Tensor]:
+            # every chunk redraws the step's whole SDE noise and keeps its rows: chunks do not change the images
+            rows = slice(mine.start + c.start, mine.start + c.stop)
+            sub = cond.index(c)
+            traj = sde_rollout(self.policy, sub, noise[c], self.sigmas.to(self.device),
+                               noise_level=cfg.sampler.noise_level, steps=steps, sde_only_trained=g.sde_only_trained,
+                               generator=step_generator(seed, step, SDE), share=(N, rows))
+            with torch.no_grad():
+                return traj, self.policy.decode(traj.x0, sub)
+
+        pieces, judging = self.judged_rollout(samples, noise.shape[0], make)
+        images = torch.cat([p[1] for p in pieces])
+        return GRPORollout(step, mine, samples, cond, SDETrajectory.cat([p[0] for p in pieces]), images, judging)
 
     def update(self, batch: GRPORollout, adv: GroupAdvantages, metrics: dict[str, Any]) -> None:
         """One optimiser step per mini-batch (see the module docstring), then the EMA."""

@@ -2,7 +2,10 @@
 
 One step:
 1. K conditions, each repeated G times (a group); the sampling ("old") policy generates every image
-   with the fast black-box sampler, blending the known region each step; only x0 is kept.
+   with the fast black-box sampler, blending the known region each step; only x0 is kept. The images
+   are made in chunks of sampler.rollout_chunk, each handed to the judge when it is made (with
+   judge.overlap scored in a background thread while the next is generated: the same step,
+   rl/algorithms/judge_pipeline.py).
 2. The judge scores each image on every dimension of its task; the dimension mean is the score.
    Scores are gathered from all processes and `kernels.group_rewards` turns each group into
    rewards r in [0, 1] (normalised, clipped) and drops low-spread, high-mean groups.
@@ -28,7 +31,7 @@ import torch
 
 import kernels
 from core.policy import Condition
-from rl.algorithms.reward_scoring import judge_images
+from rl.algorithms.judge_pipeline import ChunkJudging
 from rl.algorithms.trainer import Trainer, step_generator, timed
 from rl.algorithms.weight_copies import always_on_policy, lerp_, old_policy_decay
 
@@ -61,6 +64,7 @@ class Rollout:
     cond: Condition
     x0: torch.Tensor                  # packed final latents
     images: torch.Tensor              # decoded [n, 3, H, W]
+    judging: ChunkJudging             # the judge's work on the images (`score` takes its result)
 
 
 @dataclasses.dataclass
@@ -87,7 +91,8 @@ class NFTTrainer(Trainer):
         return metrics
 
     def rollout(self, step: int) -> Rollout:
-        """K conditions, G images each, from the sampling ("old") policy; only x0 is kept."""
+        """K conditions, G images each, from the sampling ("old") policy, in chunks of
+        sampler.rollout_chunk handed to the judge as they are made; only x0 is kept."""
         cfg, nft = self.cfg, self.cfg.nft
         K, G = nft.groups_per_step, nft.group_size
         N = K * G
@@ -98,20 +103,28 @@ class NFTTrainer(Trainer):
         group_samples = [samples[i // G] for i in range(N)][mine]
         shape = (N, *cond.x0_known.shape[1:])
         noise = self.draw_noise(step, _ROLLOUT_NOISE, shape)[mine]
-        x0 = self.generate(cond, noise, self.old, generator=step_generator(seed, step, _SDE))
-        with torch.no_grad():
-            images = self.policy.decode(x0, cond)
-        return Rollout(step, mine, group_samples, cond, x0, images)
+
+        def make(c: slice) -> tuple[torch.Tensor, torch.Tensor]:
+            sub = cond.index(c)
+            x0 = self.generate(sub, noise[c], self.old, sde_noise=self.chunk_sde_noise(step, _SDE, noise, c))
+            with torch.no_grad():
+                return x0, self.policy.decode(x0, sub)
+
+        pieces, judging = self.judged_rollout(group_samples, noise.shape[0], make)
+        x0, images = (torch.cat([p[i] for p in pieces]) for i in (0, 1))
+        return Rollout(step, mine, group_samples, cond, x0, images, judging)
 
     def score(self, batch: Rollout, metrics: dict[str, Any]) -> torch.Tensor:
-        """Every image on every dimension of its task; the dimension means of the whole step."""
-        with torch.no_grad():
-            table = judge_images(self.judge, batch.samples, batch.images, mode=self.cfg.judge.mode)
+        """Every image on every dimension of its task (the judge's result for the rollout's chunks);
+        the dimension means of the whole step."""
+        table, floored, busy = batch.judging.result()
         scores = self.ctx.all_gather_cat(table.per_image.detach().float().to(self.device))
         metrics.update(reward=float(scores.mean()), reward_std=float(scores.std()),
                        reward_by_task=table.by_task(), reward_by_task_dim=table.by_task_dimension())
         # served judges: the share of labels missing from the top-k logprobs (floored) in this step
-        metrics["judge_floored_share"] = getattr(self.judge, "last_floored_share", None)
+        metrics["judge_floored_share"] = floored
+        # seconds the judge worked on this step's chunks (with judge.overlap, partly inside time_rollout)
+        metrics["judge_busy_s"] = busy
         return scores
 
     def rewards(self, scores: torch.Tensor, metrics: dict[str, Any]) -> Rewards:

@@ -32,6 +32,20 @@ class ScoreTable:
             acc[self.tasks[i]][d].append(v)
         return {t: {d: sum(v) / len(v) for d, v in dims.items()} for t, dims in acc.items()}
 
+    @classmethod
+    def cat(cls, tables: list[ScoreTable]) -> ScoreTable:
+        """The tables of consecutive chunks of images as one (image indices shifted, order kept)."""
+        if len(tables) == 1:
+            return tables[0]
+        owners, offset = [], 0
+        for t in tables:
+            owners += [i + offset for i in t.image_of_request]
+            offset += len(t.tasks)
+        return cls(per_image=torch.cat([t.per_image for t in tables]),
+                   per_request=torch.cat([t.per_request for t in tables]), image_of_request=owners,
+                   dimension_of_request=[d for t in tables for d in t.dimension_of_request],
+                   tasks=[task for t in tables for task in t.tasks])
+
     def by_task(self) -> dict[str, float]:
         acc: dict[str, list[float]] = defaultdict(list)
         for v, t in zip(self.per_image.detach().float().cpu().tolist(), self.tasks):

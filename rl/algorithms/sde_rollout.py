@@ -60,6 +60,12 @@ class SDETrajectory:
     x_next: Tensor                    # [S, n, ...] the state after it
     logp: Tensor                      # [n, S] the sampling policy's log-probability of each recorded step
 
+    @classmethod
+    def cat(cls, parts: list[SDETrajectory]) -> SDETrajectory:
+        """The trajectories of consecutive chunks of images as one (the same recorded steps)."""
+        return cls(torch.cat([p.x0 for p in parts]), list(parts[0].steps), torch.cat([p.x_t for p in parts], 1),
+                   torch.cat([p.x_next for p in parts], 1), torch.cat([p.logp for p in parts]))
+
 
 @torch.no_grad()
 def sde_rollout(policy: Policy, cond: Condition, noise: Tensor, sigmas: Tensor, *, noise_level: float,

@@ -10,7 +10,9 @@ from __future__ import annotations
 
 import abc
 import contextlib
+import sys
 import time
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -20,6 +22,7 @@ from core.policy import Condition, Policy, swapped_weights
 from core.samplers import sample_policy
 from core.world import EditSample, collate
 from reward.judge import Judge
+from rl.algorithms.judge_pipeline import ChunkJudging, rollout_chunks
 from rl.algorithms.lr_schedule import lr_factor
 from rl.algorithms.weight_copies import clone, ema_decay, lerp_
 from rl.plumbing.config import RunConfig
@@ -73,13 +76,47 @@ class Trainer(abc.ABC):
 
     @torch.no_grad()
     def generate(self, cond: Condition, noise: Tensor, weights: dict[str, Tensor] | None,
-                 sigmas: Tensor | None = None, generator: torch.Generator | None = None) -> Tensor:
+                 sigmas: Tensor | None = None, generator: torch.Generator | None = None,
+                 sde_noise: Callable[[int], Tensor] | None = None) -> Tensor:
         """Packed x at the end of `sigmas` (default: the full rollout schedule), without gradients.
-        `generator` drives the SDE sampler's noise (pass a step generator for reproducibility)."""
+        `generator` drives the SDE sampler's noise (pass a step generator for reproducibility), or
+        `sde_noise` gives it (`chunk_sde_noise`)."""
         s = self.cfg.sampler
         return sample_policy(self.policy, cond, sigmas=self.sigmas if sigmas is None else sigmas,
                              method=s.method, noise=noise, weights=weights, blend=True,
-                             noise_level=s.noise_level, generator=generator)
+                             noise_level=s.noise_level, generator=generator, sde_noise=sde_noise)
+
+    def chunk_sde_noise(self, step: int, stream: int, noise: Tensor, rows: slice) -> Callable[[int], Tensor]:
+        """The SDE sampler's noise for rows `rows` of this process's rollout (starting noise `noise`):
+        each stochastic step draws the whole share's z from the step's generator, as an unchunked
+        rollout does, and keeps the rows, so a chunk's images do not depend on the chunking."""
+        gen = step_generator(self.cfg.train.seed, step, stream)
+        dtype = torch.promote_types(noise.dtype, torch.float32)  # the sampler's state dtype
+        return lambda i: torch.randn(noise.shape, generator=gen, dtype=dtype)[rows]
+
+    def judged_rollout(self, samples: list, n: int, make: Callable[[slice], tuple[Any, Tensor]]
+                       ) -> tuple[list, ChunkJudging]:
+        """The rollout of this process's n images in chunks of sampler.rollout_chunk: `make(chunk)` ->
+        (what the update needs, decoded images) for each, in order; each chunk's images go to the judge
+        as they are made (judge.overlap: scored in a background thread meanwhile; rl/algorithms/judge_pipeline.py).
+        Returns the (piece, images) of each chunk and the judging, whose `result()` is the step's scores."""
+        chunks = rollout_chunks(n, self.cfg.sampler.rollout_chunk)
+        overlap = self.cfg.judge.overlap
+        if overlap and len(chunks) < 2 and self.ctx.is_main and not getattr(self, "_warned_one_chunk", False):
+            self._warned_one_chunk = True
+            print(f"[rl.train] judge.overlap: sampler.rollout_chunk ({self.cfg.sampler.rollout_chunk}) holds all "
+                  f"{n} images of a process: one chunk, nothing to overlap; lower it", file=sys.stderr)
+        judging = ChunkJudging(self.judge, self.cfg.judge.mode, overlap)
+        pieces = []
+        try:
+            for c in chunks:
+                piece, images = make(c)
+                judging.submit(samples[c], images)
+                pieces.append((piece, images))
+        except BaseException:
+            judging.close()
+            raise
+        return pieces, judging
 
     def trained_velocity(self, x_t: Tensor, t: Tensor, cond: Condition) -> Tensor:
         """The policy's velocity with gradients (through DDP when distributed)."""

@@ -10,7 +10,7 @@
   under DDP (more than one GPU) the reducer's buckets hold one more copy of the gradients;
 - the step's peak is the update: gradients, the activations of one micro-batch
   (rl/planning/flux_activations.py) and the backward's working memory; the rollout (no gradients,
-  all of the GPU's images at once) is compared and the larger counts;
+  all of the GPU's images at once, or sampler.rollout_chunk of them) is compared and the larger counts;
 - an in-process judge (judge.kind=transformers) sits on the same GPU unless judge.device=cpu.
 DDP replicates all of it on every GPU.
 """
@@ -107,6 +107,7 @@ class StepShape:
     micro_batch: int
     image_tokens: int
     text_tokens: int
+    rollout: int = 0                  # images sampled at once (sampler.rollout_chunk); 0 = per_gpu
 
 
 def dtype_of(name: str, key: str) -> torch.dtype:
@@ -132,7 +133,8 @@ def step_shape(cfg: RunConfig, arch: PipelineArchitecture, gpus: int) -> tuple[S
     micro = min(cfg.optim.micro_batch or per_gpu, per_gpu) if cfg.train.algorithm != "refl" else per_gpu
     vae = arch.part("vae").config
     side = cfg.data.image_size // (2 ** (len(vae["block_out_channels"]) - 1) * 2)  # VAE factor, then 2x2 packing
-    return StepShape(images, per_gpu, micro, side * side, arch.text_tokens), warnings
+    rollout = min(cfg.sampler.rollout_chunk or per_gpu, per_gpu) if cfg.train.algorithm != "refl" else per_gpu
+    return StepShape(images, per_gpu, micro, side * side, arch.text_tokens, rollout), warnings
 
 
 def _training(cfg: RunConfig) -> Training:
@@ -192,14 +194,16 @@ def _judge_rows(cfg: RunConfig, gpus: int) -> tuple[list[Row], list[str], list[s
 def _step_rows(cfg: RunConfig, dims: FluxDims, shape: StepShape, dtype: torch.dtype, trainable: int,
                train_dtype: torch.dtype) -> tuple[list[Row], str]:
     """The step's peak: the update (gradients, activations, backward working memory) or the
-    rollout (no gradients, all of the GPU's images at once), whichever is larger; and a note on the other."""
+    rollout (no gradients, all of the GPU's images at once or sampler.rollout_chunk of them), whichever is
+    larger; and a note on the other."""
     m = cfg.model
     batch = Batch(shape.micro_batch, shape.image_tokens, shape.text_tokens, dtype, m.gradient_checkpointing)
     activations = saved_bytes(dims, _training(cfg), batch)
     working = backward_working_bytes(dims, _training(cfg), batch)
     grads = trainable * train_dtype.itemsize
     update = grads + activations + working
-    rollout = no_grad_peak_bytes(dims, shape.per_gpu, shape.image_tokens, shape.text_tokens, dtype)
+    at_once = shape.rollout or shape.per_gpu
+    rollout = no_grad_peak_bytes(dims, at_once, shape.image_tokens, shape.text_tokens, dtype)
     name, train_name = str(dtype).removeprefix("torch."), str(train_dtype).removeprefix("torch.")
     if update >= rollout:
         kind = "micro-batch" if cfg.train.algorithm != "refl" else "batch"
@@ -207,12 +211,14 @@ def _step_rows(cfg: RunConfig, dims: FluxDims, shape: StepShape, dtype: torch.dt
         rows = [Row("step", "gradients (1 x trainable)", grads, trainable, train_name),
                 Row("step", f"activations: {kind} {shape.micro_batch}, {ckpt}", activations, None, name),
                 Row("step", "backward working memory (estimate)", working, None, name)]
-        return rows, (f"the step's peak is the update; the rollout (no gradients, {shape.per_gpu} images at once) "
+        return rows, (f"the step's peak is the update; the rollout (no gradients, {at_once} images at once) "
                       f"needs {human_bytes(rollout)} at its peak instead")
-    rows = [Row("step", f"rollout peak: {shape.per_gpu} images at once, no gradients (estimate)", rollout, None,
+    rows = [Row("step", f"rollout peak: {at_once} images at once, no gradients (estimate)", rollout, None,
                 name)]
-    return rows, (f"the step's peak is the rollout, which samples all {shape.per_gpu} images of the GPU at once "
-                  f"(optim.micro_batch splits only the update); the update (gradients, activations of "
+    what = (f"all {shape.per_gpu} images of the GPU at once (optim.micro_batch splits only the update; "
+            "sampler.rollout_chunk splits the rollout)" if at_once == shape.per_gpu
+            else f"{at_once} of the GPU's {shape.per_gpu} images at once (sampler.rollout_chunk)")
+    return rows, (f"the step's peak is the rollout, which samples {what}; the update (gradients, activations of "
                   f"micro-batch {shape.micro_batch}, backward) needs {human_bytes(update)} instead")
 
 

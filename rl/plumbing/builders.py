@@ -20,9 +20,13 @@ _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torc
 
 def build_policy(cfg: ModelConfig, device: torch.device, image_size: int | None = None) -> Policy:
     """The policy of `cfg`: the built-in toy FLUX.1 Fill (kind tiny) or FLUX.1 Fill [dev], both
-    through core.flux_fill.FluxFillPolicy. `image_size`: the resolution FLUX's shift is computed
+    through core.flux_fill.FluxFillPolicy, or FLUX.1 Kontext [dev] (kind flux_kontext,
+    core.flux_kontext.FluxKontextPolicy). `image_size`: the resolution FLUX's shift is computed
     for (None: the VAE's native size, 64 for the toy)."""
-    from core.flux_fill import FluxFillPolicy
+    if cfg.kind == "flux_kontext":
+        from core.flux_kontext import FluxKontextPolicy as policy_class
+    else:
+        from core.flux_fill import FluxFillPolicy as policy_class
 
     path = cfg.path
     if cfg.kind == "tiny":
@@ -34,7 +38,7 @@ def build_policy(cfg: ModelConfig, device: torch.device, image_size: int | None 
         image_size = None  # the toy's VAE knows its size; data.image_size only resizes the inputs
     lora = None if cfg.lora is None else {"r": cfg.lora.r, "alpha": cfg.lora.alpha,
                                           "targets": cfg.lora.targets, "init": cfg.lora.init}
-    return FluxFillPolicy.from_pretrained(
+    return policy_class.from_pretrained(
         path, device=device, dtype=_DTYPES[cfg.dtype], lora=lora, gradient_checkpointing=cfg.gradient_checkpointing,
         attention_backend=cfg.attention_backend, guidance=cfg.guidance,
         local_files_only=cfg.kind == "tiny" or not cfg.allow_download, image_size=image_size)

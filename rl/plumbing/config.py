@@ -31,7 +31,9 @@ class LoraConfig:
 class ModelConfig:
     """The editing policy being trained."""
 
-    kind: Literal["tiny", "flux_fill"] = opt("tiny", "tiny: the built-in toy FLUX.1 Fill; flux_fill: FLUX.1 Fill [dev]")
+    kind: Literal["tiny", "flux_fill", "flux_kontext"] = opt(
+        "tiny", "tiny: the built-in toy FLUX.1 Fill; flux_fill: FLUX.1 Fill [dev]; flux_kontext: FLUX.1 Kontext [dev] "
+                "(instruction editing: masks are not used, the whole image is generated)")
     path: str | None = opt(None, "null = the shipped toy (core/assets/toy_flux); FLUX: local dir or cached Hub id")
     dtype: Literal["float32", "bfloat16", "float16"] = opt("float32", "weights and compute dtype of the policy")
     device: str = opt("auto", '"auto" = cuda when available, else cpu')
@@ -69,7 +71,9 @@ class JudgeConfig:
     eval_mode: Literal["score", "yesno"] = opt("score", "absolute scores of held-out evaluations (summary, "
                                                         "rl.eval); A-vs-B comparisons are always pairwise")
     model: str | None = opt(None, "transformers: local dir or cached Hub id; openai: served model name")
-    base_url: str | None = opt(None, "openai: e.g. http://127.0.0.1:8000/v1")
+    base_url: str | list[str] | None = opt(
+        None, "openai: e.g. http://127.0.0.1:8000/v1, or a list of such URLs (several servers: requests spread over "
+              "them, a failing one's retried on the others)")
     api_key_env: str | None = opt(None, "name of the env var holding the API key")
     dtype: str = opt("bfloat16", "transformers: weights dtype of the judge")
     device: str = opt("auto", 'transformers: "auto" = cuda when available, else cpu')
@@ -78,7 +82,7 @@ class JudgeConfig:
     both_orders: bool = opt(True, "pairwise: the judge asks in both orders to cancel position bias (the one "
                                   "place: training rewards and rl.eval's good/same/bad)")
     show_crop: bool = opt(False, "also show the judge a close-up crop around the mask")
-    concurrency: int = opt(32, "openai: requests in flight")
+    concurrency: int = opt(32, "openai: requests in flight per endpoint (judge.base_url)")
     timeout: float = opt(60.0, "openai: seconds per request")
     retries: int = opt(5, "openai: retries of a failed request")
     templates: str | None = opt(None, "YAML file overriding prompt templates (reward/vlm/prompts.py)")
@@ -88,6 +92,9 @@ class JudgeConfig:
                                          "missing from the top-k logprobs (floored); raise top_logprobs or set "
                                          "tokenizer")
     max_pixels: int | None = opt(None, "cap on image pixels the VLM sees")
+    overlap: bool = opt(False, "nft, grpo, awm: score each rollout chunk (sampler.rollout_chunk) in a background "
+                               "thread while the next one is generated: the same results as false, less waiting for "
+                               "a served judge or one on its own GPU (the rule judge: only a thread's overhead)")
 
 
 @dataclasses.dataclass
@@ -99,6 +106,8 @@ class SamplerConfig:
     eval_steps: int = opt(8, "steps for evaluation and sample grids")
     shift: float | None = opt(None, "static time shift; null = the model's default")
     noise_level: float = opt(0.7, "sde only: noise scale of the stochastic steps")
+    rollout_chunk: int = opt(0, "nft, grpo, awm: images per rollout batch on each process (0 = its whole share at "
+                                "once); each chunk is scored as one judge call, overlapped with judge.overlap")
     # (no true-CFG keys: FLUX.1 Fill [dev] is guidance-distilled and the toy trained with its
     # constant guidance 30; core.samplers.sample_policy(cfg_scale=, uncond=) offers true CFG to callers)
 

@@ -40,6 +40,7 @@ NUMERIC_RANGES: dict[str, Range] = {
     "sampler.eval_steps": Range(1, 1000),
     "sampler.shift": _POSITIVE,
     "sampler.noise_level": Range(0, 2, note="SDE noise scale; ~0.7 in Flow-GRPO"),
+    "sampler.rollout_chunk": _at_least(0, "0 = each process's whole share at once"),
     "nft.group_size": _at_least(2, "group statistics need two images"),
     "nft.groups_per_step": _at_least(1),
     "nft.beta": _POSITIVE,
@@ -135,10 +136,11 @@ def validate(cfg) -> None:
         raise ConfigError(f"train.algorithm '{cfg.train.algorithm}' scores each image on its own: set "
                           "judge.mode=score (Edit-R1's score logits) or yesno")
     _check_group_algorithms(cfg)
+    _check_rollout_chunks(cfg)
     _check_device(cfg.model.device, "model.device")
     _check_judge(cfg.judge, "judge", cfg.data.source)
-    if cfg.model.kind == "flux_fill" and not cfg.model.path:
-        raise ConfigError("model.kind 'flux_fill' needs model.path (a local directory or a cached Hub id)")
+    if cfg.model.kind in ("flux_fill", "flux_kontext") and not cfg.model.path:
+        raise ConfigError(f"model.kind {cfg.model.kind!r} needs model.path (a local directory or a cached Hub id)")
     if cfg.model.kind == "tiny" and cfg.model.path and not Path(cfg.model.path).exists():
         raise ConfigError(f"model.path not found: {cfg.model.path}")
     _check_monitor(cfg)
@@ -151,6 +153,8 @@ def _check_judge(judge, key: str, data_source: str) -> None:
         raise ConfigError(f"{key}.kind 'transformers' needs {key}.model (a local directory or a cached Hub id)")
     if judge.kind == "openai" and not (judge.base_url and judge.model):
         raise ConfigError(f"{key}.kind 'openai' needs {key}.base_url and {key}.model")
+    if judge.kind == "openai":
+        _check_base_urls(judge.base_url, f"{key}.base_url")
     if judge.kind == "rule" and data_source != "world":
         raise ConfigError(f"the rule judge ({key}.kind 'rule') needs the synthetic world's ground truth: use "
                           "data.source=world")
@@ -176,6 +180,9 @@ def _check_monitor(cfg) -> None:
         raise ConfigError("monitor.signal 'judge' needs a second judge: set monitor.judge.* (the keys of judge.*), "
                           "e.g. --set monitor.judge.kind=openai --set monitor.judge.base_url=URL "
                           "--set monitor.judge.model=NAME")
+    if m.judge.overlap:
+        raise ConfigError("monitor.judge.overlap is not used: the monitor scores a finished evaluation, there is no "
+                          "rollout to overlap (judge.overlap is the training judge's); leave it unset")
     if m.judge.mode != "score":
         # its question is monitor.judge.eval_mode, as for every held-out score; a second key would contradict it
         raise ConfigError(f"monitor.judge.mode is not used (got {m.judge.mode!r}): the monitor's judge asks its "
@@ -213,3 +220,29 @@ def _check_device(name: str, key: str) -> None:
         raise ConfigError(f"{key}: {name!r} is not a device name (auto, cpu, cuda, cuda:N)") from None
     if device.type == "cuda" and not torch.cuda.is_available():
         raise ConfigError(f"{key} is {name!r} but this machine has no CUDA GPU: use {key}=cpu or auto")
+
+
+def _check_base_urls(base_url, key: str) -> None:
+    """One http(s) URL, or a list of distinct ones (several servers of the same judge)."""
+    urls = [base_url] if isinstance(base_url, str) else list(base_url)
+    for url in urls:
+        if not url.startswith(("http://", "https://")) or "," in url or any(c.isspace() for c in url):
+            raise ConfigError(f"{key}: {url!r} is not an http(s) URL such as http://127.0.0.1:8000/v1 (several "
+                              f"servers: a YAML list, or on the command line --set '{key}=[http://a:8000/v1,"
+                              "http://b:8000/v1]')")
+    if len({u.rstrip("/") for u in urls}) != len(urls):
+        raise ConfigError(f"{key} names a server twice: {urls}")
+
+
+def _check_rollout_chunks(cfg) -> None:
+    """sampler.rollout_chunk and judge.overlap: the rollout-based algorithms only, and overlap needs chunks."""
+    chunk, overlap, algo = cfg.sampler.rollout_chunk, cfg.judge.overlap, cfg.train.algorithm
+    if algo == "refl" and (chunk or overlap):
+        raise ConfigError("sampler.rollout_chunk and judge.overlap are for the rollout-based algorithms (nft, grpo, "
+                          "awm): ReFL's judge scores with gradients inside the update, there is nothing to overlap; "
+                          "leave them at 0 / false")
+    if overlap and not chunk:
+        raise ConfigError("judge.overlap scores one rollout chunk while the next is generated, but "
+                          "sampler.rollout_chunk is 0 (one chunk: nothing to overlap). Set sampler.rollout_chunk to "
+                          "the images per chunk, e.g. a quarter of each process's share of nft.groups_per_step x "
+                          "nft.group_size")

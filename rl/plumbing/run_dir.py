@@ -18,7 +18,8 @@ from core.config_io import ConfigError, to_dict
 
 RUN_FILE = "run.json"
 
-#: keys a resume may change: how long, how often to save or log, where the judge is, how fast
+#: keys a resume may change: how long, how often to save or log, where the judge is and whether it overlaps the
+#: rollout (the same results), how fast
 #: (the learning rate and clip too: lowering them is the fix for a diverged run)
 RESUMABLE_KEYS = frozenset({
     "train.steps", "train.time_budget_s", "train.sample_every", "train.checkpoint_every",
@@ -26,7 +27,7 @@ RESUMABLE_KEYS = frozenset({
     "train.threads",
     "optim.lr", "optim.grad_clip",
     "judge.base_url", "judge.api_key_env", "judge.concurrency", "judge.timeout", "judge.retries",
-    "judge.batch_size", "judge.device", "model.device", "model.attention_backend",
+    "judge.batch_size", "judge.device", "judge.overlap", "model.device", "model.attention_backend",
     "model.gradient_checkpointing",
     # what the monitor does about a warning, and where its second judge is (not what it measures)
     "monitor.stop_on_hacking", "monitor.keep_best",

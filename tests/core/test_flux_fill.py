@@ -1,25 +1,12 @@
-"""FluxFillPolicy on a tiny FLUX.1 Fill built from configs, saved and loaded back through
-from_pretrained (no downloads). Tokenizers are built in memory over single letters."""
+"""FluxFillPolicy on a tiny FLUX.1 Fill built from configs (tests/core/tiny_flux_parts.py), saved
+and loaded back through from_pretrained (no downloads). Tokenizers are built in memory over single letters."""
 import importlib.util
 import os
-import string
 
 import pytest
 import torch
-from diffusers import (
-    AutoencoderKL,
-    FlowMatchEulerDiscreteScheduler,
-    FluxFillPipeline,
-    FluxTransformer2DModel,
-)
-from transformers import (
-    CLIPTextConfig,
-    CLIPTextModel,
-    CLIPTokenizer,
-    T5Config,
-    T5EncoderModel,
-    T5Tokenizer,
-)
+from diffusers import FluxFillPipeline, FluxTransformer2DModel
+from tiny_flux_parts import tiny_flux_parts
 
 from core import packing
 from core.flux_fill import FluxFillPolicy, check_attention_backend
@@ -31,37 +18,8 @@ LORA = dict(r=4, alpha=8, init="gaussian")
 
 
 def build_tiny_flux_fill() -> FluxFillPipeline:
-    letters = string.ascii_lowercase
-    vocab = {"<|startoftext|>": 0, "<|endoftext|>": 1}
-    for c in letters:
-        vocab[c], vocab[c + "</w>"] = len(vocab), len(vocab) + 1
-    clip_tokenizer = CLIPTokenizer(vocab=vocab, merges=[], model_max_length=16)
-    pieces = [("<pad>", 0.0), ("</s>", 0.0), ("<unk>", 0.0), ("\u2581", -1.0)]
-    pieces += [(c, -2.0) for c in letters] + [("\u2581" + c, -1.5) for c in letters]
-    t5_tokenizer = T5Tokenizer(vocab=pieces, extra_ids=0)
-    torch.manual_seed(0)
-    clip = CLIPTextModel(CLIPTextConfig(
-        vocab_size=len(vocab), hidden_size=32, intermediate_size=37, num_hidden_layers=2, num_attention_heads=4,
-        max_position_embeddings=16, projection_dim=32, bos_token_id=0, eos_token_id=1, pad_token_id=1))
-    t5 = T5EncoderModel(T5Config(vocab_size=len(pieces), d_model=32, d_ff=37, d_kv=8, num_layers=2, num_heads=4,
-                                 relative_attention_num_buckets=8, pad_token_id=0, eos_token_id=1))
-    # two VAE levels: scale factor 2, so the mask folds 2x2 -> 4 channels, packed -> 16
-    vae = AutoencoderKL(in_channels=3, out_channels=3, down_block_types=["DownEncoderBlock2D"] * 2,
-                        up_block_types=["UpDecoderBlock2D"] * 2, block_out_channels=(8, 8), layers_per_block=1,
-                        latent_channels=2, norm_num_groups=2, sample_size=SIZE, scaling_factor=1.5,
-                        shift_factor=0.1, use_quant_conv=True, use_post_quant_conv=False)
-    with torch.no_grad():  # posterior std ~ e^-15: the pipeline's posterior sample equals our mode
-        vae.quant_conv.weight[2:] = 0
-        vae.quant_conv.bias[2:] = -30.0
-    transformer = FluxTransformer2DModel(
-        patch_size=1, in_channels=8 + 8 + 16, out_channels=8, num_layers=1, num_single_layers=1,
-        attention_head_dim=16, num_attention_heads=2, joint_attention_dim=32, pooled_projection_dim=32,
-        guidance_embeds=True, axes_dims_rope=[4, 4, 8])
-    scheduler = FlowMatchEulerDiscreteScheduler(  # FLUX.1 Fill [dev]'s scheduler config
-        num_train_timesteps=1000, shift=3.0, use_dynamic_shifting=True, base_shift=0.5, max_shift=1.15,
-        base_image_seq_len=256, max_image_seq_len=4096)
-    return FluxFillPipeline(scheduler=scheduler, vae=vae, text_encoder=clip, tokenizer=clip_tokenizer,
-                            text_encoder_2=t5, tokenizer_2=t5_tokenizer, transformer=transformer)
+    # transformer input per token: noisy 8 | masked-image 8 | folded mask 16
+    return FluxFillPipeline(**tiny_flux_parts(SIZE, transformer_in_channels=8 + 8 + 16))
 
 
 @pytest.fixture(scope="module")

@@ -1,4 +1,5 @@
 """The OpenAI-API judge against small fake servers: retries, failures, floors, payloads, concurrency."""
+import hashlib
 import json
 import math
 import socket
@@ -32,6 +33,14 @@ class FakeServer:
         class Handler(BaseHTTPRequestHandler):
             def log_message(self, *args):
                 pass
+
+            def do_GET(self):  # noqa: N802 - /v1/models, for OpenAIJudge.ping
+                data = json.dumps({"data": [{"id": "judge"}]}).encode()
+                self.send_response(200)
+                self.send_header("Content-Type", "application/json")
+                self.send_header("Content-Length", str(len(data)))
+                self.end_headers()
+                self.wfile.write(data)
 
             def do_POST(self):  # noqa: N802
                 payload = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
@@ -243,3 +252,86 @@ def test_a_refused_connection_after_a_success_is_retried_then_a_judge_error(fake
     with pytest.raises(JudgeError, match=r"failed after 3 attempt.*(refused|ConnectionRefused)"):
         judge.score(make_requests()[:1], "yesno")
     assert judge.attempts == 1 + 3
+
+
+# -- several endpoints (judge.base_url a list) ---------------------------------------------------
+
+def _by_content(n, payload):
+    """A deterministic answer that depends on the request's images (so order mix-ups show), after a
+    random delay (so requests finish out of order)."""
+    digest = hashlib.sha256(json.dumps(payload["messages"]).encode()).digest()
+    p_yes = 0.1 + 0.8 * digest[0] / 255
+    return 200, _answer({"Yes": math.log(p_yes), "No": math.log(1 - p_yes)}), 0.002 * (digest[1] % 20)
+
+
+def _dead_url():
+    with socket.socket() as s:   # a port nobody listens on
+        s.bind(("127.0.0.1", 0))
+        return f"http://127.0.0.1:{s.getsockname()[1]}/v1"
+
+
+def test_requests_spread_over_endpoints_and_scores_keep_their_order(fake_server, make_requests):
+    a, b = fake_server(_by_content), fake_server(_by_content)
+    reqs = make_requests() + make_requests(seed=1) + make_requests(seed=2) + make_requests(seed=3)
+    want = _judge(a.url, concurrency=1).score(reqs, "yesno")       # one server, one request at a time
+    a.payloads.clear()
+    judge = _judge([a.url, b.url], concurrency=2)
+    assert judge.ping() == ["judge"] and judge.base_urls == [a.url, b.url]
+    assert torch.equal(judge.score(reqs, "yesno"), want)
+    assert len(a.payloads) + len(b.payloads) == len(reqs) == 16
+    assert min(len(a.payloads), len(b.payloads)) >= 5            # least-outstanding: both do a fair share
+    assert max(a.max_in_flight, b.max_in_flight) <= 2            # judge.concurrency is per endpoint
+    stats = judge.endpoint_stats()
+    assert sum(s["attempts"] for s in stats.values()) == 16 and all(s["failed"] == 0 for s in stats.values())
+
+
+def test_a_down_endpoint_requests_go_to_the_others_at_once(fake_server, make_requests):
+    ok = fake_server(lambda n, p: (200, YES_70, 0))
+    reqs = make_requests() * 2
+    # never started (connection refused): its requests move on; the judge keeps scoring
+    dead = _dead_url()
+    judge = _judge([dead, ok.url], retries=1, backoff=5.0)
+    tic = time.perf_counter()
+    assert torch.allclose(judge.score(reqs, "yesno"), torch.full((8,), 0.7), atol=1e-6)
+    # overloaded (503 on every request): with one retry each, the retry must have gone to the other
+    busy = fake_server(lambda n, p: (503, {"error": "overloaded"}, 0))
+    judge2 = _judge([busy.url, ok.url], retries=1, backoff=5.0)
+    assert torch.allclose(judge2.score(reqs, "yesno"), torch.full((8,), 0.7), atol=1e-6)
+    assert time.perf_counter() - tic < 3.0                       # moving on costs no backoff (5 s)
+    assert judge.endpoint_stats()[dead]["failed"] >= 1 and judge2.endpoint_stats()[busy.url]["failed"] >= 1
+    assert len(busy.payloads) >= 1 and judge2.endpoint_stats()[busy.url]["attempts"] < 8  # set aside, not hammered
+    # a server that stops mid-run (answered before, now refused): the rest carry on
+    other = fake_server(lambda n, p: (200, YES_70, 0))
+    judge3 = _judge([other.url, ok.url], retries=2)
+    judge3.score(reqs, "yesno")
+    other.close()
+    assert torch.allclose(judge3.score(reqs, "yesno"), torch.full((8,), 0.7), atol=1e-6)
+
+
+def test_every_endpoint_failing_is_a_judge_error_naming_each(fake_server, make_requests):
+    a = fake_server(lambda n, p: (503, {"error": "overloaded"}, 0))
+    b = fake_server(lambda n, p: (500, {"error": "crashed"}, 0))
+    with pytest.raises(JudgeError) as err:
+        _judge([a.url, b.url], retries=2).score(make_requests()[:1], "yesno")
+    message = str(err.value)
+    assert "failed after 3 attempt(s) over 2 of 2 endpoints" in message
+    assert f"{a.url}/chat/completions: HTTP 503" in message and f"{b.url}/chat/completions: HTTP 500" in message
+    # a rejected request (400) is not retried elsewhere: it names the endpoint that rejected it
+    c = fake_server(lambda n, p: (400, {"error": "bad image"}, 0))
+    with pytest.raises(JudgeError, match=rf"{c.url}/chat/completions rejected the request with HTTP 400"):
+        _judge([c.url], retries=3).score(make_requests()[:1], "yesno")
+    # none ever reachable: fails at once, naming them all, with the fix
+    dead1, dead2 = _dead_url(), _dead_url()
+    judge = _judge([dead1, dead2], retries=5, backoff=1.0)
+    with pytest.raises(JudgeError, match=rf"{dead1}/chat/completions, {dead2}/chat/completions.*connection refused"):
+        judge.score(make_requests()[:1], "yesno")
+    assert judge.attempts == 2
+    # ping names the endpoint that is down; the list must be URLs, each once
+    ok = fake_server(lambda n, p: (200, YES_70, 0))
+    with pytest.raises(JudgeError, match=rf"judge server {dead1} did not list its models") as err:
+        _judge([ok.url, dead1]).ping()
+    assert ok.url not in str(err.value)
+    with pytest.raises(ValueError, match="names a server twice"):
+        OpenAIJudge([ok.url, ok.url + "/"], "judge")
+    with pytest.raises(ValueError, match="base_url"):
+        OpenAIJudge([], "judge")
