@@ -8,6 +8,18 @@ Per task:
 - extend:  psnr_mask (inside the new area, against the full canvas);
 - text:    glyph_acc (share of characters recognised by template matching), text_exact, ink_iou.
 Shared: psnr_mask for every task, so one number compares across tasks.
+
+Instruction tasks (core/instruction_world.py; their mask is the region that should change) add
+psnr_keep, PSNR over what must stay as in the source (truth["keep"]: consistency), and per task
+what instruction following means there:
+- recolour:     colour_acc (the object's footprint reads as the requested colour);
+- remove_named: residue (share of its footprint still in its colour) and psnr_mask (the
+                background restored in its footprint);
+- add:          colour_acc, shape_acc (as fill's, of the region the edit drew anywhere in the
+                image), position_acc (that region's centre lies in the named cell);
+- retext:       glyph_acc, text_exact (the ink against the text-free scene, read at the cells as
+                the new text);
+- restyle:      style_acc (the background reads as the requested kind: core.backgrounds).
 """
 from __future__ import annotations
 
@@ -17,8 +29,11 @@ from collections import defaultdict
 import torch
 from torch import Tensor
 
+from .backgrounds import read_kind
 from .glyphs import GLYPHS, glyph
+from .instruction_world import cell_of
 from .masks import bbox
+from .tasks import INSTRUCTION_TASKS
 from .world import COLOURS, SHAPES, EditSample, shape_mask
 
 #: a pixel counts as "changed" when some channel moved more than this from the source
@@ -105,6 +120,45 @@ def sample_metrics(sample: EditSample, edited: Tensor) -> dict[str, float]:
         correct = sum(a == b for a, b in zip(read, truth["text"]))
         out.update(glyph_acc=correct / len(truth["text"]), text_exact=float(read == truth["text"]),
                    ink_iou=iou(ink, truth["ink"]))
+    elif sample.task in INSTRUCTION_TASKS:
+        out.update(instruction_metrics(sample, edited))
+    return out
+
+
+def _read_text(ink: Tensor, cells: list[tuple[int, int]]) -> str:
+    return "".join(read_glyph(ink, t, l) for t, l in cells)
+
+
+def instruction_metrics(sample: EditSample, edited: Tensor) -> dict[str, float]:
+    """The metrics of an instruction task (see the module docstring) but psnr_mask."""
+    truth, task = sample.truth, sample.task
+    out = {"psnr_keep": psnr_in_mask(edited, sample.target, truth["keep"])}
+    if task == "recolour":
+        foot = truth["object"]["mask"][0] > 0
+        out["colour_acc"] = float(nearest_colour(edited[:, foot].median(dim=1).values) == truth["new_colour"])
+    elif task == "remove_named":
+        o = truth["object"]
+        colour = torch.tensor(COLOURS[o["colour"]])[:, None, None]
+        still = ((edited - colour).abs().amax(0, keepdim=True) < 0.1).float() * o["mask"]
+        out["residue"] = float(still.sum() / o["mask"].sum())
+    elif task == "add":
+        o = truth["object"]
+        drawn = changed_region(edited, sample.source, torch.ones_like(sample.mask))
+        colour = shape = cell = None
+        if float(drawn.sum()) >= 12:
+            colour = nearest_colour(edited[:, drawn[0] > 0].median(dim=1).values)
+            shape = classify_shape(drawn)
+            t, l, b, r = bbox(drawn)  # its centre: a triangle's centroid lies r/3 below it
+            cell = cell_of(drawn.shape[-1], (t + b) / 2, (l + r) / 2)
+        out.update(colour_acc=float(colour == o["colour"]), shape_acc=float(shape == o["shape"]),
+                   position_acc=float(cell == tuple(truth["cell"])))
+    elif task == "retext":
+        ink = ((edited - truth["clean"]).abs().amax(0, keepdim=True) > CHANGE_THRESHOLD).float() * sample.mask
+        read = _read_text(ink, truth["cells"])
+        correct = sum(a == b for a, b in zip(read, truth["new_text"]))
+        out.update(glyph_acc=correct / len(truth["new_text"]), text_exact=float(read == truth["new_text"]))
+    elif task == "restyle":
+        out["style_acc"] = float(read_kind(edited, sample.mask) == truth["new_kind"])
     return out
 
 

@@ -1,8 +1,19 @@
-"""The four mask-guided tasks as data: what the judge scores for each, fixed prompts, mixtures.
+"""The tasks as data: what the judge scores for each, fixed prompts, mixtures.
 
 Every other part (the synthetic world, the judges, the trainers, evaluation) reads tasks and
 dimensions from here, so a task is added in one place. Dimension definitions follow OneReward
 section 4.2; "text_accuracy" is ours, for the text-rendering task.
+
+Two families. TASKS, the four mask-guided tasks of OneReward (the editor gets a mask), are what
+training, pretraining and user data take. INSTRUCTION_TASKS are Edit-R1's setting: the editor gets
+an instruction and no mask ("make the red circle blue"); core.instruction_world makes them with
+ground truth, the rule judge and core.metrics judge them, and no policy trains on them yet (the
+toy FLUX.1 Fill cannot: it needs a mask, and its tokenizers lack the instruction words). Their
+dimensions: Edit-R1 scores one judgement, "the correct object was edited according to the
+instruction, all requirements were met, and the visual result is high quality" (its appendix C),
+and its human study splits it into instruction alignment and image quality; here that is
+instruction_following and aesthetics, plus OneReward-style preservation (everything the
+instruction does not touch stays as it was), the one requirement every instruction edit shares.
 """
 from __future__ import annotations
 
@@ -10,6 +21,8 @@ import random
 from dataclasses import dataclass
 
 TASKS: tuple[str, ...] = ("fill", "extend", "removal", "text")
+INSTRUCTION_TASKS: tuple[str, ...] = ("recolour", "remove_named", "add", "retext", "restyle")
+ALL_TASKS: tuple[str, ...] = TASKS + INSTRUCTION_TASKS
 
 DIMENSIONS: dict[str, str] = {
     "text_alignment": (
@@ -36,6 +49,15 @@ DIMENSIONS: dict[str, str] = {
         "whether exactly the requested text is rendered inside the region, legible and with no "
         "missing, extra or wrong characters"
     ),
+    "instruction_following": (
+        "whether the edit does what the instruction asks: the correct object was edited, in the "
+        "requested way (colour, removal, shape and place, text, background), and all requirements "
+        "were met"
+    ),
+    "preservation": (
+        "whether everything the instruction does not ask to change (the other objects, the "
+        "background, any text) is left exactly as it was in the original image"
+    ),
 }
 
 TASK_DIMENSIONS: dict[str, tuple[str, ...]] = {
@@ -43,6 +65,7 @@ TASK_DIMENSIONS: dict[str, tuple[str, ...]] = {
     "extend": ("text_alignment", "consistency", "structure", "aesthetics"),
     "removal": ("removal_quality", "consistency", "structure"),
     "text": ("text_accuracy", "consistency"),
+    **{t: ("instruction_following", "preservation", "aesthetics") for t in INSTRUCTION_TASKS},
 }
 
 TASK_DESCRIPTIONS: dict[str, str] = {
@@ -50,6 +73,11 @@ TASK_DESCRIPTIONS: dict[str, str] = {
     "extend": "image extend: extend the image outward beyond its original borders",
     "removal": "object removal: remove the object in the masked region and fill it with background",
     "text": "text rendering: draw the requested text inside the masked region",
+    "recolour": "recolouring: give the named object the requested colour and change nothing else",
+    "remove_named": "object removal by name: remove the named object and restore the background behind it",
+    "add": "adding an object: draw the requested object at the requested place in the image",
+    "retext": "text replacement: replace the named text with the requested text, in the same place and ink",
+    "restyle": "background change: give the image the requested background, keeping every object as it is",
 }
 
 # Fixed prompts, as in OneReward's released inference code: removal has no user text, and
@@ -62,8 +90,9 @@ PAPER_MIXTURE: dict[str, float] = {"fill": 0.5, "extend": 0.25, "removal": 0.25,
 
 
 def check_task(task: str) -> str:
+    """`task` if it is a registered task (mask-guided or instruction), else a ValueError."""
     if task not in TASK_DIMENSIONS:
-        raise ValueError(f"unknown task {task!r}; expected one of {list(TASKS)}")
+        raise ValueError(f"unknown task {task!r}; expected one of {list(ALL_TASKS)}")
     return task
 
 

@@ -7,6 +7,9 @@ tests and the CPU demo can tell true improvement from reward hacking.
 
 Each sample is a pure function of (world seed, split, task, index); the "heldout" split draws from
 a seed space disjoint from "train", so a fixed held-out set is simply indices 0..n-1.
+
+The instruction tasks (recolour, remove_named, add, retext, restyle) are made by
+core.instruction_world.InstructionWorld, a subclass that reuses the scene parts here.
 """
 from __future__ import annotations
 
@@ -20,7 +23,7 @@ from torch import Tensor
 
 from . import masks as M
 from .glyphs import GLYPHS, render_text, text_size
-from .tasks import EXTEND_NO_PROMPT, REMOVAL_PROMPT, check_task
+from .tasks import EXTEND_NO_PROMPT, REMOVAL_PROMPT, TASKS, check_task
 
 COLOURS: dict[str, tuple[float, float, float]] = {
     "red": (0.87, 0.15, 0.15),
@@ -109,17 +112,26 @@ class SyntheticWorld:
         self.seed = seed
 
     # -- public API ---------------------------------------------------------------------------
+    #: the tasks this world makes (core.instruction_world.InstructionWorld adds the instruction tasks)
+    TASKS: tuple[str, ...] = TASKS
+
     def sample(self, task: str, index: int, split: str = "train") -> EditSample:
         check_task(task)
+        if task not in self.TASKS:
+            raise ValueError(f"{type(self).__name__} makes the tasks {list(self.TASKS)}, not {task!r}: "
+                             "instruction tasks come from core.instruction_world.InstructionWorld")
         if split not in SPLITS:
             raise ValueError(f"unknown split {split!r}; expected one of {SPLITS}")
-        digest = hashlib.blake2b(f"{self.seed}/{split}/{task}/{index}".encode(), digest_size=8).digest()
-        seed = int.from_bytes(digest, "little") & (2**62 - 1)
-        rng = random.Random(seed)
-        gen = torch.Generator().manual_seed(seed)
+        rng, gen = self._streams(split, task, index)
         sample = getattr(self, f"_{task}")(rng, gen)
         sample.key = f"{split}/{task}/{index}"
         return sample
+
+    def _streams(self, split: str, task: str, index: int) -> tuple[random.Random, torch.Generator]:
+        """The random streams of one condition: a pure function of (world seed, split, task, index)."""
+        digest = hashlib.blake2b(f"{self.seed}/{split}/{task}/{index}".encode(), digest_size=8).digest()
+        seed = int.from_bytes(digest, "little") & (2**62 - 1)
+        return random.Random(seed), torch.Generator().manual_seed(seed)
 
     def batch(self, tasks: list[str], rng: random.Random, split: str = "train") -> list[EditSample]:
         return [self.sample(t, rng.randrange(2**31), split) for t in tasks]
@@ -130,8 +142,12 @@ class SyntheticWorld:
 
     # -- scene parts -------------------------------------------------------------------------
     def _background(self, rng: random.Random, gen: torch.Generator) -> tuple[Tensor, str]:
-        S = self.size
         kind = rng.choice(list(BACKGROUNDS))
+        return self._render_background(kind, rng, gen), kind
+
+    def _render_background(self, kind: str, rng: random.Random, gen: torch.Generator) -> Tensor:
+        """A background of the given kind (a key of BACKGROUNDS) with random colours and layout."""
+        S = self.size
 
         def muted() -> Tensor:  # low-saturation colours, so objects stand out
             grey = rng.uniform(0.3, 0.8)
@@ -149,12 +165,14 @@ class SyntheticWorld:
             coord = ys if rng.random() < 0.5 else xs
             u = (torch.sin(coord * S * 6.2832 / period) > 0).float()
             b = (a + rng.choice([-1, 1]) * torch.tensor(rng.uniform(0.12, 0.22))).clamp(0, 1)
-        else:  # smooth random texture: low-resolution noise upsampled
+        elif kind == "texture":  # smooth random texture: low-resolution noise upsampled
             coarse = torch.rand(1, 1, 6, 6, generator=gen)
             u = torch.nn.functional.interpolate(coarse, size=(S, S), mode="bicubic", align_corners=False)[0, 0]
             u = (u - u.min()) / (u.max() - u.min() + 1e-8)
+        else:
+            raise ValueError(f"unknown background kind {kind!r}; expected one of {list(BACKGROUNDS)}")
         img = a[:, None, None] * (1 - u) + b[:, None, None] * u
-        return img.clamp(0, 1), kind
+        return img.clamp(0, 1)
 
     def _place(self, rng: random.Random, occupied: Tensor, r: float, margin: int) -> tuple[float, float] | None:
         """A centre whose (r + margin)-disc lies inside the image and off `occupied`."""
@@ -193,6 +211,33 @@ class SyntheticWorld:
         bg, kind = self._background(rng, gen)
         objs, occupied = self._objects(rng, n_objects)
         return bg, kind, objs, occupied
+
+    #: the margin of a text's box around its glyphs
+    TEXT_PAD = 3
+
+    def _text_box(self, rng: random.Random, objs: list[dict[str, Any]], occupied: Tensor,
+                  text: str) -> tuple[list[dict[str, Any]], int, int, Tensor]:
+        """A free spot for `text`'s box (glyphs plus TEXT_PAD), off the objects: (the objects that
+        stay, top, left, box mask); a crowded scene is cleared."""
+        S = self.size
+        th, tw = text_size(text)
+        bh, bw = th + 2 * self.TEXT_PAD, tw + 2 * self.TEXT_PAD
+        for _ in range(60):
+            top, left = rng.randint(1, S - bh - 1), rng.randint(1, S - bw - 1)
+            box = M.box_mask(S, S, top, left, bh, bw)
+            if not bool((box * M.dilate(occupied, 1)).any()):
+                break
+        else:  # no free spot: clear the scene
+            objs = []
+            top, left = rng.randint(1, S - bh - 1), rng.randint(1, S - bw - 1)
+            box = M.box_mask(S, S, top, left, bh, bw)
+        return objs, top, left, box
+
+    @staticmethod
+    def _ink_value(image: Tensor, box: Tensor) -> float:
+        """Dark ink on a light box, light ink on a dark one."""
+        lum = float((image.mean(0, keepdim=True) * box).sum() / box.sum())
+        return 0.05 if lum > 0.5 else 0.95
 
     # -- the four tasks ----------------------------------------------------------------------
     def _fill(self, rng: random.Random, gen: torch.Generator) -> EditSample:
@@ -258,22 +303,10 @@ class SyntheticWorld:
         S = self.size
         bg, kind, objs, occupied = self._scene(rng, gen, rng.randint(0, 2))
         text = "".join(rng.choice(GLYPHS) for _ in range(rng.randint(1, 2)))
-        th, tw = text_size(text)
-        pad = 3
-        bh, bw = th + 2 * pad, tw + 2 * pad
-        for _ in range(60):
-            top, left = rng.randint(1, S - bh - 1), rng.randint(1, S - bw - 1)
-            box = M.box_mask(S, S, top, left, bh, bw)
-            if not bool((box * M.dilate(occupied, 1)).any()):
-                break
-        else:  # no free spot: clear the scene
-            objs = []
-            top, left = rng.randint(1, S - bh - 1), rng.randint(1, S - bw - 1)
-            box = M.box_mask(S, S, top, left, bh, bw)
-        ink, cells = render_text(text, S, S, top + pad, left + pad)
+        objs, top, left, box = self._text_box(rng, objs, occupied, text)
+        ink, cells = render_text(text, S, S, top + self.TEXT_PAD, left + self.TEXT_PAD)
         source = self._paint(bg, objs)
-        lum = float((source.mean(0, keepdim=True) * box).sum() / box.sum())
-        ink_value = 0.05 if lum > 0.5 else 0.95
+        ink_value = self._ink_value(source, box)
         target = source * (1 - ink) + ink_value * ink
         truth = {"background": bg, "bg_kind": kind, "objects": objs, "text": text, "ink": ink,
                  "ink_value": ink_value, "cells": cells}

@@ -35,6 +35,9 @@ from transformers import CLIPTokenizer, T5TokenizerFast
 
 from ..world import VOCABULARY
 
+# The instruction tasks' prompts (core/instruction_world.py) also need its INSTRUCTION_WORDS: a toy for
+# instruction editing would build its tokenizers over core.instruction_world.INSTRUCTION_VOCABULARY.
+
 CLIP_BOS, CLIP_EOS = "<|startoftext|>", "<|endoftext|>"
 T5_PAD, T5_EOS, T5_UNK = "<pad>", "</s>", "<unk>"
 WORD_SUFFIX = "</w>"

@@ -24,6 +24,15 @@ world's truth (differentiable in the edited image, so reward feedback learning c
                    of range) times realism: the blurred edit against the blurred ground truth, so
                    a clean but empty region is not "beautiful" when something was asked for.
 
+Instruction tasks (core/instruction_world.py: no mask for the editor; the sample's mask is the
+region that should change) have three dimensions, scored the same way:
+  instruction_following  the task's identity term (reward/judges/instruction_terms.py: the right
+                   colour on the right object, the right object gone, the right shape at the
+                   right place, the right glyphs, the right kind of background);
+  preservation     fidelity to the target over what must stay as in the source (truth["keep"]);
+  aesthetics       the rule above over the region that may change (1 - keep);
+and like fill and text, preservation and aesthetics are gated by the identity term.
+
 The three judge modes are read off q as a VLM's would be: "score" is the expectation of a
 distribution over the digits 0..5 peaked at 5q, "yesno" a logistic of q - 1/2, and "pairwise" a
 Bradley-Terry probability on the difference of the two images' q.
@@ -37,6 +46,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from core.masks import dilate, erode
+from core.tasks import INSTRUCTION_TASKS
 from core.world import EditSample
 from reward.judge import (
     Judge,
@@ -48,6 +58,7 @@ from reward.judge import (
 )
 from reward.judges.content_terms import fill_alignment_term
 from reward.judges.extend_terms import extend_alignment_term
+from reward.judges.instruction_terms import instruction_following_term
 from reward.judges.text_terms import text_accuracy_term
 
 _LAPLACE = torch.tensor([[0.0, 1.0, 0.0], [1.0, -4.0, 1.0], [0.0, 1.0, 0.0]])
@@ -77,6 +88,15 @@ def _laplacian(x: Tensor) -> Tensor:
 
 def _wide(x: Tensor) -> Tensor:
     return x.to(torch.promote_types(x.dtype, torch.float32))
+
+
+def _aesthetics(E: Tensor, T: Tensor, M: Tensor) -> Tensor:
+    """Cleanliness (high-frequency energy beyond the target's, colours out of range) times realism
+    (the blurred edit against the blurred target), over the region M."""
+    noise = F.relu(_laplacian(E) ** 2 - _laplacian(T) ** 2)
+    out_of_range = F.relu(E - 1) + F.relu(-E)
+    clean = torch.exp(-(_mse(noise, torch.zeros_like(noise), M) + 10 * _mse(out_of_range, 0 * E, M)) / 0.02)
+    return clean * _fidelity(_blur(E), _blur(T), M, 0.05)
 
 
 def seam_band(mask: Tensor, width: int = 3) -> Tensor:
@@ -125,7 +145,8 @@ class RuleJudge(Judge):
         return self._raw(task, dimension, edited, sample) * memo[key].clamp_min(1e-8).sqrt()
 
     #: the dimension that says whether the requested content is there, per task
-    CONTENT: ClassVar[dict[str, str]] = {"fill": "text_alignment", "text": "text_accuracy", "extend": "text_alignment"}
+    CONTENT: ClassVar[dict[str, str]] = {"fill": "text_alignment", "text": "text_accuracy", "extend": "text_alignment",
+                                         **{t: "instruction_following" for t in INSTRUCTION_TASKS}}
 
     @staticmethod
     def _creates_content(task: str, sample: EditSample) -> bool:
@@ -135,6 +156,8 @@ class RuleJudge(Judge):
         return sample.truth.get("has_prompt", True) and d is not None and float((d["mask"] * sample.mask).sum()) > 0
 
     def _raw(self, task: str, dimension: str, edited: Tensor, sample: EditSample) -> Tensor:
+        if task in INSTRUCTION_TASKS:
+            return self._raw_instruction(dimension, edited, sample)
         T, M, truth = sample.target.to(edited), sample.mask.to(edited), sample.truth
         E = edited
         if dimension == "removal_quality":
@@ -154,11 +177,19 @@ class RuleJudge(Judge):
             err = _mse(ey, ty, M[:, 1:, :] * M[:, :-1, :]) + _mse(ex, tx, M[:, :, 1:] * M[:, :, :-1])
             return torch.exp(-err / 0.02)
         if dimension == "aesthetics":
-            noise = F.relu(_laplacian(E) ** 2 - _laplacian(T) ** 2)
-            out_of_range = F.relu(E - 1) + F.relu(-E)
-            clean = torch.exp(-(_mse(noise, torch.zeros_like(noise), M) + 10 * _mse(out_of_range, 0 * E, M)) / 0.02)
-            return clean * _fidelity(_blur(E), _blur(T), M, 0.05)
+            return _aesthetics(E, T, M)
         raise JudgeError(f"the rule judge has no rule for dimension {dimension!r}")
+
+    @staticmethod
+    def _raw_instruction(dimension: str, edited: Tensor, sample: EditSample) -> Tensor:
+        T, keep = sample.target.to(edited), sample.truth["keep"].to(edited)
+        if dimension == "instruction_following":
+            return instruction_following_term(edited, sample)
+        if dimension == "preservation":
+            return _fidelity(edited, T, keep, 0.008)
+        if dimension == "aesthetics":
+            return _aesthetics(edited, T, 1 - keep)
+        raise JudgeError(f"the rule judge has no rule for dimension {dimension!r} of task {sample.task!r}")
 
     # -- the judge interface ------------------------------------------------------------------
     def score(self, requests: list[JudgeRequest], mode: Mode = "score") -> Tensor:

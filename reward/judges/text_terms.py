@@ -1,4 +1,5 @@
-"""The rule judge's text-accuracy term: a soft reading of every glyph cell, as core.metrics reads it.
+"""The rule judge's text-accuracy term: a soft reading of every glyph cell, as core.metrics reads it
+(`read_cells`, the reading itself, serves the retext term of instruction_terms too).
 
 core.metrics' glyph accuracy thresholds the change from the source (> 0.25 in some channel inside
 the mask) into ink and reads each true cell as the glyph whose template overlaps that ink best
@@ -66,6 +67,23 @@ def _windows(ink: Tensor, owner: Tensor, corners: Tensor, h: int, w: int, max_sh
     return windows, offsets.abs().sum(1)
 
 
+def read_cells(ink: Tensor, owner: Tensor, corners: Tensor, *, temperature: float = 0.03,
+               shift_penalty: float = 0.2, max_shift: int = 1, scale: int = 2) -> tuple[Tensor, Tensor]:
+    """The soft reading of N glyph cells: cell i of image owner[i] of the ink [B,H,W], its corner
+    corners[i] (top, left). Returns P(reading) and the reading's IoU, both [N, P, K] over the P
+    windows (shifts) and the K readings: the glyphs (GLYPHS' order), "solid", "blank"."""
+    templates = _templates(scale).to(ink)  # [K, h, w]: glyphs, solid
+    h, w = templates.shape[-2:]
+    win, shift = _windows(ink, owner, corners, h, w, max_shift)  # [N,P,h,w]
+    inter = (win[:, :, None] * templates).sum((-2, -1))          # [N,P,K]
+    union = (win[:, :, None] + templates - win[:, :, None] * templates).sum((-2, -1))
+    iou = torch.cat([inter / union.clamp_min(1e-6), 1 - win.mean((-2, -1))[..., None]], -1)  # + blank
+    N, P, K = iou.shape
+    iou = (iou - shift_penalty * shift.to(ink)[None, :, None]).clamp_min(0)  # a moved reading costs
+    prob = torch.softmax((iou / temperature).flatten(1), 1).reshape(N, P, K)
+    return prob, iou
+
+
 def text_accuracy_term(edited: Tensor, sample: EditSample | Sequence[EditSample], *,
                        wrong_glyph_credit: float = 0.25, temperature: float = 0.03, sharpness: float = 0.05,
                        shift_penalty: float = 0.2, max_shift: int = 1, scale: int = 2) -> Tensor:
@@ -89,15 +107,9 @@ def text_accuracy_term(edited: Tensor, sample: EditSample | Sequence[EditSample]
             right.append(GLYPHS.index(ch))
     dev = e.device
     owner_t = torch.tensor(owner, device=dev)
-    templates = _templates(scale).to(e)  # [K, h, w]: glyphs, solid
-    h, w = templates.shape[-2:]
-    win, shift = _windows(ink, owner_t, torch.tensor(corners, device=dev), h, w, max_shift)  # [N,P,h,w]
-    inter = (win[:, :, None] * templates).sum((-2, -1))                                     # [N,P,K]
-    union = (win[:, :, None] + templates - win[:, :, None] * templates).sum((-2, -1))
-    iou = torch.cat([inter / union.clamp_min(1e-6), 1 - win.mean((-2, -1))[..., None]], -1)  # + blank
-    N, P, K = iou.shape
-    iou = (iou - shift_penalty * shift.to(e)[None, :, None]).clamp_min(0)  # a moved reading costs
-    prob = torch.softmax((iou / temperature).flatten(1), 1).reshape(N, P, K)
+    prob, iou = read_cells(ink, owner_t, torch.tensor(corners, device=dev), temperature=temperature,
+                           shift_penalty=shift_penalty, max_shift=max_shift, scale=scale)
+    N, K = iou.shape[0], iou.shape[2]
     credit = torch.zeros(N, K, dtype=e.dtype, device=dev)
     credit[:, :len(GLYPHS)] = wrong_glyph_credit
     credit[torch.arange(N, device=dev), torch.tensor(right, device=dev)] = 1.0

@@ -3,7 +3,8 @@
 One template per mode ("score", "yesno", "pairwise") names the task and the quality dimension and
 defines the dimension (definitions from `core.tasks`, after OneReward section 4.2). The user's
 instruction is shown only for the prompt-dependent dimensions (text alignment, text accuracy):
-OneReward judges the other dimensions prompt-free. Every backend (in-process, OpenAI API, the
+OneReward judges the other dimensions prompt-free. Instruction tasks (Edit-R1's setting) show it
+for every dimension, as Edit-R1's templates do. Every backend (in-process, OpenAI API, the
 server) builds the same `Conversation` from a `JudgeRequest`, so their scores agree.
 
 Templates are overridable from a mapping or a YAML file; an unknown key or an unknown placeholder
@@ -19,12 +20,14 @@ from typing import Any
 
 from torch import Tensor
 
-from core.tasks import DIMENSIONS, TASK_DESCRIPTIONS
+from core.tasks import DIMENSIONS, INSTRUCTION_TASKS, TASK_DESCRIPTIONS
 from reward.judge import JudgeRequest, check_mode
 from reward.vlm.views import JudgeView, mask_crop
 
-#: dimensions whose judgement depends on the user's instruction (the others are prompt-free)
-PROMPT_DIMENSIONS: tuple[str, ...] = ("text_alignment", "text_accuracy")
+#: dimensions whose judgement depends on the user's instruction (the others are prompt-free);
+#: an instruction task (core.tasks.INSTRUCTION_TASKS) shows its instruction for every dimension,
+#: since what must stay unchanged depends on what was asked
+PROMPT_DIMENSIONS: tuple[str, ...] = ("text_alignment", "text_accuracy", "instruction_following")
 
 #: the answer tokens read from the first generated position, per mode
 SCORE_LABELS: tuple[str, ...] = ("0", "1", "2", "3", "4", "5")
@@ -179,8 +182,9 @@ def build_conversation(request: JudgeRequest, mode: str, templates: JudgeTemplat
             images.append(mask_crop(img, request.mask, margin=view.crop_margin, size=view.crop_size))
             lines.append(_fill(t.image_crop, index=len(images), of=of))
     dim = request.dimension
+    shows_instruction = dim in PROMPT_DIMENSIONS or request.task in INSTRUCTION_TASKS
     instruction = (_fill(t.instruction_block, instruction=request.instruction)
-                   if dim in PROMPT_DIMENSIONS and request.instruction else "")
+                   if shows_instruction and request.instruction else "")
     text = _fill(getattr(t, mode), images="\n".join(lines) + "\n", task=request.task,
                  task_description=TASK_DESCRIPTIONS[request.task], dimension=dim,
                  dimension_name=dim.replace("_", " "), dimension_definition=DIMENSIONS[dim],

@@ -13,7 +13,14 @@ import json
 
 import torch
 
-from core.tasks import DIMENSIONS, EXTEND_NO_PROMPT, REMOVAL_PROMPT, TASK_DESCRIPTIONS
+from core.tasks import (
+    DIMENSIONS,
+    EXTEND_NO_PROMPT,
+    REMOVAL_PROMPT,
+    TASK_DESCRIPTIONS,
+    TASK_DIMENSIONS,
+    TASKS,
+)
 from reward.vlm.prompts import LABELS, JudgeTemplates
 from reward.vlm.vlm_parts import VLMParts
 
@@ -85,8 +92,13 @@ PRESETS: dict[str, TinyVLMSpec] = {
 def _corpus() -> list[str]:
     from core.world import VOCABULARY
 
-    texts = JudgeTemplates().texts() + list(TASK_DESCRIPTIONS.values()) + list(DIMENSIONS.values())
-    texts += [d.replace("_", " ") for d in DIMENSIONS] + [REMOVAL_PROMPT, EXTEND_NO_PROMPT]
+    # The mask-guided tasks' wording only: the tokenizer's merges (and so every tiny judge built from
+    # a seed) stay as they were before core.tasks gained the instruction tasks. A tiny judge of
+    # instruction edits would add INSTRUCTION_TASKS' descriptions, their dimensions and
+    # core.instruction_world.INSTRUCTION_WORDS here (byte-level BPE encodes them anyway, in more pieces).
+    dims = [d for d in DIMENSIONS if any(d in TASK_DIMENSIONS[t] for t in TASKS)]
+    texts = JudgeTemplates().texts() + [TASK_DESCRIPTIONS[t] for t in TASKS] + [DIMENSIONS[d] for d in dims]
+    texts += [d.replace("_", " ") for d in dims] + [REMOVAL_PROMPT, EXTEND_NO_PROMPT]
     texts += [" ".join(VOCABULARY), "system", "user", "assistant"]
     return texts
 

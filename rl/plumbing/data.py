@@ -62,8 +62,9 @@ class JsonlData:
     ValueError listing each bad record as `file:line: problem` (the first 20, then a count).
     A record is refused when:
 
-    - it is not a JSON object, lacks "image", "mask" or "task", has an unknown task or a split
-      other than "train" / "heldout";
+    - it is not a JSON object, lacks "image", "mask" or "task", has an unknown task, an
+      instruction task (core.tasks.INSTRUCTION_TASKS: not trainable yet) or a split other than
+      "train" / "heldout";
     - a fill or text record has no prompt (removal uses the fixed removal prompt, extend without
       a prompt is judged without text alignment); a prompt of only whitespace counts as none;
     - its image or mask path leaves the folder of the JSONL file ("../x.png", or an absolute path
@@ -148,6 +149,11 @@ class JsonlData:
             except (ValueError, TypeError):  # TypeError: a list or object is no dict key
                 errs.append(f"unknown task {task!r}; expected one of {list(TASKS)}")
                 task = None
+            else:
+                if task not in TASKS:  # an instruction task: no mask-guided policy can do it
+                    errs.append(f"task {task!r} is an instruction task (core.instruction_world); "
+                                f"training data takes the mask-guided tasks {list(TASKS)}")
+                    task = None
         split = rec.get("split", "train")
         if split not in ("train", "heldout"):
             errs.append(f"split must be 'train' or 'heldout', got {split!r}")

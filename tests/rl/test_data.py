@@ -110,6 +110,7 @@ def test_images_are_decoded_once(root, monkeypatch):
     ("object", "[1, 2]", "a record must be a JSON object"),
     ("keys", {"image": "img/a.png", "task": "fill", "prompt": "x"}, "record lacks ['mask']"),
     ("task", good(task="paint"), "unknown task 'paint'"),
+    ("instruction task", good(task="recolour"), "task 'recolour' is an instruction task"),
     ("split", good(split="test"), "split must be 'train' or 'heldout'"),
     ("fill prompt", good(prompt=None), "a fill record needs a prompt"),
     ("text prompt", good(task="text", prompt="  "), "a text record needs a prompt"),
