@@ -12,6 +12,7 @@
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import re
 from collections.abc import Mapping
@@ -235,7 +236,9 @@ class FluxPolicyBase(Policy):
 
     @property
     def device(self) -> torch.device:
-        return self.model.device
+        # the VAE's: a transformer whose shards FSDP2 keeps in host memory (rl dist.cpu_offload) reports the CPU
+        # while it computes on the GPU
+        return self.pipe.vae.device
 
     @property
     def dtype(self) -> torch.dtype:
@@ -314,16 +317,18 @@ class FluxPolicyBase(Policy):
         return (image.float() / 2 + 0.5).clamp(0, 1)
 
     # -- reference policy and persistence -------------------------------------------------------
-    def save_lora_weights(self, directory: str | os.PathLike, weights: Mapping[str, Tensor] | None = None) -> None:
+    def save_lora_weights(self, directory: str | os.PathLike, weights: Mapping[str, Tensor] | None = None,
+                          state_dict: Mapping[str, Tensor] | None = None) -> None:
         """Write the adapter (or the adapter weight set `weights`) in diffusers' LoRA format
-        (the pipeline's `load_lora_weights` reads it)."""
+        (the pipeline's `load_lora_weights` reads it). `state_dict`: the model's (adapter) tensors,
+        whole, to write instead of reading the modules (a sharded model gathers them first)."""
         from peft.utils import get_peft_model_state_dict
 
         if not self.has_lora:
             raise ValueError("this policy has no LoRA adapter to save; use save_pretrained for a full model")
         with swapped_weights(self.model, weights) if weights is not None else contextlib.nullcontext():
             state = {k: v.detach().cpu().clone() for k, v in
-                     get_peft_model_state_dict(self.model, adapter_name=ADAPTER).items()}
+                     get_peft_model_state_dict(self.model, state_dict=state_dict, adapter_name=ADAPTER).items()}
         config = self.model.peft_config[ADAPTER].to_dict()
         config["target_modules"] = sorted(config["target_modules"])
         self.PIPELINE_CLASS.save_lora_weights(directory, transformer_lora_layers=state,
@@ -357,19 +362,35 @@ class FluxPolicyBase(Policy):
         except RuntimeError as err:
             raise ValueError(f"LoRA in {directory} has other shapes than this adapter (rank?): {err}") from None
 
-    def save_pretrained(self, directory: str | os.PathLike, *, transformer_only: bool = False) -> None:
+    def save_pretrained(self, directory: str | os.PathLike, *, transformer_only: bool = False,
+                        transformer_state: Mapping[str, Tensor] | None = None) -> None:
         """A pipeline directory (PIPELINE_CLASS.from_pretrained loads it) with the (LoRA-merged)
         transformer; `transformer_only` writes just transformer/ (load it with
-        from_pretrained(base, transformer=...))."""
+        from_pretrained(base, transformer=...)). `transformer_state`: the transformer's whole state dict
+        to write instead of reading its modules (a model sharded by FSDP2 gathers it first; full
+        fine-tunes only)."""
         with quiet_weights_io():
-            self._save_pretrained(Path(directory), transformer_only)
+            self._save_pretrained(Path(directory), transformer_only, transformer_state)
 
-    def _save_pretrained(self, root: Path, transformer_only: bool) -> None:
+    def _save_pretrained(self, root: Path, transformer_only: bool,
+                         transformer_state: Mapping[str, Tensor] | None = None) -> None:
         from huggingface_hub import save_torch_state_dict
 
         target = root / "transformer"
         target.mkdir(parents=True, exist_ok=True)
-        if self.has_lora:
+        if transformer_state is not None:
+            if self.has_lora:
+                raise ValueError("transformer_state is for a full fine-tune; a LoRA policy saves its adapter "
+                                 "(save_lora_weights(state_dict=...)) or merges it from its own modules")
+            self.model.save_config(target)
+            # FSDP2's fully_shard gives the module a generated class (FSDPFluxTransformer2DModel): name the
+            # class the pipeline registered, so that diffusers loads the directory as it would the model's own
+            config = json.loads((target / "config.json").read_text())
+            config["_class_name"] = self.pipe.config["transformer"][1]
+            (target / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
+            save_torch_state_dict(dict(transformer_state), target,
+                                  filename_pattern="diffusion_pytorch_model{suffix}.safetensors", max_shard_size="10GB")
+        elif self.has_lora:
             self.model.save_config(target)
             save_torch_state_dict(merged_state_dict(self.model, ADAPTER), target,
                                   filename_pattern="diffusion_pytorch_model{suffix}.safetensors",

@@ -10,7 +10,8 @@ Trainers keep extra copies of the trainable weights (old/sampling policy, EMA, r
 tensor dicts and pass them to `velocity(..., weights=...)`, which evaluates the model with those
 values: one set of modules, any number of weight sets, and the
 same code for a full fine-tune and for LoRA (where the dicts hold only adapter tensors).
-(`swapped_weights` does the swap; unlike functional_call it can wrap code that calls the model.)
+(`swapped_weights` does the swap; unlike functional_call it can wrap code that calls the model. A
+model sharded by FSDP2 takes copies sharded like its weights, swapped by value into its shards.)
 """
 from __future__ import annotations
 
@@ -195,21 +196,76 @@ def check_edit_batch(images: Tensor, masks: Tensor, prompts: list[str]) -> None:
 
 @contextlib.contextmanager
 def swapped_weights(model: nn.Module, weights: Mapping[str, Tensor]):
-    """Within the block, the named parameters of `model` are the given tensors (no copies).
+    """Within the block, the named parameters of `model` take the given values.
 
     Like `torch.func.functional_call`, but usable around any code that calls the model; the
-    original Parameters are put back on exit, also after an exception.
+    originals are back on exit, also after an exception. A value on its parameter's device replaces
+    the Parameter object (no copy). Two cases are swapped by value instead: a parameter sharded by
+    FSDP2 (a DTensor: FSDP gathers a forward's weights from its own shard storage, so a replaced
+    object would be ignored; the value is a DTensor of the same sharding or its local shard) and a
+    value kept on another device (a copy in host memory): the value's shard is copied into the
+    parameter's storage, the parameter's own values are stashed and copied back on exit. Use the
+    by-value case without gradients (as every forward with a weight copy is) and never across a
+    pending backward of the trained weights.
     """
-    saved = []
+    saved, by_value = [], []
     try:
         for name, value in weights.items():
             mod_name, _, attr = name.rpartition(".")
             mod = model.get_submodule(mod_name) if mod_name else model
             if attr not in mod._parameters:
                 raise KeyError(f"{name!r} is not a parameter of {type(model).__name__}")
-            saved.append((mod, attr, mod._parameters[attr]))
-            mod._parameters[attr] = value
-        yield model
+            param = mod._parameters[attr]
+            if _is_sharded(param) or value.device != param.device:
+                by_value.append((name, param, value))
+            else:
+                saved.append((mod, attr, param))
+                mod._parameters[attr] = value
+        with _by_value(model, by_value):
+            yield model
     finally:
         for mod, attr, param in reversed(saved):
             mod._parameters[attr] = param
+
+
+def _is_sharded(t: Tensor) -> bool:
+    from torch.distributed.tensor import DTensor
+
+    return isinstance(t, DTensor)
+
+
+def _local(t: Tensor) -> Tensor:
+    """A DTensor's local shard (the same storage), or the tensor itself."""
+    return t.to_local() if _is_sharded(t) else t
+
+
+@contextlib.contextmanager
+def _by_value(model: nn.Module, items: list[tuple[str, Tensor, Tensor]]):
+    """Copy each (name, parameter, value)'s value into the parameter's (local) storage for the block."""
+    if not items:
+        yield
+        return
+    from torch.distributed.fsdp import FSDPModule
+
+    # a sharded module must gather again: weights it still holds gathered would be the old values
+    fsdp = [m for m in model.modules() if isinstance(m, FSDPModule)]
+    stash = []
+    try:
+        with torch.no_grad():
+            for m in fsdp:
+                m.reshard()
+            for name, param, value in items:
+                dst, src = _local(param.detach()), _local(value.detach())
+                if dst.shape != src.shape:
+                    raise ValueError(f"{name!r}: value of shape {tuple(src.shape)} for a parameter whose "
+                                     f"{'local shard' if _is_sharded(param) else 'shape'} is {tuple(dst.shape)} "
+                                     "(a sharded model takes copies sharded like its weights)")
+                stash.append((dst, dst.clone()))
+                dst.copy_(src)
+        yield
+    finally:
+        with torch.no_grad():
+            for m in fsdp:
+                m.reshard()
+            for dst, own in reversed(stash):
+                dst.copy_(own)

@@ -7,7 +7,9 @@ weights, no GPU, no download. Prints per GPU the parameters of each part (transf
 encoders, VAE, judge), the trainable parameters (full fine-tune or LoRA), the trainer's three
 weight copies (old, EMA, reference), AdamW's state, gradients, the activations of one
 micro-batch, the total against the GPU memory and a verdict; when it does not fit, what to change,
-each change re-planned. DDP (torchrun) replicates all of it on every GPU. Model architectures come
+each change re-planned. DDP (torchrun) replicates all of it on every GPU; with dist.strategy=fsdp2
+the transformer, the trainable weights, their copies, AdamW state and gradients are divided over the
+GPUs (plus the weights gathered for compute). Model architectures come
 from a local directory, the Hugging Face cache, or rl/planning/known_models.py.
 
 Exit status: 0 when the plan fits (or is tight), 1 when it does not fit, 2 on a config error.
@@ -34,7 +36,7 @@ def main(argv: list[str] | None = None) -> int:
                            example="optim.micro_batch=1",
                            config_help="YAML run config, as for rl.train (default: the built-in tiny NFT job)")
     parser.add_argument("--gpus", type=int, default=1, metavar="N",
-                        help="GPUs (DDP processes) the run will use (default: 1)")
+                        help="GPUs (torchrun processes) the run will use (default: 1)")
     parser.add_argument("--gpu-memory", type=float, default=80.0, metavar="GB",
                         help="memory of each GPU in GiB, e.g. 80 for an 80 GB A100 / H100 (default: 80)")
     args = parser.parse_args(argv)

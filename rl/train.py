@@ -44,6 +44,7 @@ from rl.plumbing.checkpoint import (
     remove_stale_temporaries,
     restore_rng_states,
     save_checkpoint,
+    save_sharded_checkpoint,
 )
 from rl.plumbing.config import RunConfig, load_config
 from rl.plumbing.distributed import DistContext, init_distributed, shutdown
@@ -145,7 +146,7 @@ def run(config: RunConfig, out_dir: str | os.PathLike | None = None, resume: str
         if ckpt is None:
             raise RunDirError(f"--resume {run_dir}: no checkpoint there to continue from; "
                               f"start a new run with --out {run_dir} --fresh")
-        state = load_checkpoint(ckpt)
+        state = load_checkpoint(ckpt, full=False)  # a sharded checkpoint: each process reads its own shards later
         if state["step"] + 1 >= cfg.train.steps:
             raise RunDirError(f"the run in {run_dir} already finished its {state['step'] + 1} steps; to train "
                               f"longer, resume with --set train.steps=N (N > {state['step'] + 1})")
@@ -177,7 +178,10 @@ def run(config: RunConfig, out_dir: str | os.PathLike | None = None, resume: str
                  config=to_dict(cfg)) if ctx.is_main else None
 
     base = None
-    if ctx.is_main and cfg.train.eval_per_task > 0:
+    # FSDP2: every forward of the sharded model needs every process, so all of them run the evaluations
+    # (rank 0 scores the images and writes the files; the others only take part in the forwards)
+    evaluates = ctx.is_main or trainer.sharded
+    if evaluates and cfg.train.eval_per_task > 0:
         base = _cached_base_eval(trainer, run_dir)
 
     progress = _progress(cfg, ctx, start)
@@ -204,7 +208,7 @@ def run(config: RunConfig, out_dir: str | os.PathLike | None = None, resume: str
             events, monitored = [], None
             if monitor is not None and monitor.due(step) and not trainer.weights_nonfinite:
                 events, monitored = _monitor_step(monitor, trainer, step, metrics, run_dir, ctx, progress)
-            if (ctx.is_main and cfg.train.eval_every and (step + 1) % cfg.train.eval_every == 0
+            if (evaluates and cfg.train.eval_every and (step + 1) % cfg.train.eval_every == 0
                     and step < cfg.train.steps - 1 and not trainer.weights_nonfinite):
                 # the monitor's evaluation of this step is the same evaluation when the sets are the same size
                 same = monitored if cfg.monitor.per_task == cfg.train.eval_per_task else None
@@ -228,7 +232,7 @@ def run(config: RunConfig, out_dir: str | os.PathLike | None = None, resume: str
             hacking_stop = bool(events) and cfg.monitor.stop_on_hacking
             over_budget = cfg.train.time_budget_s > 0 and ctx.broadcast_object(  # rank 0's clock decides for all
                 time.perf_counter() - t_start > cfg.train.time_budget_s)
-            if ctx.is_main and cfg.train.sample_every and (step % cfg.train.sample_every == 0 or last):
+            if evaluates and cfg.train.sample_every and (step % cfg.train.sample_every == 0 or last):
                 _sample_grid(trainer, run_dir, step, base, log)
             if ((cfg.train.checkpoint_every and (step + 1) % cfg.train.checkpoint_every == 0) or last or over_budget
                     or hacking_stop):
@@ -248,9 +252,16 @@ def run(config: RunConfig, out_dir: str | os.PathLike | None = None, resume: str
             log.close()
 
     summary: dict[str, Any] = {}
+    final = None
+    if evaluates and cfg.train.eval_per_task > 0:  # the final held-out evaluation (every process under FSDP2)
+        from rl.evaluation.run_summary import evaluate_weights
+
+        final = evaluate_weights(trainer, trainer.ema, "final")
+    if trainer.sharded and not ctx.is_main:  # FSDP2: the export gathers the EMA from every process
+        trainer.export(run_dir / "final")
     if ctx.is_main:
         extra = None if monitor is None else {"monitor": monitor.summary(stopped_at)}
-        summary = final_summary(trainer, run_dir, base, steps_done=step + 1, extra=extra)
+        summary = final_summary(trainer, run_dir, base, steps_done=step + 1, extra=extra, final=final)
         trainer.export(run_dir / "final")
         write_model_card(run_dir / "final", cfg, summary)
         if stopped_at is not None:  # last, so that it is the run's final word
@@ -323,6 +334,14 @@ def _save(trainer, run_dir: Path, step: int, cfg: RunConfig, ctx: DistContext) -
     """Checkpoint `step` (nothing before step 0); returns the checkpoint written."""
     if step < 0:
         return None
+    if trainer.sharded_checkpoints:  # FSDP2: every process writes its shards, rank 0 the rest
+        from rl.plumbing.fsdp import sharded_state
+
+        trees, rest = sharded_state(trainer)
+        monitor = getattr(trainer, "hacking_monitor", None)
+        rest.update(run_id=getattr(trainer, "run_id", None), **({} if monitor is None else
+                                                               {"monitor": monitor.state_dict()}))
+        return save_sharded_checkpoint(run_dir, step, trees, rest, _yaml(cfg), ctx, keep=cfg.train.keep_checkpoints)
     path = None
     if ctx.is_main:
         state = {**trainer.state_dict(), "run_id": getattr(trainer, "run_id", None)}
@@ -346,14 +365,18 @@ def _cached_base_eval(trainer, run_dir: Path):
 
     path = run_dir / "eval_base"
     fingerprint = eval_fingerprint(trainer.cfg)
-    if has_tree(path.parent, path.name):
-        stored = load_eval(path)
-        if stored.get("fingerprint") == fingerprint:
-            return stored
+    stored = load_eval(path) if trainer.ctx.is_main and has_tree(path.parent, path.name) else None
+    reuse = stored is not None and stored.get("fingerprint") == fingerprint
+    if trainer.sharded:  # FSDP2: every process evaluates, or none; rank 0 knows
+        reuse = trainer.ctx.broadcast_object(reuse)
+    if reuse:
+        return stored
+    if stored is not None:
         print("[rl.train] the stored base evaluation was made with other settings: evaluating again",
               file=sys.stderr)
     result = evaluate_weights(trainer, trainer.ref, "base")
-    save_eval(result, path, fingerprint)
+    if trainer.ctx.is_main:
+        save_eval(result, path, fingerprint)
     return result
 
 
@@ -364,6 +387,8 @@ def _periodic_eval(trainer, step: int, result=None) -> dict[str, Any]:
 
     if result is None:
         result = evaluate_weights(trainer, trainer.ema, f"step {step}")
+    if result is None:  # FSDP2, not rank 0: it took part in the forwards, rank 0 has the numbers
+        return {}
     out: dict[str, Any] = {"heldout/reward": float(result.reward.mean()),
                            "heldout/reward_by_task": result.reward_by_task()}
     if result.ground_truth is not None:
@@ -376,6 +401,8 @@ def _sample_grid(trainer, run_dir: Path, step: int, base, log: RunLog | None = N
     from rl.evaluation.run_summary import grid_columns
 
     sources, masks, columns, rows = grid_columns(trainer, base)
+    if not trainer.ctx.is_main:  # FSDP2: the other processes only take part in the forwards
+        return
     (run_dir / "samples").mkdir(exist_ok=True)
     grid = save_sample_grid(run_dir / "samples" / f"step-{step:06d}.png", sources, masks, columns,
                             row_labels=[sample_label(s.task, s.prompt) for s in rows])

@@ -4,7 +4,9 @@ A trainer owns the policy's trainable weights (updated by the optimiser) and thr
 plain tensor dicts (rl/algorithms/weight_copies.py): `old` (DiffusionNFT's sampling policy), `ema` (evaluation,
 export, and OneReward's dynamic reference) and `ref` (the initial weights: KL anchor and OneReward's
 static reference). Everything random in a step is drawn from generators seeded by (seed, step),
-so a resumed run repeats exactly what an uninterrupted one would have done.
+so a resumed run repeats exactly what an uninterrupted one would have done. Several processes run
+DDP, or with dist.strategy=fsdp2 FSDP2 (rl/plumbing/fsdp.py): the weights are DTensor shards and the
+copies DTensor shards alike (on the device or in host memory, dist.copies).
 """
 from __future__ import annotations
 
@@ -27,6 +29,7 @@ from rl.algorithms.lr_schedule import lr_factor
 from rl.algorithms.weight_copies import clone, ema_decay, lerp_
 from rl.plumbing.config import RunConfig
 from rl.plumbing.distributed import DistContext
+from rl.plumbing.fsdp import local
 
 
 @contextlib.contextmanager
@@ -49,21 +52,37 @@ class Trainer(abc.ABC):
         self.cfg, self.policy, self.judge, self.data, self.ctx = cfg, policy, judge, data, ctx
         self.device = ctx.device
         self.sigmas = sigmas.to(torch.float32)
+        fsdp2 = cfg.dist.strategy == "fsdp2"
+        #: FSDP2 over several processes: the weights, gradients, AdamW state and copies are DTensor shards,
+        #: and every process takes part in each forward of the model (evaluations included)
+        self.sharded = fsdp2 and ctx.enabled
+        #: checkpoints in the sharded format (rl/plumbing/fsdp.py), also for fsdp2 on one process, so that a
+        #: run can resume on another number of processes
+        self.sharded_checkpoints = fsdp2
+        if self.sharded:  # before the parameters are collected: fully_shard replaces them with DTensors
+            from rl.plumbing.fsdp import shard_model
+
+            shard_model(policy.model, cfg.dist, self.device)
         self.params = policy.trainable_parameters()
         if not self.params:
             raise ValueError("the policy has no trainable parameters (all frozen?)")
         o = cfg.optim
         self.optimizer = torch.optim.AdamW(self.params.values(), lr=o.lr, betas=tuple(o.betas),
                                            weight_decay=o.weight_decay)
-        self.ref = clone(self.params)
-        self.old = clone(self.params)
-        self.ema = clone(self.params)
+        where = cfg.dist.copies if fsdp2 else "device"
+        self.ref = clone(self.params, where)
+        self.old = clone(self.params, where)
+        self.ema = clone(self.params, where)
         self.ddp = None
-        if ctx.enabled:
+        if ctx.enabled and not self.sharded:
             from torch.nn.parallel import DistributedDataParallel
 
             ids = [self.device.index] if self.device.type == "cuda" else None
             self.ddp = DistributedDataParallel(policy.model, device_ids=ids)
+        if fsdp2 and ctx.is_main:
+            from rl.plumbing.fsdp import memory_line
+
+            print(memory_line(self), file=sys.stderr)
 
     # -- pieces of a step ---------------------------------------------------------------------
     def encode(self, samples: list[EditSample]) -> Condition:
@@ -119,14 +138,16 @@ class Trainer(abc.ABC):
         return pieces, judging
 
     def trained_velocity(self, x_t: Tensor, t: Tensor, cond: Condition) -> Tensor:
-        """The policy's velocity with gradients (through DDP when distributed)."""
+        """The policy's velocity with gradients (through DDP when distributed; a model sharded by FSDP2
+        is its own wrapper)."""
         if self.ddp is None:
             return self.policy.velocity(x_t, t, cond)
         with self.policy.route_model(self.ddp):
             return self.policy.velocity(x_t, t, cond)
 
     def backward_context(self, last: bool):
-        """DDP syncs gradients only on the last backward of an accumulation."""
+        """DDP syncs gradients only on the last backward of an accumulation. FSDP2 reduce-scatters after
+        every backward and accumulates sharded gradients (skipping the sync would keep whole gradients)."""
         if self.ddp is None or last:
             return contextlib.nullcontext()
         return self.ddp.no_sync()
@@ -144,6 +165,8 @@ class Trainer(abc.ABC):
         and a checkpoint of NaN weights would poison every resume)."""
         params = list(self.params.values())
         norm = torch.nn.utils.clip_grad_norm_(params, self.cfg.optim.grad_clip)
+        if self.sharded:  # the norm of sharded gradients is a DTensor: its value is the same on every process
+            norm = norm.full_tensor()
         ok = bool(torch.isfinite(norm))
         if ok:
             o = self.cfg.optim
@@ -152,7 +175,7 @@ class Trainer(abc.ABC):
                 group["lr"] = o.lr * scale
             self.updated = True
             self.optimizer.step()
-            bad = sum((~torch.isfinite(p.detach())).any().float() for p in params).reshape(1)
+            bad = sum((~torch.isfinite(local(p.detach()))).any().float() for p in params).reshape(1)
             self.weights_nonfinite = float(self.ctx.all_reduce_sum(bad)) > 0
         self.optimizer.zero_grad(set_to_none=True)
         return float(norm), ok
@@ -173,7 +196,13 @@ class Trainer(abc.ABC):
         """Save the evaluation EMA where the model's own library can load it: a LoRA adapter in
         diffusers' format when the policy trains one (FluxFillPipeline.load_lora_weights), else
         the transformer (FLUX.1 Fill: transformer/ only) or the whole pipeline directory (the toy:
-        FluxFillPipeline.from_pretrained loads it)."""
+        FluxFillPipeline.from_pretrained loads it). Sharded (FSDP2): every process calls it, the EMA's full
+        weights are gathered to rank 0, which writes the same files."""
+        if self.sharded:
+            from rl.plumbing.fsdp import export_sharded
+
+            export_sharded(self, out_dir)
+            return
         if getattr(self.policy, "has_lora", False) and hasattr(self.policy, "save_lora_weights"):
             self.policy.save_lora_weights(out_dir, weights=self.ema)
             return
@@ -185,6 +214,7 @@ class Trainer(abc.ABC):
 
     # -- checkpoint state ---------------------------------------------------------------------
     def state_dict(self) -> dict[str, Any]:
+        """The checkpoint's state (rank 0; a sharded run writes rl.plumbing.fsdp.sharded_state on every process)."""
         return {
             "weights": {k: v.detach().cpu().clone() for k, v in self.params.items()},
             "old": {k: v.cpu() for k, v in self.old.items()},
@@ -194,6 +224,14 @@ class Trainer(abc.ABC):
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
+        if "sharded" in state:  # every process reads its shards of a sharded checkpoint
+            from rl.plumbing.fsdp import load_sharded
+
+            load_sharded(self, state["checkpoint_dir"], state)
+            return
+        if self.sharded_checkpoints:
+            raise ValueError("this checkpoint was written by a DDP run; dist.strategy=fsdp2 resumes sharded "
+                             "checkpoints only")
         with torch.no_grad():
             for name, p in self.params.items():
                 p.copy_(state["weights"][name])

@@ -17,9 +17,11 @@ from torch import Tensor
 
 @torch.no_grad()
 def lerp_(dst: dict[str, Tensor], src: Mapping[str, Tensor], decay: float) -> None:
-    """dst <- decay * dst + (1 - decay) * src, in place."""
+    """dst <- decay * dst + (1 - decay) * src, in place. Under FSDP2 both are sharded alike (DTensors, or
+    a copy's shards in host memory): the update is elementwise on the local shards, no communication."""
     for name, value in dst.items():
-        value.lerp_(src[name].detach().to(value.dtype), 1.0 - decay)
+        mine = _local(value)
+        mine.lerp_(_local(src[name].detach()).to(mine.device, value.dtype), 1.0 - decay)
 
 
 def old_policy_decay(step: int, rate: float, maximum: float) -> float:
@@ -35,5 +37,35 @@ def ema_decay(step: int, maximum: float) -> float:
     return min((1.0 + step) / (10.0 + step), maximum)
 
 
-def clone(weights: Mapping[str, Tensor]) -> dict[str, Tensor]:
-    return {k: v.detach().clone() for k, v in weights.items()}
+def clone(weights: Mapping[str, Tensor], where: str = "device") -> dict[str, Tensor]:
+    """A copy of `weights`: beside them (where="device"), or in host memory (where="cpu": pinned when the
+    weights are on a GPU). A sharded weight's copy is a DTensor of the same sharding either way (under
+    "cpu" its local shard lives in host memory), so checkpoints can save and reshard it."""
+    return {k: _copy(v.detach(), where) for k, v in weights.items()}
+
+
+def _copy(t: Tensor, where: str) -> Tensor:
+    if where == "device" or (t.device.type == "cpu" and not _is_sharded(t)):
+        return t.clone()
+    from torch.distributed.tensor import DTensor
+
+    local = _local(t)
+    host = torch.empty(local.shape, dtype=local.dtype, pin_memory=torch.cuda.is_available()).copy_(local)
+    if not isinstance(t, DTensor):
+        return host
+    return DTensor.from_local(host, t.device_mesh, t.placements, run_check=False, shape=t.shape, stride=t.stride())
+
+
+def _is_sharded(t: Tensor) -> bool:
+    from torch.distributed.tensor import DTensor
+
+    return isinstance(t, DTensor)
+
+
+def _local(t: Tensor) -> Tensor:
+    return t.to_local() if _is_sharded(t) else t
+
+
+def local_bytes(weights: Mapping[str, Tensor]) -> int:
+    """Bytes this process holds of `weights` (a sharded tensor's local shard)."""
+    return sum(_local(t).numel() * t.element_size() for t in weights.values())

@@ -22,16 +22,25 @@ GRID_ROWS_PER_TASK = 2
 
 
 def evaluate_weights(trainer, weights: dict[str, Tensor] | None, label: str,
-                     per_task: int | None = None) -> EvalResult:
+                     per_task: int | None = None) -> EvalResult | None:
     """Edit the first `per_task` held-out conditions of every task (default train.eval_per_task) with
     `weights` (None: the policy's own), each with its own keyed noise, and score them with the
-    training judge's eval_mode question (and the ground truth where the data has it)."""
+    training judge's eval_mode question (and the ground truth where the data has it).
+    A model sharded by FSDP2 (trainer.sharded) needs every process in each forward: every process
+    calls this, the same images are made everywhere, rank 0 scores them and the others return None."""
     cfg = trainer.cfg
     per_task = cfg.train.eval_per_task if per_task is None else per_task
     samples = held_out_samples(trainer.data, trainer.data.tasks, per_task)
     from rl.plumbing.builders import rollout_sigmas
 
     sigmas = rollout_sigmas(trainer.policy, cfg.sampler.eval_steps, cfg.sampler.shift)
+    method = "euler" if cfg.sampler.method == "sde" else cfg.sampler.method
+    if getattr(trainer, "sharded", False) and not trainer.ctx.is_main:
+        from rl.evaluation.heldout import generate_images
+
+        generate_images(trainer.policy, samples, weights=weights, sigmas=sigmas, method=method,
+                        seed=cfg.train.seed + 12345, device=trainer.device)
+        return None
     progress = None
     if cfg.train.progress:
         from tqdm import tqdm
@@ -39,8 +48,7 @@ def evaluate_weights(trainer, weights: dict[str, Tensor] | None, label: str,
         progress = tqdm(total=len(samples), desc=f"held-out eval [{label}]", unit="img", leave=False)
     try:
         return evaluate(trainer.policy, trainer.judge, samples, weights=weights, sigmas=sigmas,
-                        method="euler" if cfg.sampler.method == "sde" else cfg.sampler.method,
-                        seed=cfg.train.seed + 12345, device=trainer.device,
+                        method=method, seed=cfg.train.seed + 12345, device=trainer.device,
                         with_truth=trainer.data.has_truth, progress=progress, mode=cfg.judge.eval_mode)
     finally:
         if progress is not None:
@@ -105,8 +113,9 @@ def _reward_of(result) -> Tensor:
 
 
 def final_summary(trainer, run_dir: Path, base, steps_done: int,
-                  extra: dict[str, Any] | None = None) -> dict[str, Any]:
-    """Plots, the final held-out evaluation against `base`, and summary.json (with `extra` added)."""
+                  extra: dict[str, Any] | None = None, final: EvalResult | None = None) -> dict[str, Any]:
+    """Plots, the final held-out evaluation against `base`, and summary.json (with `extra` added).
+    `final`: the final evaluation when the caller made it (FSDP2: with every process), else made here."""
     cfg = trainer.cfg
     metrics = read_metrics(run_dir / "metrics.jsonl")
     plot_reward_curves(metrics, run_dir / "reward_curve.png", title=f"{cfg.train.algorithm} training reward")
@@ -115,7 +124,8 @@ def final_summary(trainer, run_dir: Path, base, steps_done: int,
                                "time_split_s": time_split,
                                "train_wall_time_s": metrics[-1]["wall_time"] if metrics else 0.0}
     if base is not None and cfg.train.eval_per_task > 0:
-        final = evaluate_weights(trainer, trainer.ema, "final")
+        if final is None:
+            final = evaluate_weights(trainer, trainer.ema, "final")
         save_eval(final, run_dir / "eval_final", eval_fingerprint(cfg))
         b, f = _reward_of(base), final.reward
         summary["reward_base"] = float(b.mean())

@@ -1,8 +1,8 @@
 """What to change when a plan does not fit: each change re-planned, so every line carries its total.
 
 The changes the code supports today come first (gradient checkpointing, micro-batch, LoRA and its
-rank, a served judge, a smaller ReFL batch, more GPUs); then what would help but is
-not implemented (FSDP2 sharding, offloading the text encoders or the training state to the CPU).
+rank, a served judge, a smaller ReFL batch, FSDP2 sharding and its host-memory offloads, more GPUs);
+then what would help but is not implemented (offloading the text encoders to the CPU).
 """
 from __future__ import annotations
 
@@ -42,8 +42,24 @@ def what_ifs(cfg: RunConfig, gpus: int) -> list[tuple[str, Change, int]]:
     half = cfg.refl.batch_size // 2
     if cfg.train.algorithm == "refl" and half >= gpus and half % gpus == 0:  # ReFL back-propagates its whole share
         out.append((f"--set refl.batch_size={half}", lambda c: _replace(c, "refl", batch_size=half), gpus))
-    # DDP replicates every weight: more GPUs shrink only the per-GPU rollout (and backward, unless micro-batched)
-    out.append((f"--gpus {2 * gpus} (DDP: fewer images per GPU, the same weights)", lambda c: c, 2 * gpus))
+    d, sharded_gpus = cfg.dist, max(gpus, 2)
+    if d.strategy == "ddp":
+        what = (f"--set dist.strategy=fsdp2{'' if gpus > 1 else ' --gpus 2'} (FSDP2: the transformer and the "
+                "training state sharded over the GPUs)")
+        out.append((what, lambda c: _replace(c, "dist", strategy="fsdp2"), sharded_gpus))
+    else:
+        if d.copies != "cpu" and not d.cpu_offload:
+            out.append(("--set dist.copies=cpu (the old / EMA / reference shards in host memory)",
+                        lambda c: _replace(c, "dist", copies="cpu"), sharded_gpus))
+        if not d.cpu_offload:
+            out.append(("--set dist.cpu_offload=true (weight shards, gradients and AdamW state in host memory)",
+                        lambda c: _replace(c, "dist", cpu_offload=True), sharded_gpus))
+    # DDP replicates every weight: more GPUs shrink only the per-GPU rollout (and backward, unless micro-batched);
+    # under FSDP2 they also shrink every shard
+    more = 2 * max(gpus, 1) if d.strategy == "ddp" else 2 * sharded_gpus
+    what = ("DDP: fewer images per GPU, the same weights" if d.strategy == "ddp"
+            else "FSDP2: fewer images and smaller shards per GPU")
+    out.append((f"--gpus {more} ({what})", lambda c: c, more))
     return out
 
 
@@ -66,8 +82,6 @@ def advise(cfg: RunConfig, plan: MemoryPlan) -> list[str]:
         where = f" (on {gpus} GPUs)" if gpus != plan.gpus else ""
         lines.append(f"all of these together{where}: " + _outcome(plan, make_plan(together, gpus, plan.gpu_memory_gib)))
     weights = sum(r.bytes for r in plan.rows if r.label.startswith("text encoder"))
-    state = sum(r.bytes for r in plan.rows if r.group == "training")
-    lines.append("FSDP2 (sharding weights, gradients, optimiser state and copies over the GPUs): not implemented yet")
-    lines.append(f"offload (not implemented): the text encoders ({human_bytes(weights)}) only encode prompts, and the "
-                 f"copies and AdamW state ({human_bytes(state)}) could live on the CPU")
+    lines.append(f"offload of the text encoders (not implemented yet): they ({human_bytes(weights)}) only encode "
+                 "prompts and could live on the CPU")
     return lines

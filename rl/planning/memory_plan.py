@@ -12,7 +12,12 @@
   (rl/planning/flux_activations.py) and the backward's working memory; the rollout (no gradients,
   all of the GPU's images at once, or sampler.rollout_chunk of them) is compared and the larger counts;
 - an in-process judge (judge.kind=transformers) sits on the same GPU unless judge.device=cpu.
-DDP replicates all of it on every GPU.
+DDP replicates all of it on every GPU. FSDP2 (dist.strategy=fsdp2, rl/plumbing/fsdp.py) on N GPUs
+divides the transformer's weights, the trainable weights, their three copies, AdamW's state and the
+gradients by N (each GPU holds 1/N of every tensor); it adds the weights gathered for compute (the
+root's own and two blocks: the one running and the next, prefetched) and one block's unsharded
+gradients before their reduce-scatter. dist.cpu_offload moves the shards, gradients and AdamW state
+to host memory, dist.copies=cpu the copies; the text encoders and the VAE stay whole on every GPU.
 """
 from __future__ import annotations
 
@@ -35,7 +40,12 @@ from rl.planning.flux_activations import (
     no_grad_peak_bytes,
     saved_bytes,
 )
-from rl.planning.meta_models import count_component, count_lora, count_vlm
+from rl.planning.meta_models import (
+    count_component,
+    count_flux_blocks,
+    count_lora,
+    count_vlm,
+)
 from rl.plumbing.config import RunConfig
 
 GIB = 1024**3
@@ -137,6 +147,21 @@ def step_shape(cfg: RunConfig, arch: PipelineArchitecture, gpus: int) -> tuple[S
     return StepShape(images, per_gpu, micro, side * side, arch.text_tokens, rollout), warnings
 
 
+def shards(cfg: RunConfig, gpus: int) -> int:
+    """How many ways FSDP2 divides the sharded rows (1: not sharded, DDP or one GPU)."""
+    return gpus if cfg.dist.strategy == "fsdp2" and gpus > 1 else 1
+
+
+def _per_gpu(n: int, ways: int) -> int:
+    return -(-n // ways)  # FSDP2 pads every tensor's shards to equal size: the ceiling
+
+
+def compute_dtype(cfg: RunConfig) -> torch.dtype:
+    """The dtype the transformer computes in: dist.param_dtype under FSDP2 when set, else model.dtype."""
+    d = cfg.dist
+    return _DTYPES[d.param_dtype] if d.strategy == "fsdp2" and d.param_dtype else _DTYPES[cfg.model.dtype]
+
+
 def _training(cfg: RunConfig) -> Training:
     lora = cfg.model.lora
     return Training() if lora is None else Training(frozenset(lora.targets), lora.r, torch.float32)
@@ -145,12 +170,25 @@ def _training(cfg: RunConfig) -> Training:
 def _weights_and_training_rows(cfg: RunConfig, arch: PipelineArchitecture, dtype: torch.dtype,
                                gpus: int) -> tuple[list[Row], int, torch.dtype]:
     """The pipeline's weights, then the trainable weights, their copies, AdamW state and DDP
-    buckets. Returns the rows, the trainable count and its dtype."""
+    buckets (FSDP2: the sharded rows divided by the GPUs, and the weights gathered for compute).
+    Returns the rows, the trainable count and its dtype."""
     rows = []
+    ways, d = shards(cfg, gpus), cfg.dist
+    host = ways > 1 and d.cpu_offload  # the shards, gradients and AdamW state live in host memory
     for part in arch.components:
         count = count_component(part, dtype)
-        rows.append(Row("weights", f"{_PART_LABELS[part.name]} ({count.class_name})", count.bytes, count.params,
-                        str(dtype).removeprefix("torch.")))
+        label = f"{_PART_LABELS[part.name]} ({count.class_name})"
+        params, size = count.params, count.bytes
+        if part.name == "transformer" and ways > 1:
+            label += " in host memory (dist.cpu_offload)" if host else f", 1/{ways} shard"
+            params, size = _per_gpu(params, ways), 0 if host else _per_gpu(size, ways)
+        rows.append(Row("weights", label, size, params, str(dtype).removeprefix("torch.")))
+    if ways > 1:
+        blocks = count_flux_blocks(arch.part("transformer"))
+        gathered = blocks.root_own + 2 * blocks.largest_block
+        cdt = compute_dtype(cfg)
+        rows.append(Row("weights", "FSDP2: gathered for compute (root's own + 2 blocks)", gathered * cdt.itemsize,
+                        gathered, str(cdt).removeprefix("torch.")))
     lora = cfg.model.lora
     if lora is None:
         trainable = count_component(arch.part("transformer"), dtype).params
@@ -163,9 +201,20 @@ def _weights_and_training_rows(cfg: RunConfig, arch: PipelineArchitecture, dtype
         rows.append(Row("training", f"trainable: LoRA r={lora.r} on {adapters.layers} Linears", trainable * 4,
                         trainable, "float32"))
     size, name = train_dtype.itemsize, str(train_dtype).removeprefix("torch.")
-    rows += [Row("training", "copies: old, EMA, reference (3 x trainable)", 3 * trainable * size, 3 * trainable, name),
-             Row("training", "AdamW exp_avg + exp_avg_sq (2 x trainable)", 2 * trainable * size, 2 * trainable, name)]
-    if gpus > 1:
+    if ways > 1 and lora is not None:  # the adapters are sharded like the rest (the row above is whole)
+        rows[-1] = dataclasses.replace(rows[-1], label=rows[-1].label + (" in host memory" if host else
+                                                                         f", 1/{ways} shard"),
+                                       params=_per_gpu(trainable, ways),
+                                       bytes=0 if host else _per_gpu(trainable * 4, ways))
+    copies_host = ways > 1 and (host or d.copies == "cpu")
+    copies, adam = _per_gpu(3 * trainable, ways), _per_gpu(2 * trainable, ways)
+    shard = "" if ways == 1 else f", 1/{ways} shard"
+    rows += [Row("training", "copies: old, EMA, reference (3 x trainable)" + (" in host memory" if copies_host
+                                                                              else shard),
+                 0 if copies_host else copies * size, copies, name),
+             Row("training", "AdamW exp_avg + exp_avg_sq (2 x trainable)" + (" in host memory" if host else shard),
+                 0 if host else adam * size, adam, name)]
+    if gpus > 1 and ways == 1:
         rows.append(Row("training", "DDP gradient buckets (1 x trainable)", trainable * size, trainable, name))
     return rows, trainable, train_dtype
 
@@ -192,7 +241,7 @@ def _judge_rows(cfg: RunConfig, gpus: int) -> tuple[list[Row], list[str], list[s
 
 
 def _step_rows(cfg: RunConfig, dims: FluxDims, shape: StepShape, dtype: torch.dtype, trainable: int,
-               train_dtype: torch.dtype) -> tuple[list[Row], str]:
+               train_dtype: torch.dtype, arch: PipelineArchitecture, gpus: int) -> tuple[list[Row], str]:
     """The step's peak: the update (gradients, activations, backward working memory) or the
     rollout (no gradients, all of the GPU's images at once or sampler.rollout_chunk of them), whichever is
     larger; and a note on the other."""
@@ -200,17 +249,27 @@ def _step_rows(cfg: RunConfig, dims: FluxDims, shape: StepShape, dtype: torch.dt
     batch = Batch(shape.micro_batch, shape.image_tokens, shape.text_tokens, dtype, m.gradient_checkpointing)
     activations = saved_bytes(dims, _training(cfg), batch)
     working = backward_working_bytes(dims, _training(cfg), batch)
-    grads = trainable * train_dtype.itemsize
-    update = grads + activations + working
+    ways = shards(cfg, gpus)
+    grads = 0 if ways > 1 and cfg.dist.cpu_offload else _per_gpu(trainable, ways) * train_dtype.itemsize
+    block_grads = 0
+    if ways > 1:  # one block's gradients, whole, between its backward and its reduce-scatter
+        blocks = count_flux_blocks(arch.part("transformer"))
+        total = blocks.root_own + blocks.blocks * blocks.largest_block
+        block_grads = -(-trainable * blocks.largest_block // max(total, 1)) * train_dtype.itemsize
+    update = grads + block_grads + activations + working
     at_once = shape.rollout or shape.per_gpu
     rollout = no_grad_peak_bytes(dims, at_once, shape.image_tokens, shape.text_tokens, dtype)
     name, train_name = str(dtype).removeprefix("torch."), str(train_dtype).removeprefix("torch.")
     if update >= rollout:
         kind = "micro-batch" if cfg.train.algorithm != "refl" else "batch"
         ckpt = "checkpointed" if m.gradient_checkpointing else "not checkpointed"
-        rows = [Row("step", "gradients (1 x trainable)", grads, trainable, train_name),
-                Row("step", f"activations: {kind} {shape.micro_batch}, {ckpt}", activations, None, name),
-                Row("step", "backward working memory (estimate)", working, None, name)]
+        shard = "" if ways == 1 else (" in host memory" if cfg.dist.cpu_offload else f", 1/{ways} shard")
+        rows = [Row("step", f"gradients (1 x trainable){shard}", grads, _per_gpu(trainable, ways), train_name)]
+        if ways > 1:
+            rows.append(Row("step", "FSDP2: one block's gradients before its reduce-scatter", block_grads, None,
+                            train_name))
+        rows += [Row("step", f"activations: {kind} {shape.micro_batch}, {ckpt}", activations, None, name),
+                 Row("step", "backward working memory (estimate)", working, None, name)]
         return rows, (f"the step's peak is the update; the rollout (no gradients, {at_once} images at once) "
                       f"needs {human_bytes(rollout)} at its peak instead")
     rows = [Row("step", f"rollout peak: {at_once} images at once, no gradients (estimate)", rollout, None,
@@ -229,7 +288,11 @@ def _header(cfg: RunConfig, arch: PipelineArchitecture, shape: StepShape, gpus: 
         f" = {shape.images_per_step} images / {gpus} GPU{'s' if gpus > 1 else ''} = {shape.per_gpu} per GPU"
     lora = "full fine-tune" if m.lora is None else f"LoRA r={m.lora.r}"
     checkpointing = "on" if m.gradient_checkpointing else "off"
-    return [(f"policy   FLUX.1 Fill, {m.dtype}, {lora}, gradient checkpointing {checkpointing}; "
+    d = cfg.dist
+    fsdp = "" if shards(cfg, gpus) == 1 else (
+        f", FSDP2 over {gpus} GPUs (compute {str(compute_dtype(cfg)).removeprefix('torch.')}"
+        f"{', CPU offload' if d.cpu_offload else ''}{', copies in host memory' if d.copies == 'cpu' else ''})")
+    return [(f"policy   FLUX.1 Fill, {m.dtype}, {lora}, gradient checkpointing {checkpointing}{fsdp}; "
              f"architecture from {arch.source}"),
             (f"step     {algo}: {split}; backward on {shape.micro_batch} x ({shape.image_tokens} image + "
              f"{shape.text_tokens} text tokens)" + ("" if algo != "refl" else " (ReFL has no micro-batches)"))]
@@ -237,9 +300,18 @@ def _header(cfg: RunConfig, arch: PipelineArchitecture, shape: StepShape, gpus: 
 
 def _notes(cfg: RunConfig, gpus: int, step_note: str) -> list[str]:
     every = f"each of the {gpus} GPUs" if gpus > 1 else "under torchrun, every GPU"
+    if shards(cfg, gpus) > 1:
+        split = (f"FSDP2 (dist.strategy=fsdp2) divides the rows marked 1/{gpus} over the {gpus} GPUs and gathers "
+                 "the weights one block at a time for compute; the text encoders, the VAE and the activations "
+                 "are per GPU. A forward with a weight copy (old policy, reference, EMA) stashes the trained "
+                 "weights' shards meanwhile: one more set of trainable shards during rollouts and evaluations.")
+    elif cfg.dist.strategy == "fsdp2":
+        split = "dist.strategy=fsdp2 on one GPU has nothing to shard: every row is whole, as under DDP."
+    else:
+        split = (f"DDP replicates everything: {every} holds every row (more GPUs add throughput; they shrink only "
+                 "the per-GPU batch). dist.strategy=fsdp2 shards the transformer and the training state.")
     notes = [
-        (f"DDP replicates everything: {every} holds every row (more GPUs add throughput; they shrink only "
-         "the per-GPU batch). FSDP2 sharding is not implemented yet."),
+        split,
         step_note + ".",
         ("activations: rl/planning/flux_activations.py, checked against a measured forward in "
          "tests/rl/test_plan.py; flash / memory-efficient attention assumed (eager attention adds "
@@ -264,7 +336,7 @@ def make_plan(cfg: RunConfig, gpus: int = 1, gpu_memory_gib: float = 80.0) -> Me
     rows, trainable, train_dtype = _weights_and_training_rows(cfg, arch, dtype, gpus)
     judge_rows, judge_header, judge_warnings = _judge_rows(cfg, gpus)
     dims = FluxDims.from_config(arch.part("transformer").config)
-    step_rows, step_note = _step_rows(cfg, dims, shape, dtype, trainable, train_dtype)
+    step_rows, step_note = _step_rows(cfg, dims, shape, compute_dtype(cfg), trainable, train_dtype, arch, gpus)
     rows += judge_rows + step_rows
     rows.append(Row("runtime", "CUDA context, cuBLAS / NCCL workspaces (typical)", RUNTIME_OVERHEAD))
     warnings += judge_warnings

@@ -131,3 +131,24 @@ def count_lora(transformer: Component, r: int, alpha: float, targets: Sequence[s
         model.add_adapter(config, adapter_name="default")
     params = sum(p.numel() for p in model.parameters() if p.requires_grad)
     return LoraCount(params, len(lora_layers(model)))
+
+
+@dataclasses.dataclass(frozen=True)
+class BlockCount:
+    """How FSDP2 (rl/plumbing/fsdp.py) cuts the FLUX transformer: its largest block, and the root's own
+    parameters (embedders, final norm and projection: outside every block)."""
+
+    largest_block: int
+    root_own: int
+    blocks: int
+
+
+@functools.cache
+def count_flux_blocks(transformer: Component) -> BlockCount:
+    from rl.plumbing.fsdp import BLOCK_LISTS
+
+    model = build_on_meta(transformer)
+    blocks = [b for name in BLOCK_LISTS for b in getattr(model, name, ())]
+    sizes = [sum(p.numel() for p in b.parameters()) for b in blocks]
+    total = sum(p.numel() for p in model.parameters())
+    return BlockCount(max(sizes, default=0), total - sum(sizes), len(blocks))

@@ -26,7 +26,9 @@ def _wrap(text: str, first: str, rest: str) -> list[str]:
 def render(plan: MemoryPlan, title: str = "") -> str:
     """The header, one row per line (grouped), the total against the GPU, the verdict, notes and advice."""
     gpus = f"{plan.gpus} x {plan.gpu_memory_gib:g} GiB GPU{'s' if plan.gpus > 1 else ''}"
-    out = [f"Memory plan{' of ' + title if title else ''} on {gpus} (DDP: every GPU holds every row)", ""]
+    how = ("FSDP2: rows marked 1/N are divided over the GPUs" if any("1/" in r.label for r in plan.rows)
+           else "DDP: every GPU holds every row")
+    out = [f"Memory plan{' of ' + title if title else ''} on {gpus} ({how})", ""]
     for line in plan.header:  # "policy   ...": continuation lines align after the 9-character key
         out += textwrap.wrap(line, _WIDTH, initial_indent="  ", subsequent_indent=" " * 11)
     width = max(len(r.label) for r in plan.rows) + 2

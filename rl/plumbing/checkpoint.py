@@ -6,6 +6,11 @@ and `config.yaml`. `latest` names the newest complete checkpoint; it is itself r
 atomically, so a crash at any moment leaves the previous checkpoint usable. A resumed run restores
 everything and continues at the next step. A checkpoint is never written with a non-finite weight
 in any copy, and temporary directories left by a killed writer are removed at the next start.
+
+A sharded (FSDP2, dist.strategy=fsdp2) checkpoint has the same layout plus `shards/`: every process
+writes its shards of the trainable weights, AdamW state and the three copies there as safetensors
+(rl/plumbing/fsdp.py), while `state.*` holds the rest; `load_checkpoint` assembles whole copies from
+the shards for readers outside training (rl.edit, rl.eval, rl.compare), a resume reads its own shards.
 """
 from __future__ import annotations
 
@@ -99,6 +104,59 @@ def save_checkpoint(run_dir: Path, step: int, state: dict[str, Any], config_yaml
     return final
 
 
+def save_sharded_checkpoint(run_dir: Path, step: int, trees: dict[str, Any], state: dict[str, Any] | None,
+                            config_yaml: str, ctx, keep: int = 2) -> Path:
+    """Write a sharded ckpt-<step> atomically (every process calls it): every process writes its shards of
+    `trees` (rl.plumbing.fsdp.sharded_state) into one temporary directory, rank 0 `state` (the rest),
+    renames it into place, points `latest` at it and prunes older checkpoints. A failure on any process
+    is a CheckpointError on every process."""
+    from rl.plumbing.fsdp import SHARDS_DIR, nonfinite_shards, write_shards
+
+    run_dir = Path(run_dir)
+    bad = nonfinite_shards(trees)
+    if float(ctx.all_reduce_sum(torch.tensor([float(len(bad))], device=ctx.device))) > 0:
+        where = f"{bad[:4]}{' ...' if len(bad) > 4 else ''}" if bad else "another process's shards"
+        raise CheckpointError(f"refusing to checkpoint step {step}: non-finite weights in {where}")
+    final = run_dir / f"ckpt-{step:06d}"
+    error, tmp = None, None
+    if ctx.is_main:
+        try:
+            tmp = tempfile.mkdtemp(dir=run_dir, prefix=f".tmp-ckpt-{step:06d}-")
+        except OSError as err:
+            error = str(disk_error(err, run_dir))
+    error, tmp = ctx.broadcast_object((error, tmp))
+    if error is not None:
+        raise CheckpointError(error)
+    tmp = Path(tmp)
+    try:
+        write_shards(trees, tmp / SHARDS_DIR)
+    except Exception as err:  # DCP reports a failure on any process to every process
+        if ctx.is_main:
+            shutil.rmtree(tmp, ignore_errors=True)
+        raise CheckpointError(f"cannot write the shards of step {step} into {run_dir}: {err}") from err
+    if ctx.is_main:
+        try:
+            try:
+                save_tree({**(state or {}), "step": step, "rng": rng_states()}, tmp)
+                (tmp / "config.yaml").write_text(config_yaml)
+                if final.exists():
+                    shutil.rmtree(final)
+                os.replace(tmp, final)
+            except BaseException:
+                shutil.rmtree(tmp, ignore_errors=True)
+                raise
+            _write_atomic(run_dir / "latest", final.name + "\n")
+            if keep > 0:
+                for old in sorted(run_dir.glob("ckpt-*"))[:-keep]:
+                    shutil.rmtree(old, ignore_errors=True)
+        except Exception as err:  # noqa: BLE001 (the other processes wait for the word: send it)
+            error = str(disk_error(err, run_dir)) if isinstance(err, OSError) else f"{type(err).__name__}: {err}"
+    error = ctx.broadcast_object(error)
+    if error is not None:
+        raise CheckpointError(error)
+    return final
+
+
 def remove_stale_temporaries(run_dir: Path) -> list[Path]:
     """Delete `.tmp-ckpt-*` directories a killed writer left behind; returns what was removed."""
     stale = sorted(Path(run_dir).glob(".tmp-ckpt-*"))
@@ -122,8 +180,10 @@ def latest_checkpoint(run_dir: Path) -> Path | None:
     return done[-1] if done else None
 
 
-def load_checkpoint(path: Path) -> dict[str, Any]:
-    """The state of a checkpoint directory, or of a run directory's latest checkpoint."""
+def load_checkpoint(path: Path, full: bool = True) -> dict[str, Any]:
+    """The state of a checkpoint directory, or of a run directory's latest checkpoint. A sharded
+    checkpoint's state names its directory ("checkpoint_dir"); with `full` its weights and copies are
+    assembled from the shards as whole CPU tensors (a resume reads its own shards instead: full=False)."""
     path = Path(path)
     if path.is_dir() and not _complete(path):
         found = latest_checkpoint(path)
@@ -134,4 +194,11 @@ def load_checkpoint(path: Path) -> dict[str, Any]:
         path = found
     if not path.is_dir():
         raise FileNotFoundError(f"checkpoint not found: {path}")
-    return load_tree(path)
+    state = load_tree(path)
+    if "sharded" in state:
+        state["checkpoint_dir"] = str(path)
+        if full:
+            from rl.plumbing.fsdp import read_full
+
+            state.update(read_full(path))
+    return state

@@ -1,6 +1,6 @@
 """The run configuration of `python -m rl.train`. Defaults are the built-in CPU job.
 
-Sections: model, data, judge, sampler, nft, refl, grpo, awm, optim, train, monitor. Load with `load_config(path,
+Sections: model, data, judge, sampler, nft, refl, grpo, awm, optim, train, dist, monitor. Load with `load_config(path,
 overrides)`; every key is typed and checked (core/config_io.py), and `validate` (rl/plumbing/config_checks.py)
 checks every value's range and the paths before any work starts. Each key's one-line meaning is
 the second argument of `opt` (core/config_schema.py): `python -m rl.train --help` prints it.
@@ -238,6 +238,26 @@ class TrainConfig:
 
 
 @dataclasses.dataclass
+class DistConfig:
+    """Many processes under torchrun: how the trained model is spread over them (rl/plumbing/fsdp.py)."""
+
+    strategy: Literal["ddp", "fsdp2"] = opt(
+        "ddp", "ddp: every process holds the whole model (DistributedDataParallel); fsdp2: weights, gradients, AdamW "
+               "state and the old / EMA / reference copies sharded over the processes (fully_shard on every "
+               "transformer block, then the root; sharded checkpoints)")
+    param_dtype: Literal["float32", "bfloat16", "float16"] | None = opt(
+        None, "fsdp2: dtype the gathered weights compute in (MixedPrecisionPolicy; the shards keep model.dtype); "
+              "null = model.dtype")
+    reduce_dtype: Literal["float32", "bfloat16", "float16"] | None = opt(
+        None, "fsdp2: dtype of the gradients' reduce-scatter; null = the compute dtype")
+    cpu_offload: bool = opt(False, "fsdp2: keep weight shards, gradients and AdamW state in CPU memory (CPUOffloadPolicy; "
+                                   "AdamW steps on the CPU; the copies then live there too)")
+    copies: Literal["device", "cpu"] = opt(
+        "device", "fsdp2: where the old / EMA / reference shards live: device (sharded like the weights) or cpu (host "
+                  "memory, copied into the weights' shards for each forward that uses them)")
+
+
+@dataclasses.dataclass
 class MonitorConfig:
     """Watching for reward hacking while training (rl/evaluation/monitor.py): the EMA on a fixed held-out
     set, scored by the training judge and by an independent signal; warnings, best model, optional stop."""
@@ -281,6 +301,7 @@ class RunConfig:
     awm: AWMConfig = section(AWMConfig, "Advantage Weighted Matching (train.algorithm = awm)")
     optim: OptimConfig = section(OptimConfig, "AdamW and its learning-rate schedule")
     train: TrainConfig = section(TrainConfig, "the training loop")
+    dist: DistConfig = section(DistConfig, "many processes under torchrun: DDP or FSDP2")
     monitor: MonitorConfig = section(MonitorConfig, "watching for reward hacking: training judge vs an independent "
                                                     "signal on held-out conditions")
 

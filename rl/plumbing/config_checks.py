@@ -144,6 +144,26 @@ def validate(cfg) -> None:
     if cfg.model.kind == "tiny" and cfg.model.path and not Path(cfg.model.path).exists():
         raise ConfigError(f"model.path not found: {cfg.model.path}")
     _check_monitor(cfg)
+    _check_dist(cfg)
+
+
+def _check_dist(cfg) -> None:
+    """dist.*: the FSDP2 keys need dist.strategy=fsdp2, and FSDP2 runs without the rank-0-only monitor."""
+    d = cfg.dist
+    if d.strategy == "ddp":
+        used = [f"dist.{k}={v}" for k, v in (("param_dtype", d.param_dtype), ("reduce_dtype", d.reduce_dtype))
+                if v is not None]
+        used += ["dist.cpu_offload=true"] if d.cpu_offload else []
+        used += ["dist.copies=cpu"] if d.copies == "cpu" else []
+        if used:
+            raise ConfigError(f"{', '.join(used)} only applies to sharded training: set dist.strategy=fsdp2, or leave "
+                              "these keys at their defaults for DDP")
+        return
+    if cfg.monitor.every:
+        raise ConfigError("monitor.every is not supported with dist.strategy=fsdp2 yet: the monitor evaluates and "
+                          "exports on rank 0 alone, and every forward of a sharded model needs all processes; set "
+                          "monitor.every=0 (train.eval_every still evaluates on held-out conditions), or use "
+                          "dist.strategy=ddp")
 
 
 def _check_judge(judge, key: str, data_source: str) -> None:

@@ -29,6 +29,8 @@ RESUMABLE_KEYS = frozenset({
     "judge.base_url", "judge.api_key_env", "judge.concurrency", "judge.timeout", "judge.retries",
     "judge.batch_size", "judge.device", "judge.overlap", "model.device", "model.attention_backend",
     "model.gradient_checkpointing",
+    # where FSDP2 keeps shards and copies (host or device memory), not what is computed
+    "dist.cpu_offload", "dist.copies",
     # what the monitor does about a warning, and where its second judge is (not what it measures)
     "monitor.stop_on_hacking", "monitor.keep_best",
     "monitor.judge.base_url", "monitor.judge.api_key_env", "monitor.judge.concurrency", "monitor.judge.timeout",

@@ -294,3 +294,35 @@ def test_no_grad_estimate_is_near_a_measured_peak(dtype):
             model(**inputs)
         estimate = no_grad_peak_bytes(dims, batch, image_tokens, text_tokens, dtype)
         assert abs(estimate / mode.peak - 1) < 0.25, (estimate, mode.peak)
+
+
+def test_fsdp2_divides_the_sharded_rows_by_the_gpus():
+    """dist.strategy=fsdp2 on N GPUs: the transformer, the copies, AdamW state and the gradients are 1/N
+    per GPU; the text encoders and the VAE stay whole; the gathered weights and one block's gradients
+    are added; the offloads take their rows off the GPU; on one GPU nothing changes."""
+    cfg, _ = load_for_plan(FLUX_NFT)
+    full = dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, lora=None))
+
+    def fsdp2(**dist):
+        return dataclasses.replace(full, dist=dataclasses.replace(full.dist, strategy="fsdp2", **dist))
+
+    ddp, sharded = make_plan(full, gpus=8), make_plan(fsdp2(), gpus=8)
+    for label in ("transformer", "copies", "AdamW", "gradients"):
+        assert "1/8 shard" in sharded.row(label).label, label
+        assert sharded.row(label).bytes * 8 == pytest.approx(ddp.row(label).bytes, rel=1e-6), label
+    for label in ("text encoder (", "text encoder 2", "VAE", "activations"):
+        assert sharded.row(label).bytes == ddp.row(label).bytes, label
+    assert not any(r.label.startswith("DDP gradient buckets") for r in sharded.rows)
+    gathered = sharded.row("FSDP2: gathered")
+    assert 0 < gathered.params < sharded.row("transformer").params  # root + 2 of 57 blocks < 1/8 of the model
+    assert sharded.row("FSDP2: one block's gradients").bytes > 0
+    assert sharded.total_bytes < ddp.total_bytes / 2
+    offloaded = make_plan(fsdp2(cpu_offload=True), gpus=8)
+    for label in ("transformer", "copies", "AdamW", "gradients"):
+        assert offloaded.row(label).bytes == 0 and "host memory" in offloaded.row(label).label, label
+    assert make_plan(fsdp2(copies="cpu"), gpus=8).row("copies").bytes == 0
+    mixed = make_plan(dataclasses.replace(fsdp2(param_dtype="bfloat16"), model=dataclasses.replace(
+        full.model, dtype="float32")), gpus=8)
+    assert mixed.row("FSDP2: gathered").dtype == "bfloat16" and mixed.row("transformer").dtype == "float32"
+    assert [(r.label, r.bytes) for r in make_plan(fsdp2(), gpus=1).rows] == \
+        [(r.label, r.bytes) for r in make_plan(full, gpus=1).rows]
