@@ -66,8 +66,8 @@ class JudgeConfig:
         "rule", "rule: the world's ground truth; transformers: a local VLM; openai: a served VLM")
     # the training reward's question: NFT asks "score" (expected 0-5 digit / 5, Edit-R1) or "yesno"
     # (P(Yes)); ReFL asks "pairwise" (P(policy's image better than the reference's), OneReward)
-    mode: Literal["score", "yesno", "pairwise"] = opt("score", "the training reward's question (nft: score or "
-                                                               "yesno; refl: pairwise)")
+    mode: Literal["score", "yesno", "pairwise"] = opt("pairwise", "the training reward's question (refl: pairwise, "
+                                                                  "the default job's; nft, grpo, awm: score or yesno)")
     eval_mode: Literal["score", "yesno"] = opt("score", "absolute scores of held-out evaluations (summary, "
                                                         "rl.eval); A-vs-B comparisons are always pairwise")
     model: str | None = opt(None, "transformers: local dir or cached Hub id; openai: served model name")
@@ -187,7 +187,7 @@ class AWMConfig:
 class ReFLConfig:
     """ReFL with a pairwise judge, OneReward style (train.algorithm = refl)."""
 
-    batch_size: int = opt(8, "conditions per step")
+    batch_size: int = opt(16, "conditions per step")
     # Alg. 1 "static": the frozen initial model; Alg. 2 "dynamic": the policy's EMA (the evaluation
     # EMA, train.ema_max_decay), so no separate reference copy is kept
     reference: Literal["static", "dynamic"] = opt("dynamic", "the reference image's model: static = the frozen "
@@ -201,7 +201,8 @@ class ReFLConfig:
 class OptimConfig:
     """AdamW and its learning-rate schedule."""
 
-    lr: float = opt(1e-4, "full fine-tune rate of the toy model; LoRA configs use ~3e-4")
+    lr: float = opt(5e-5, "full fine-tune rate of the toy model with ReFL (the default job; NFT, GRPO, AWM: 1e-4); "
+                           "LoRA configs use ~3e-4")
     weight_decay: float = opt(1e-4, "AdamW decoupled weight decay")
     betas: list[float] = opt([0.9, 0.999], "AdamW (beta1, beta2)")
     grad_clip: float = opt(1.0, "largest gradient norm; larger gradients are scaled down to it")
@@ -218,8 +219,9 @@ class TrainConfig:
     """The training loop: algorithm, length, evaluation, checkpoints and logging."""
 
     algorithm: Literal["nft", "refl", "grpo", "awm"] = opt(
-        "nft", "nft: DiffusionNFT; refl: ReFL with a pairwise judge; grpo: Flow-GRPO; awm: Advantage Weighted Matching")
-    steps: int = opt(220, "optimiser steps")
+        "refl", "refl: ReFL with a pairwise judge (OneReward; the default job); nft: DiffusionNFT (Edit-R1); grpo: "
+                "Flow-GRPO; awm: Advantage Weighted Matching")
+    steps: int = opt(300, "optimiser steps")
     seed: int = opt(0, "seed of initialisation, data order and noise")
     time_budget_s: float = opt(0.0, "stop early (with a checkpoint) after this many seconds; 0 = off")
     eval_per_task: int = opt(24, "held-out conditions per task for the base/final summary")

@@ -49,6 +49,8 @@ def quick(tiny_model_dir):
 def quick_overrides(model_dir, **extra) -> list[str]:
     """A run small enough for a test: 2 groups of 4 images, 4 sampler steps, no held-out eval."""
     base = {
+        # NFT unless a test says otherwise (the default job is ReFL; most trainer tests are about NFT)
+        "train.algorithm": "nft", "judge.mode": "score",
         "model.path": str(model_dir), "nft.groups_per_step": 2, "nft.group_size": 4,
         "sampler.steps": 4, "sampler.eval_steps": 4, "refl.min_step": 1, "refl.max_step": 2,
         "train.steps": 2, "train.eval_per_task": 0, "train.sample_every": 0, "train.checkpoint_every": 1,

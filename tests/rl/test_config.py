@@ -9,7 +9,7 @@ from rl.plumbing.config import RunConfig, load_config
 def test_defaults_are_the_builtin_job():
     cfg = load_config()
     assert cfg.model.kind == "tiny" and cfg.model.path is None
-    assert cfg.judge.kind == "rule" and cfg.train.algorithm == "nft" and cfg.data.source == "world"
+    assert cfg.judge.kind == "rule" and cfg.train.algorithm == "refl" and cfg.judge.mode == "pairwise" and cfg.data.source == "world"
     assert set(cfg.data.mixture) == {"fill", "extend", "removal", "text"}
 
 
@@ -52,7 +52,7 @@ def test_yaml_and_overrides(tmp_path):
     ("nft.std_eps=0", "nft.std_eps must be in (0, inf)"),
     ("nft.tau_mean=0.5 nft.tau_std=null", "needs both nft.tau_mean and nft.tau_std, or neither"),
     ("nft.old_decay_max=1", "nft.old_decay_max must be in [0, 1)"),
-    ("train.algorithm=refl", "set judge.mode=pairwise"),
+    ("train.algorithm=refl judge.mode=score", "set judge.mode=pairwise"),
     ("model.kind=flux_fill", "needs model.path"),
     ("model.path=does/not/exist", "model.path not found: does/not/exist"),
     ("judge.kind=openai", "needs judge.base_url"),
@@ -120,8 +120,8 @@ def test_shipped_configs_load_and_validate(tmp_path):
     # without the user's data file the error names it
     with pytest.raises(ConfigError, match="data.jsonl file not found: data/edits.jsonl"):
         load_config(str(Path(__file__).parents[2] / "configs" / "flux_fill_nft_vllm.yaml"))
-    # the default job is the shipped tiny_nft.yaml
-    assert load_config(str(Path(__file__).parents[2] / "configs" / "tiny_nft.yaml")) == load_config()
+    # the default job is the shipped tiny_refl.yaml
+    assert load_config(str(Path(__file__).parents[2] / "configs" / "tiny_refl.yaml")) == load_config()
 
 
 def test_every_config_key_is_read_by_the_code():
@@ -174,7 +174,7 @@ def test_help_text_does_not_change_the_config_values():
     a.optim.betas.append(0.5)
     a.data.mixture["fill"] = 0.0
     assert b.optim.betas == [0.9, 0.999] and b.data.mixture["fill"] == 0.4
-    assert b.model.lora is None and b.nft.tau_mean == 0.9 and b.train.steps == 220
+    assert b.model.lora is None and b.nft.tau_mean == 0.9 and b.train.steps == 300
 
 
 def test_eval_every_adds_held_out_scores_to_the_metrics(quick, tmp_path):

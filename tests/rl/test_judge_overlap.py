@@ -258,8 +258,9 @@ def test_overlap_with_a_served_judge_on_two_endpoints(quick, tmp_path):
 
 
 def test_the_keys_are_checked():
+    nft = ["train.algorithm=nft", "judge.mode=score"]  # the default job is ReFL
     with pytest.raises(ConfigError, match="judge.overlap .* sampler.rollout_chunk is 0"):
-        load_config(None, ["judge.overlap=true"])
+        load_config(None, nft + ["judge.overlap=true"])
     with pytest.raises(ConfigError, match="rollout-based algorithms"):
         load_config(None, ["train.algorithm=refl", "judge.mode=pairwise", "sampler.rollout_chunk=2"])
     with pytest.raises(ConfigError, match=r"sampler.rollout_chunk must be in \[0, inf\)"):
@@ -276,7 +277,7 @@ def test_the_keys_are_checked():
         load_config(None, ["monitor.every=1", "monitor.signal=judge", "monitor.judge.kind=rule",
                            "monitor.judge.overlap=true"])
     # overlap changes when the judge works, not the results: a resume may switch it; the chunk size not
-    stored = load_config(None, ["sampler.rollout_chunk=4"])
-    check_resume_config(stored, load_config(None, ["sampler.rollout_chunk=4", "judge.overlap=true"]))
+    stored = load_config(None, nft + ["sampler.rollout_chunk=4"])
+    check_resume_config(stored, load_config(None, nft + ["sampler.rollout_chunk=4", "judge.overlap=true"]))
     with pytest.raises(ConfigError, match="sampler.rollout_chunk"):
-        check_resume_config(stored, load_config(None, ["sampler.rollout_chunk=2"]))
+        check_resume_config(stored, load_config(None, nft + ["sampler.rollout_chunk=2"]))
