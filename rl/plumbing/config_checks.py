@@ -203,7 +203,9 @@ def _check_monitor(cfg) -> None:
     if m.judge.overlap:
         raise ConfigError("monitor.judge.overlap is not used: the monitor scores a finished evaluation, there is no "
                           "rollout to overlap (judge.overlap is the training judge's); leave it unset")
-    if m.judge.mode != "score":
+    from rl.plumbing.config import JudgeConfig  # (config imports this module: a late import)
+
+    if m.judge.mode != JudgeConfig().mode:  # set by the user (the default is the training judge's default)
         # its question is monitor.judge.eval_mode, as for every held-out score; a second key would contradict it
         raise ConfigError(f"monitor.judge.mode is not used (got {m.judge.mode!r}): the monitor's judge asks its "
                           "monitor.judge.eval_mode question (score or yesno); leave monitor.judge.mode unset")

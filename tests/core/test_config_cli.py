@@ -82,7 +82,7 @@ def test_help_groups_run_config_keys_by_section(capsys):
     _, out, _ = run_main(rl.train.main, ["--help"], capsys)
     headings = re.findall(r"^(\w+): ", out[out.index("config keys:"):], re.MULTILINE)
     assert headings == [f.name for f in dataclasses.fields(RunConfig)]
-    assert re.search(r"^  optim\.lr = 0\.0001  \(float, in \(0, 1\]\)$", out, re.MULTILINE)
+    assert re.search(r"^  optim\.lr = 5\.0e-05  \(float, in \(0, 1\]\)$", out, re.MULTILINE)
     assert re.search(r"^  nft\.std = group  \(group \| global\)$", out, re.MULTILINE)
     assert re.search(r"^  model\.lora = null  \(.* or null\)$", out, re.MULTILINE)
 

@@ -188,5 +188,6 @@ def test_awm_loss_is_the_advantage_weighted_flow_matching_loss_on_the_generated_
     ({"train.algorithm": "grpo", "sampler.method": "sde", "grpo.clip_range": 1.0}, "grpo.clip_range"),
 ])
 def test_bad_grpo_and_awm_settings_are_named(overrides, message):
+    overrides = {"judge.mode": "score", **overrides}  # the default job's mode is ReFL's pairwise
     with pytest.raises(ConfigError, match=message):
         load_config(None, [f"{k}={v}" for k, v in overrides.items()])
