@@ -86,22 +86,28 @@ def save_checkpoint(run_dir: Path, step: int, state: dict[str, Any], config_yaml
     final = run_dir / f"ckpt-{step:06d}"
     try:
         tmp = Path(tempfile.mkdtemp(dir=run_dir, prefix=f".tmp-ckpt-{step:06d}-"))
-        try:
-            save_tree({**state, "step": step, "rng": rng_states()}, tmp)
-            (tmp / "config.yaml").write_text(config_yaml)
-            if final.exists():  # a re-save of the same step (e.g. after resume): replace it whole
-                shutil.rmtree(final)
-            os.replace(tmp, final)
-        except BaseException:
-            shutil.rmtree(tmp, ignore_errors=True)
-            raise
-        _write_atomic(run_dir / "latest", final.name + "\n")
+        _install(tmp, final, {**state, "step": step, "rng": rng_states()}, config_yaml, keep)
     except OSError as err:
         raise disk_error(err, run_dir) from err
-    if keep > 0:
-        for old in sorted(run_dir.glob("ckpt-*"))[:-keep]:
-            shutil.rmtree(old, ignore_errors=True)
     return final
+
+
+def _install(tmp: Path, final: Path, state: dict[str, Any], config_yaml: str, keep: int) -> None:
+    """Complete the temporary checkpoint `tmp` (state, config), rename it to `final`, point `latest`
+    at it and prune all but the `keep` newest; `tmp` is removed if anything before the rename fails."""
+    try:
+        save_tree(state, tmp)
+        (tmp / "config.yaml").write_text(config_yaml)
+        if final.exists():  # a re-save of the same step (e.g. after resume): replace it whole
+            shutil.rmtree(final)
+        os.replace(tmp, final)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    _write_atomic(final.parent / "latest", final.name + "\n")
+    if keep > 0:
+        for old in sorted(final.parent.glob("ckpt-*"))[:-keep]:
+            shutil.rmtree(old, ignore_errors=True)
 
 
 def save_sharded_checkpoint(run_dir: Path, step: int, trees: dict[str, Any], state: dict[str, Any] | None,
@@ -136,19 +142,7 @@ def save_sharded_checkpoint(run_dir: Path, step: int, trees: dict[str, Any], sta
         raise CheckpointError(f"cannot write the shards of step {step} into {run_dir}: {err}") from err
     if ctx.is_main:
         try:
-            try:
-                save_tree({**(state or {}), "step": step, "rng": rng_states()}, tmp)
-                (tmp / "config.yaml").write_text(config_yaml)
-                if final.exists():
-                    shutil.rmtree(final)
-                os.replace(tmp, final)
-            except BaseException:
-                shutil.rmtree(tmp, ignore_errors=True)
-                raise
-            _write_atomic(run_dir / "latest", final.name + "\n")
-            if keep > 0:
-                for old in sorted(run_dir.glob("ckpt-*"))[:-keep]:
-                    shutil.rmtree(old, ignore_errors=True)
+            _install(tmp, final, {**(state or {}), "step": step, "rng": rng_states()}, config_yaml, keep)
         except Exception as err:  # noqa: BLE001 (the other processes wait for the word: send it)
             error = str(disk_error(err, run_dir)) if isinstance(err, OSError) else f"{type(err).__name__}: {err}"
     error = ctx.broadcast_object(error)
