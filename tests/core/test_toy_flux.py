@@ -227,3 +227,24 @@ def test_vae_training_resumes_exactly(tmp_path):
     assert pipe.vae is vae
     with pytest.raises(ValueError, match="latent channels"):
         build_toy_pipeline(ToyFluxSpec(**{**TINY.__dict__, "vae": VAESpec(latent_channels=8)}), vae=vae)
+
+
+def test_the_shipped_toy_runs_with_diffusers_own_pipeline_and_edits_inside_the_mask():
+    """core/assets/toy_flux as a user loads it: FluxFillPipeline.from_pretrained and diffusers' call."""
+    from core.toy_flux import shipped_model_dir
+    from core.world import SyntheticWorld
+
+    pipe = FluxFillPipeline.from_pretrained(shipped_model_dir())
+    pipe.set_progress_bar_config(disable=True)
+    sample = SyntheticWorld(size=64, seed=0).sample("fill", 0, "heldout")
+    image = Image.fromarray((sample.source.permute(1, 2, 0).numpy() * 255).round().astype(np.uint8))
+    mask = Image.fromarray((sample.mask[0].numpy() * 255).astype(np.uint8))
+    out = pipe(prompt=sample.prompt, image=image, mask_image=mask, height=64, width=64, num_inference_steps=8,
+               max_sequence_length=pipe.tokenizer_2.model_max_length, guidance_scale=30.0, output_type="pt",
+               generator=torch.Generator().manual_seed(0)).images[0]
+    assert out.shape == (3, 64, 64) and torch.isfinite(out).all()
+    inside = sample.mask.bool().expand_as(out)
+    # the edit happens in the mask (the source's masked region is unlike the target), the rest is kept
+    changed = (out - sample.source).abs()
+    assert float(changed[inside].mean()) > 3 * float(changed[~inside].mean())
+    assert float((out - sample.target).abs()[~inside].mean()) < 0.05
