@@ -117,7 +117,9 @@ def build_report(base: PointResult, results: dict[str, list[list[PointResult]]],
                          for alg, per_seed in results.items()},
             "target": {"algorithm": reference, "reward": target, "seconds": reference_time,
                        "why": "grpo's final reward" if reference == "grpo"
-                       else f"grpo was not compared: the first algorithm's ({reference}) final reward"},
+                       else f"grpo was not compared: the first algorithm's ({reference}) final reward",
+                       # a target the base model already meets times nothing: say so rather than print 0 s
+                       "uninformative": target <= base.reward},
             "time_to_target": timing}
 
 
@@ -170,7 +172,10 @@ def markdown(report: dict[str, Any]) -> str:
     lines += ["", "## Time to target", "",
               (f"Target: {target['reward']:.3f}, {target['why']} (held-out judge reward, mean over seeds). "
                "Seconds to reach it: linear interpolation between points (the base model at 0 s); "
-               f"`{ref} time / time` is how many times faster than {ref} an algorithm got there."), "",
+               f"`{ref} time / time` is how many times faster than {ref} an algorithm got there.")
+              + (f" **{ref}'s final reward is not above the base model's ({report['base']['reward']:.3f}): every "
+                 "algorithm meets the target at 0 s and the ratios say nothing; compare the curves instead.**"
+                 if target.get("uninformative") else ""), "",
               f"| algorithm | final reward | seconds to target | {ref} time / time |", "|---|---|---|---|"]
     for alg, t in report["time_to_target"].items():
         secs = ("not reached" if t["seconds"] is None else "0 (the base model)" if t["seconds"] == 0
@@ -180,9 +185,13 @@ def markdown(report: dict[str, Any]) -> str:
     return "\n".join(lines) + "\n"
 
 
-def _band(ax, xs: list[float], ivs: list[dict[str, Any]], label: str, colour) -> None:
+def _band(ax, xs: list[float], ivs: list[dict[str, Any]], label: str, colour,
+          limits: tuple[float, float] = (-math.inf, math.inf)) -> None:
+    """A mean curve and its interval band, the band clipped to the metric's range (a t-interval over
+    two seeds easily spans past an accuracy's 0 and 1)."""
     ax.plot(xs, [iv["mean"] for iv in ivs], marker="o", color=colour, label=label)
-    spans = [(x, iv["low"], iv["high"]) for x, iv in zip(xs, ivs) if iv["low"] is not None]
+    lo_lim, hi_lim = limits
+    spans = [(x, max(iv["low"], lo_lim), min(iv["high"], hi_lim)) for x, iv in zip(xs, ivs) if iv["low"] is not None]
     if spans:
         ax.fill_between([x for x, _, _ in spans], [lo for _, lo, _ in spans], [hi for _, _, hi in spans],
                         color=colour, alpha=0.2)
@@ -193,7 +202,8 @@ def plot_reward(report: dict[str, Any], path: Path) -> None:
     and the time-to-target line."""
     fig, ax = plt.subplots(figsize=(7, 4.5))
     for i, (alg, rows) in enumerate(report["curves"].items()):
-        _band(ax, [r["seconds"] for r in rows], [r["reward"] for r in rows], alg, plt.get_cmap("tab10")(i % 10))
+        _band(ax, [r["seconds"] for r in rows], [r["reward"] for r in rows], alg, plt.get_cmap("tab10")(i % 10),
+              limits=(0.0, 1.0))
     target = report["target"]
     ax.axhline(target["reward"], color="grey", linestyle="--", linewidth=1, label=f"target ({target['algorithm']} final)")
     ax.set(xlabel="training seconds", ylabel="held-out judge reward (all tasks)", title="rl.compare: judge reward")
@@ -219,7 +229,7 @@ def plot_truth(report: dict[str, Any], path: Path) -> bool:
         metric = MAIN_METRIC[task]
         for i, (alg, rows) in enumerate(curves.items()):
             _band(ax, [r["seconds"] for r in rows], [r["truth_by_task"][task][metric] for r in rows], alg,
-                  plt.get_cmap("tab10")(i % 10))
+                  plt.get_cmap("tab10")(i % 10), limits=(0.0, 1.0) if metric != "psnr_mask" else (0.0, math.inf))
         ax.set(xlabel="training seconds", ylabel=metric, title=f"{task}: {metric}")
         ax.grid(alpha=0.3)
         ax.legend(fontsize=8)

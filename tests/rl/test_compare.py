@@ -75,6 +75,18 @@ def test_without_grpo_the_target_is_the_first_algorithms_final_reward():
     assert "(n/a)" in markdown(report)  # one seed: no interval
 
 
+def test_a_target_the_base_model_already_meets_is_called_uninformative():
+    """Measured on the toy: GRPO's final reward fell below the base model's, so every algorithm 'reached'
+    it at 0 s; the report must say the ratios mean nothing rather than print them as results."""
+    base = _point(0.0, 0.558)
+    results = {"grpo": [[_point(50, 0.553), _point(150, 0.538)]], "refl": [[_point(50, 0.601), _point(150, 0.616)]]}
+    report = build_report(base, results, ["fill", "text"], _settings(list(results), 1))
+    assert report["target"]["uninformative"]
+    assert "ratios say nothing" in markdown(report)
+    met = build_report(_point(0.0, 0.50), results, ["fill", "text"], _settings(list(results), 1))
+    assert not met["target"]["uninformative"] and "ratios say nothing" not in markdown(met)
+
+
 @pytest.mark.parametrize("args, says", [
     (["--algorithms", "nft,ppo"], "unknown algorithm"),
     (["--algorithms", "nft,nft"], "twice"),
