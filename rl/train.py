@@ -4,7 +4,8 @@
     torchrun --nproc_per_node=N -m rl.train ...       (many processes)
 
 With no arguments it runs the built-in default on CPU: the shipped toy FLUX.1 Fill, the synthetic
-world's four-task mixture, the rule judge and DiffusionNFT (train.algorithm: nft, refl, grpo, awm).
+world's four-task mixture, the rule judge asked pairwise and OneReward's ReFL against the policy's EMA
+(configs/tiny_refl.yaml; train.algorithm: refl, nft, grpo, awm).
 From Python: `rl.train.run(config)`.
 `--help` lists every config key with its type, range, default and meaning.
 
