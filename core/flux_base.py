@@ -129,6 +129,9 @@ class FluxPolicyBase(Policy):
     HUB_EXAMPLE: ClassVar[str] = "black-forest-labs/FLUX.1-dev"
     #: the distilled-guidance value when none is given (the pipeline's for this model)
     DEFAULT_GUIDANCE: ClassVar[float] = 3.5
+    #: the transformer class (`from_pretrained(transformer=...)`) and the components saved besides it
+    TRANSFORMER_CLASS: ClassVar[type] = FluxTransformer2DModel
+    FRAME_COMPONENTS: ClassVar[tuple[str, ...]] = FRAME_COMPONENTS
 
     def __init__(self, pipe, *, guidance: float | None = None,
                  max_sequence_length: int | None = None, image_size: int | tuple[int, int] | None = None):
@@ -175,6 +178,8 @@ class FluxPolicyBase(Policy):
         max_sequence_length: int | None = None,
         image_size: int | tuple[int, int] | None = None,
         transformer: str | os.PathLike | None = None,
+        components: Mapping | None = None,
+        **options,
     ):
         """Load the pipeline's components from `path` (local directory or cached Hub id).
 
@@ -182,7 +187,8 @@ class FluxPolicyBase(Policy):
         with a transformer to use instead of the pipeline's (e.g. `save_pretrained(...,
         transformer_only=True)`); `image_size`: the resolution `schedule()` assumes by default (None:
         the VAE's `sample_size`); `max_sequence_length`: T5 tokens (None: the tokenizer's length, at
-        most 512).
+        most 512); `components`: pipeline components to use instead of loading them (passed to
+        the pipeline's from_pretrained); `options`: further keyword arguments of the policy class.
         """
         if attention_backend is not None:
             check_attention_backend(attention_backend, local_files_only=local_files_only, device=device or "cpu")
@@ -195,9 +201,10 @@ class FluxPolicyBase(Policy):
             if transformer is not None:
                 if not (Path(transformer) / "config.json").is_file():
                     raise FileNotFoundError(f"transformer directory {transformer} has no config.json")
-                kwargs["transformer"] = FluxTransformer2DModel.from_pretrained(transformer, dtype=dtype)
-            pipe = cls.PIPELINE_CLASS.from_pretrained(resolved, **kwargs)
-        policy = cls(pipe, guidance=guidance, max_sequence_length=max_sequence_length, image_size=image_size)
+                kwargs["transformer"] = cls.TRANSFORMER_CLASS.from_pretrained(transformer, dtype=dtype)
+            pipe = cls.PIPELINE_CLASS.from_pretrained(resolved, **kwargs, **dict(components or {}))
+        policy = cls(pipe, guidance=guidance, max_sequence_length=max_sequence_length, image_size=image_size,
+                     **options)
         if Path(resolved, "toy_flux.json").is_file():  # the toy: its encoders know only the world's words
             from .world import VOCABULARY
 
@@ -399,7 +406,7 @@ class FluxPolicyBase(Policy):
             self.model.save_pretrained(target)
         if transformer_only:
             return
-        for name in FRAME_COMPONENTS:
+        for name in self.FRAME_COMPONENTS:
             getattr(self.pipe, name).save_pretrained(root / name)
         self.pipe.save_config(root)
 

@@ -33,7 +33,7 @@ class Condition:
     """
 
     prompt_embeds: Tensor            # [B, Lt, D] text sequence for joint attention
-    pooled: Tensor                   # [B, Dp] pooled text embedding
+    pooled: Tensor | None            # [B, Dp] pooled text embedding (None: the model has none, Qwen-Image)
     cond_latents: Tensor             # [B, L, Cc] FLUX Fill: masked-image | folded mask; Kontext: source tokens
     x0_known: Tensor                 # [B, L, C] packed latents of the source (kept region)
     blend_mask: Tensor               # [B, L, C] or [B, L, 1], 1 = generate (for the blend step; all ones: no mask)
@@ -42,7 +42,7 @@ class Condition:
     latent_hw: tuple[int, int]       # unpacked latent height and width
     image_hw: tuple[int, int]        # pixel height and width
     guidance: Tensor | None = None   # [B] distilled-guidance value (FLUX dev) or None
-    extra: dict[str, Any] = dataclasses.field(default_factory=dict)
+    extra: dict[str, Any] = dataclasses.field(default_factory=dict)  # tensors here are batched (dim 0) too
 
     BATCHED = ("prompt_embeds", "pooled", "cond_latents", "x0_known", "blend_mask", "guidance")
 
@@ -52,6 +52,8 @@ class Condition:
 
     def _map(self, fn) -> "Condition":
         updates = {k: fn(getattr(self, k)) for k in self.BATCHED if getattr(self, k) is not None}
+        if any(isinstance(v, Tensor) for v in self.extra.values()):
+            updates["extra"] = {k: fn(v) if isinstance(v, Tensor) else v for k, v in self.extra.items()}
         return dataclasses.replace(self, **updates)
 
     def index(self, idx: Tensor | slice | list[int]) -> "Condition":
@@ -72,6 +74,9 @@ class Condition:
         for k in Condition.BATCHED:
             vals = [getattr(c, k) for c in conds]
             updates[k] = None if vals[0] is None else torch.cat(vals, 0)
+        if any(isinstance(v, Tensor) for v in first.extra.values()):
+            updates["extra"] = {k: torch.cat([c.extra[k] for c in conds], 0) if isinstance(v, Tensor) else v
+                                for k, v in first.extra.items()}
         return dataclasses.replace(first, **updates)
 
 

@@ -21,10 +21,13 @@ _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torc
 def build_policy(cfg: ModelConfig, device: torch.device, image_size: int | None = None) -> Policy:
     """The policy of `cfg`: the built-in toy FLUX.1 Fill (kind tiny) or FLUX.1 Fill [dev], both
     through core.flux_fill.FluxFillPolicy, or FLUX.1 Kontext [dev] (kind flux_kontext,
-    core.flux_kontext.FluxKontextPolicy). `image_size`: the resolution FLUX's shift is computed
+    core.flux_kontext.FluxKontextPolicy) or Qwen-Image-Edit (kind qwen_image_edit,
+    core.qwen_image_edit.QwenImageEditPolicy). `image_size`: the resolution FLUX's shift is computed
     for (None: the VAE's native size, 64 for the toy)."""
     if cfg.kind == "flux_kontext":
         from core.flux_kontext import FluxKontextPolicy as policy_class
+    elif cfg.kind == "qwen_image_edit":
+        from core.qwen_image_edit import QwenImageEditPolicy as policy_class
     else:
         from core.flux_fill import FluxFillPolicy as policy_class
 

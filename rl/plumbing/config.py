@@ -31,9 +31,9 @@ class LoraConfig:
 class ModelConfig:
     """The editing policy being trained."""
 
-    kind: Literal["tiny", "flux_fill", "flux_kontext"] = opt(
-        "tiny", "tiny: the built-in toy FLUX.1 Fill; flux_fill: FLUX.1 Fill [dev]; flux_kontext: FLUX.1 Kontext [dev] "
-                "(instruction editing: masks are not used, the whole image is generated)")
+    kind: Literal["tiny", "flux_fill", "flux_kontext", "qwen_image_edit"] = opt(
+        "tiny", "tiny: the built-in toy FLUX.1 Fill; flux_fill: FLUX.1 Fill [dev]; flux_kontext: FLUX.1 Kontext [dev], "
+                "qwen_image_edit: Qwen-Image-Edit (instruction editing: masks are not used, the whole image is generated)")
     path: str | None = opt(None, "null = the shipped toy (core/assets/toy_flux); FLUX: local dir or cached Hub id")
     dtype: Literal["float32", "bfloat16", "float16"] = opt("float32", "weights and compute dtype of the policy")
     device: str = opt("auto", '"auto" = cuda when available, else cpu')

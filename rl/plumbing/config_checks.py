@@ -139,7 +139,7 @@ def validate(cfg) -> None:
     _check_rollout_chunks(cfg)
     _check_device(cfg.model.device, "model.device")
     _check_judge(cfg.judge, "judge", cfg.data.source)
-    if cfg.model.kind in ("flux_fill", "flux_kontext") and not cfg.model.path:
+    if cfg.model.kind in ("flux_fill", "flux_kontext", "qwen_image_edit") and not cfg.model.path:
         raise ConfigError(f"model.kind {cfg.model.kind!r} needs model.path (a local directory or a cached Hub id)")
     if cfg.model.kind == "tiny" and cfg.model.path and not Path(cfg.model.path).exists():
         raise ConfigError(f"model.path not found: {cfg.model.path}")
