@@ -220,7 +220,7 @@ def test_divergence_warns_keeps_the_best_model_and_stops_resumably(quick, tmp_pa
     # best: step 1 (shape accuracy 0.6), exported whole and equal to that step's EMA
     record = json.loads((straight / BEST_DIR / BEST_FILE).read_text())
     assert record["step"] == 1 and record["beats_base"] and record["signal_by_task"]["fill"]["shape_acc"] == 0.6
-    assert record["score"] == pytest.approx((0.6 - 0.4) / 0.05 / 2 / 4)  # fill's two signals, four tasks
+    assert record["score"] == pytest.approx((0.6 - 0.4) / 0.1 / 2 / 4)  # fill's two signals, four tasks
     exported = FluxFillPolicy.from_pretrained(straight / BEST_DIR)
     ema = load_checkpoint(straight / "ckpt-000001")["ema"]
     for name, p in exported.trainable_parameters().items():
