@@ -25,7 +25,7 @@ from torch import Tensor
 
 from . import packing
 from .lora import merged_state_dict
-from .policy import Policy, swapped_weights
+from .policy import Condition, Policy, swapped_weights
 from .schedules import flux_sigmas, image_seq_len
 
 ADAPTER = Policy.LORA_ADAPTER
@@ -116,6 +116,10 @@ def quiet_weights_io():
             dl.enable_progress_bar()
         if was[1]:
             tl.enable_progress_bar()
+
+
+#: first position-id coordinate of appended source tokens (Kontext's, also Qwen-Image-Edit's)
+SOURCE_ID = 1
 
 
 class FluxPolicyBase(Policy):
@@ -315,6 +319,24 @@ class FluxPolicyBase(Policy):
 
     def _text_ids(self, seq: Tensor) -> Tensor:
         return packing.text_ids(seq.shape[1], device=seq.device, dtype=seq.dtype)
+
+    def _source_appended_condition(self, images: Tensor, seq: Tensor, pooled: Tensor | None, *,
+                                   ids_dtype: torch.dtype = torch.float32, **fields) -> Condition:
+        """Instruction editing (Kontext, Qwen-Image-Edit): the source's packed latents are both the
+        conditioning tokens appended to the sequence (position ids with first coordinate SOURCE_ID) and
+        `x0_known`; no mask, so the blend mask is all ones. `fields`: guidance, extra."""
+        source = self._vae_latents(images * 2 - 1)
+        h, w = source.shape[-2:]
+        tokens = packing.pack(source)
+        ids = packing.image_ids(h, w, device=images.device, dtype=ids_dtype)
+        source_ids = ids.clone()
+        source_ids[:, 0] = SOURCE_ID
+        B, L, _ = tokens.shape
+        return Condition(
+            prompt_embeds=seq, pooled=pooled, cond_latents=tokens, x0_known=tokens,
+            blend_mask=torch.ones(B, L, 1, device=images.device, dtype=tokens.dtype),
+            img_ids=torch.cat([ids, source_ids], dim=0), text_ids=self._text_ids(seq),
+            latent_hw=(h, w), image_hw=tuple(images.shape[2:]), **fields)
 
     def decode(self, x0: Tensor, cond) -> Tensor:
         """Packed clean latents [B, L, C] -> images [B, 3, H, W] in [0, 1] (differentiable)."""

@@ -49,12 +49,10 @@ from diffusers import FluxKontextPipeline
 from diffusers.pipelines.flux.pipeline_flux_kontext import PREFERRED_KONTEXT_RESOLUTIONS
 from torch import Tensor
 
-from . import packing
 from .flux_base import FluxPolicyBase
 from .policy import Condition, check_edit_batch
 
 DEFAULT_GUIDANCE = 2.5   # FLUX.1 Kontext [dev]'s model card and FluxKontextPipeline's example
-SOURCE_ID = 1            # first position-id coordinate of the appended source tokens
 
 
 def preferred_resolution(height: int, width: int) -> tuple[int, int]:
@@ -95,18 +93,8 @@ class FluxKontextPolicy(FluxPolicyBase):
         device = self.device
         images = images.to(device=device, dtype=torch.float32)
         seq, pooled = self.encode_prompts(prompts)
-        source = self._vae_latents(images * 2 - 1)
-        h, w = source.shape[-2:]
-        tokens = packing.pack(source)
-        ids = packing.image_ids(h, w, device=device, dtype=seq.dtype)
-        source_ids = ids.clone()
-        source_ids[:, 0] = SOURCE_ID
-        B, L, _ = tokens.shape
-        return Condition(
-            prompt_embeds=seq, pooled=pooled, cond_latents=tokens, x0_known=tokens,
-            blend_mask=torch.ones(B, L, 1, device=device, dtype=tokens.dtype),
-            img_ids=torch.cat([ids, source_ids], dim=0), text_ids=self._text_ids(seq),
-            latent_hw=(h, w), image_hw=tuple(images.shape[2:]), guidance=self._guidance(B))
+        return self._source_appended_condition(images, seq, pooled, ids_dtype=seq.dtype,
+                                               guidance=self._guidance(images.shape[0]))
 
     def _velocity(self, x_t: Tensor, t: Tensor, cond: Condition) -> Tensor:
         if x_t.shape != cond.x0_known.shape:

@@ -42,8 +42,6 @@ from . import packing
 from .flux_base import FluxPolicyBase
 from .policy import Condition, check_edit_batch
 
-SOURCE_ID = 1
-
 
 class QwenImageEditPolicy(FluxPolicyBase):
     """Qwen-Image-Edit as an instruction editor (see the module docstring). Loading, dtypes,
@@ -155,18 +153,7 @@ class QwenImageEditPolicy(FluxPolicyBase):
         if self.true_cfg_scale > 1:
             neg, neg_mask = self.encode_prompts([self.negative_prompt] * len(prompts), images)
             extra.update(negative_embeds=neg, negative_mask=neg_mask)
-        source = self._vae_latents(images * 2 - 1)
-        h, w = source.shape[-2:]
-        tokens = packing.pack(source)
-        ids = packing.image_ids(h, w, device=device)
-        source_ids = ids.clone()
-        source_ids[:, 0] = SOURCE_ID
-        B, L, _ = tokens.shape
-        return Condition(
-            prompt_embeds=seq, pooled=None, cond_latents=tokens, x0_known=tokens,
-            blend_mask=torch.ones(B, L, 1, device=device, dtype=tokens.dtype),
-            img_ids=torch.cat([ids, source_ids], dim=0), text_ids=self._text_ids(seq),
-            latent_hw=(h, w), image_hw=tuple(images.shape[2:]), extra=extra)
+        return self._source_appended_condition(images, seq, None, extra=extra)
 
     def _transformer(self, hidden: Tensor, t: Tensor, embeds: Tensor, mask: Tensor, cond: Condition) -> Tensor:
         dtype, L = self.dtype, hidden.shape[1] // 2
