@@ -37,6 +37,7 @@ from core.config_schema import POSITIVE, UNIT, Range, at_least, check_ranges, op
 from core.tasks import DIMENSIONS, TASKS
 from reward.judge import JudgeRequest
 from reward.judges.vlm_judge import TransformersJudge
+from reward.vlm.judge_card import JudgeCard
 from reward.training.preference_data import (
     PreferencePair,
     PreferenceRecord,
@@ -295,11 +296,26 @@ def train_reward_model(cfg: RewardTrainConfig) -> TrainResult:
     with torch.no_grad():
         p_yes = pairwise_p_yes(judge, pairwise_requests(heldout)[0]).cpu()
     judge_dir = save_judge(parts, out / "judge")
+    JudgeCard(modes=("pairwise",), view=dataclasses.asdict(judge.view), max_pixels=cfg.max_pixels,
+              templates=cfg.templates, made_by=made_by(cfg),
+              heldout_accuracy=after["overall"]["accuracy"]).save(judge_dir)
     metrics = {"before": before, "after": after, "steps": len(losses), "final_loss": losses[-1] if losses else None,
                "train_pairs": len(train_records), "heldout_pairs": len(heldout_records), "data": str(data)}
     (out / "metrics.json").write_text(json.dumps(metrics, indent=2))
     (out / "config.json").write_text(json.dumps(dataclasses.asdict(cfg), indent=2))
     return TrainResult(judge_dir, metrics, p_yes)
+
+
+def made_by(cfg: RewardTrainConfig) -> str:
+    """The command that rebuilds this judge: every setting that differs from the defaults."""
+    default = RewardTrainConfig(model=cfg.model).resolved()  # lora and lr resolved as cfg's were
+
+    def value(v: Any) -> str:
+        return v if isinstance(v, str) else json.dumps(v)
+
+    sets = [f"--set {f.name}={value(getattr(cfg, f.name))}" for f in dataclasses.fields(cfg)
+            if f.name not in ("out", "progress") and getattr(cfg, f.name) != getattr(default, f.name)]
+    return " ".join(["python -m reward.train", *sets])
 
 
 def save_judge(parts: VLMParts, directory: Path) -> Path:

@@ -81,11 +81,16 @@ def evaluate_models(cfg: RunConfig, model: str, against: str | None, out_dir: Pa
 
     results: dict[str, EvalResult] = {}
     models: dict[str, str] = {}
-    for name, spec in (("A", model), ("B", against)):
-        if spec is None:
-            continue
-        images, models[name] = _edit(spec, cfg, samples, device, name)
-        results[name] = score_images(judge, samples, images, with_truth=data.has_truth, mode=cfg.judge.eval_mode)
+    edits = {}
+    for name, spec in (("B", against), ("A", model)):
+        if spec is not None:
+            edits[name], models[name] = _edit(spec, cfg, samples, device, name)
+    # judge.eval_mode pairwise (a judge trained on comparisons only): each model against B
+    others = edits["B"] if cfg.judge.eval_mode == "pairwise" else None
+    for name in ("A", "B"):
+        if name in edits:
+            results[name] = score_images(judge, samples, edits[name], with_truth=data.has_truth,
+                                         mode=cfg.judge.eval_mode, others=others)
 
     report: dict[str, Any] = {"models": models, "judge": f"{cfg.judge.kind} ({cfg.judge.eval_mode})",
                               "n_per_task": per_task, "usability_threshold": usability_threshold}
@@ -135,6 +140,10 @@ def main(argv: list[str] | None = None) -> int:
         cfg = load_config(config, args.overrides)
     except (ConfigError, FileNotFoundError) as e:
         print(f"config error: {e}", file=sys.stderr)
+        return 2
+    if cfg.judge.eval_mode == "pairwise" and args.against is None:
+        print("config error: judge.eval_mode is pairwise (each model's edits against another's): name that "
+              "model with --against (e.g. --against base), or set judge.eval_mode=score", file=sys.stderr)
         return 2
     out = Path(args.out) if args.out else (Path(args.model) / "eval" if Path(args.model).is_dir() else Path("eval-report"))
     try:

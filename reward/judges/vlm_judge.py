@@ -14,6 +14,7 @@ and grad mode is on, the scores keep the graph back to it (reward feedback learn
 """
 from __future__ import annotations
 
+import dataclasses
 import os
 from collections.abc import Mapping
 
@@ -21,6 +22,7 @@ import torch
 from torch import Tensor
 
 from reward.judge import Judge, JudgeRequest, Mode, check_mode, check_scores
+from reward.vlm.judge_card import CARD_NAME, read_card
 from reward.vlm.labels import label_token_id, label_token_ids, scores_from_label_probs  # noqa: F401 - re-exported
 from reward.vlm.prompts import (
     Conversation,
@@ -30,7 +32,7 @@ from reward.vlm.prompts import (
 )
 from reward.vlm.views import JudgeView
 from reward.vlm.vlm_inputs import VisionSpec, encode_conversations
-from reward.vlm.vlm_parts import VLMParts, load_vlm, resolve_dtype
+from reward.vlm.vlm_parts import VLMParts, load_vlm, resolve_dtype, resolve_judge_path
 
 
 class TransformersJudge(Judge):
@@ -51,17 +53,28 @@ class TransformersJudge(Judge):
                  max_pixels: int | None = None, min_pixels: int | None = None):
         if batch_size < 1:
             raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+        self.view = JudgeView(show_source=show_source, crop=show_crop, crop_margin=crop_margin, crop_size=crop_size)
+        #: the questions this judge may be asked (None: any; a card from reward.train narrows them)
+        self.trained_modes: tuple[str, ...] | None = None
         if isinstance(model, VLMParts):
             parts = model
             if dtype is not None or device is not None:
                 parts.model.to(device=device, dtype=resolve_dtype(dtype))
         else:
+            model = resolve_judge_path(model)
+            card = read_card(model) if os.path.isdir(model) else None
+            if card is not None:
+                wrong = card.mismatches(dataclasses.asdict(self.view), max_pixels, templates)
+                if wrong:
+                    raise ValueError(f"the judge in {os.fspath(model)} was trained seeing its images otherwise ("
+                                     + "; ".join(wrong) + f"; {CARD_NAME}): ask it the way it was trained "
+                                     "(rl.train: judge.show_crop / judge.max_pixels / judge.templates)")
+                self.trained_modes = card.modes
             parts = load_vlm(model, dtype=dtype, device=device, attn_implementation=attn_implementation)
             parts.model.eval().requires_grad_(False)
         self.parts = parts
         self.batch_size = batch_size
         self.both_orders = both_orders
-        self.view = JudgeView(show_source=show_source, crop=show_crop, crop_margin=crop_margin, crop_size=crop_size)
         self.templates = templates if isinstance(templates, JudgeTemplates) else JudgeTemplates.from_config(templates)
         self.spec = VisionSpec.from_image_processor(parts.image_processor, max_pixels=max_pixels,
                                                     min_pixels=min_pixels)
@@ -111,9 +124,17 @@ class TransformersJudge(Judge):
         logits = self.next_token_logits(conversations)
         return torch.softmax(logits[:, self.label_ids[check_mode(mode)]], dim=-1)
 
+    def require_modes(self, modes) -> None:
+        """Refuse, before any work, questions a trained judge never learned (see `trained_modes`)."""
+        untrained = sorted({check_mode(m) for m in modes} - set(self.trained_modes or modes))
+        if untrained:
+            raise ValueError(f"this judge was trained on {'/'.join(self.trained_modes)} questions only "
+                             f"({CARD_NAME}); its answers to {'/'.join(untrained)} mean nothing: ask "
+                             f"{'/'.join(self.trained_modes)} (rl.train: judge.mode and judge.eval_mode)")
+
     # -- the judge interface ----------------------------------------------------------------
     def score(self, requests: list[JudgeRequest], mode: Mode = "score") -> Tensor:
-        check_mode(mode)
+        self.require_modes([mode])
         if not requests:
             return torch.zeros(0)
         probs = self.label_probs(self.conversations(requests, mode), mode)

@@ -4,7 +4,7 @@ For each synthetic-world condition the built-in toy FLUX.1 Fill makes four candi
 sampler settings (step count, solver, stochastic noise, guidance — as the paper varied its
 generator), the rule judge plays the annotator: per dimension of the task it picks the best and
 the worst candidate (best-of-N / worst-of-N), and with probability `label_noise` the annotator errs
-and the pair is flipped. Dimensions that share the same (best, worst) pair become one multi-label
+and a training pair is flipped (held-out pairs keep the rule judge's labels). Dimensions that share the same (best, worst) pair become one multi-label
 record. Conditions are split 80/20 into train and held-out records.
 """
 from __future__ import annotations
@@ -93,7 +93,9 @@ def build_demo_data(out_dir: str | Path, *, n_pairs: int = 240, seed: int = 0, l
                 best, worst = int(q[d].argmax()), int(q[d].argmin())
                 if float(q[d, best] - q[d, worst]) < min_gap:
                     continue
-                if rng.random() < label_noise:  # the annotator errs
+                # the annotator errs on training pairs; held-out labels are the rule judge's own, so
+                # held-out accuracy measures the judge rather than the simulated annotator's slips
+                if split == "train" and rng.random() < label_noise:
                     best, worst = worst, best
                 pairs.setdefault((best, worst), []).append(dim)
             if not pairs:

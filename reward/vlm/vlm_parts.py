@@ -45,16 +45,30 @@ class VLMParts:
         return out
 
 
+#: the name of the tiny judge shipped with the package (reward/assets/tiny_judge), trained by
+#: `python -m reward.train` on preferences over the shipped toy editor's edits (its judge_card.json
+#: says with which command)
+SHIPPED_JUDGE = "builtin:tiny-judge"
+SHIPPED_JUDGE_DIR = Path(__file__).resolve().parents[1] / "assets" / "tiny_judge"
+
+
+def resolve_judge_path(path: str | os.PathLike) -> str:
+    """`SHIPPED_JUDGE` -> its directory; anything else as given."""
+    name = os.fspath(path)
+    return str(SHIPPED_JUDGE_DIR) if name == SHIPPED_JUDGE else name
+
+
 def load_vlm(path: str | os.PathLike, *, dtype: torch.dtype | str | None = None,
              device: torch.device | str | None = None, attn_implementation: str | None = None) -> VLMParts:
-    """Load a chat VLM from a local directory or an already cached Hub id, without downloading."""
+    """Load a chat VLM from a local directory, an already cached Hub id (never downloading), or
+    `SHIPPED_JUDGE`."""
     from transformers import (
         AutoImageProcessor,
         AutoModelForImageTextToText,
         AutoTokenizer,
     )
 
-    name = os.fspath(path)
+    name = resolve_judge_path(path)
     looks_like_path = (Path(name).is_absolute() or name.startswith(".") or name.count("/") > 1
                        or (os.sep != "/" and os.sep in name))
     if looks_like_path and not Path(name).is_dir():

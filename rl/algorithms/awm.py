@@ -94,7 +94,7 @@ class AWMTrainer(GroupTrainer):
             with torch.no_grad():
                 return x0, self.policy.decode(x0, sub)
 
-        pieces, judging = self.judged_rollout(samples, noise.shape[0], make)
+        pieces, judging = self.judged_rollout(step, samples, noise.shape[0], make)
         x0, images = (torch.cat([p[i] for p in pieces]) for i in (0, 1))
         return Rollout(step, mine, samples, cond, x0, images, judging)
 

@@ -70,7 +70,7 @@ class GRPOTrainer(GroupTrainer):
             with torch.no_grad():
                 return traj, self.policy.decode(traj.x0, sub)
 
-        pieces, judging = self.judged_rollout(samples, noise.shape[0], make)
+        pieces, judging = self.judged_rollout(step, samples, noise.shape[0], make)
         images = torch.cat([p[1] for p in pieces])
         return GRPORollout(step, mine, samples, cond, SDETrajectory.cat([p[0] for p in pieces]), images, judging)
 

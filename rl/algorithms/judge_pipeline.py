@@ -61,19 +61,20 @@ class ChunkJudging:
         self._closed = False
 
     # -- the rollout's side ------------------------------------------------------------------
-    def submit(self, samples: list, images: Tensor) -> None:
-        """One chunk's conditions and decoded images [n, 3, H, W]; raises a failure of an earlier chunk."""
+    def submit(self, samples: list, images: Tensor, others: Tensor | None = None) -> None:
+        """One chunk's conditions and decoded images [n, 3, H, W] (pairwise: and the images they are
+        compared with); raises a failure of an earlier chunk."""
         if self._closed:
             raise RuntimeError("ChunkJudging.submit after result() or close()")
         self.raise_failure()
         if not self.overlap:
-            self._chunks.append((samples, images))
+            self._chunks.append((samples, images, others))
             return
         if self._queue is None:
             self._start()
         future: Future = Future()
         self._chunks.append(future)
-        self._queue.put((future, samples, images))
+        self._queue.put((future, samples, images, others))
 
     def raise_failure(self) -> None:
         """Raise the first failure of a chunk already judged (overlap), so a dead judge stops the step early."""
@@ -90,7 +91,7 @@ class ChunkJudging:
             if self.overlap:
                 answers = [f.result() for f in self._chunks]
             else:
-                answers = [self._score(samples, images) for samples, images in self._chunks]
+                answers = [self._score(*chunk) for chunk in self._chunks]
         finally:
             self.close()
         tables = [a[0] for a in answers]
@@ -113,10 +114,10 @@ class ChunkJudging:
             self._queue.put(None)
 
     # -- the judge's side --------------------------------------------------------------------
-    def _score(self, samples: list, images: Tensor) -> tuple[ScoreTable, float | None, float]:
+    def _score(self, samples: list, images: Tensor, others: Tensor | None) -> tuple[ScoreTable, float | None, float]:
         tic = time.perf_counter()
         with torch.no_grad():  # grad mode is per thread: the worker's must be off too
-            table = judge_images(self.judge, samples, images, mode=self.mode)
+            table = judge_images(self.judge, samples, images, mode=self.mode, others=others)
         return table, getattr(self.judge, "last_floored_share", None), time.perf_counter() - tic
 
     def _start(self) -> None:
@@ -133,10 +134,10 @@ class ChunkJudging:
             job = jobs.get()
             if job is None:
                 return
-            future, samples, images = job
+            future, *chunk = job
             if not future.set_running_or_notify_cancel():
                 continue
             try:
-                future.set_result(self._score(samples, images))
+                future.set_result(self._score(*chunk))
             except BaseException as err:  # noqa: BLE001 - handed to the caller, raised there as itself
                 future.set_exception(err)

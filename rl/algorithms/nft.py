@@ -110,7 +110,7 @@ class NFTTrainer(Trainer):
             with torch.no_grad():
                 return x0, self.policy.decode(x0, sub)
 
-        pieces, judging = self.judged_rollout(group_samples, noise.shape[0], make)
+        pieces, judging = self.judged_rollout(step, group_samples, noise.shape[0], make)
         x0, images = (torch.cat([p[i] for p in pieces]) for i in (0, 1))
         return Rollout(step, mine, group_samples, cond, x0, images, judging)
 

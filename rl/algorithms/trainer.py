@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import abc
 import contextlib
+import hashlib
 import sys
 import time
 from collections.abc import Callable
@@ -45,6 +46,12 @@ def timed(metrics: dict[str, Any], key: str):
 def step_generator(seed: int, step: int, stream: int) -> torch.Generator:
     """A CPU generator for one purpose (stream) of one step; draws are moved to the device after."""
     return torch.Generator().manual_seed((seed * 1_000_003 + step) * 101 + stream)
+
+
+def keyed_generator(seed: int, step: int, key: str) -> torch.Generator:
+    """A CPU generator for one condition (its key) in one step: the same on every process."""
+    digest = hashlib.blake2b(f"{seed}/{step}/{key}".encode(), digest_size=8).digest()
+    return torch.Generator().manual_seed(int.from_bytes(digest, "little") & (2**62 - 1))
 
 
 class Trainer(abc.ABC):
@@ -113,12 +120,34 @@ class Trainer(abc.ABC):
         dtype = torch.promote_types(noise.dtype, torch.float32)  # the sampler's state dtype
         return lambda i: torch.randn(noise.shape, generator=gen, dtype=dtype)[rows]
 
-    def judged_rollout(self, samples: list, n: int, make: Callable[[slice], tuple[Any, Tensor]]
+    @torch.no_grad()
+    def pairwise_anchors(self, step: int, samples: list[EditSample]) -> Tensor:
+        """judge.mode pairwise in a group algorithm (a judge trained on comparisons only, OneReward's):
+        each image is scored as P(it beats its condition's anchor), [n, 3, H, W]: one edit of the
+        condition by the sampling policy (`old`) with the ODE sampler (euler in place of sde) and noise
+        keyed by (seed, step, condition), so a group shares one anchor on whichever process its images
+        are. A shared anchor leaves the group's normalised advantages ranking the images against each
+        other, as absolute scores would; the anchor's own level cancels in the normalisation."""
+        unique = list({s.key: s for s in samples}.values())
+        cond = self.encode(unique)
+        shape = cond.x0_known.shape[1:]
+        noise = torch.stack([torch.randn(shape, generator=keyed_generator(self.cfg.train.seed, step, s.key))
+                             for s in unique]).to(self.device, cond.x0_known.dtype)
+        s = self.cfg.sampler
+        x0 = sample_policy(self.policy, cond, sigmas=self.sigmas, method="euler" if s.method == "sde" else s.method,
+                           noise=noise, weights=self.old, blend=True, noise_level=0.0)
+        images = self.policy.decode(x0, cond)
+        row = {u.key: i for i, u in enumerate(unique)}
+        return images[[row[x.key] for x in samples]]
+
+    def judged_rollout(self, step: int, samples: list, n: int, make: Callable[[slice], tuple[Any, Tensor]]
                        ) -> tuple[list, ChunkJudging]:
         """The rollout of this process's n images in chunks of sampler.rollout_chunk: `make(chunk)` ->
         (what the update needs, decoded images) for each, in order; each chunk's images go to the judge
         as they are made (judge.overlap: scored in a background thread meanwhile; rl/algorithms/judge_pipeline.py).
+        judge.mode pairwise compares each image with its condition's anchor (`pairwise_anchors`).
         Returns the (piece, images) of each chunk and the judging, whose `result()` is the step's scores."""
+        anchors = self.pairwise_anchors(step, samples) if self.cfg.judge.mode == "pairwise" else None
         chunks = rollout_chunks(n, self.cfg.sampler.rollout_chunk)
         overlap = self.cfg.judge.overlap
         if overlap and len(chunks) < 2 and self.ctx.is_main and not getattr(self, "_warned_one_chunk", False):
@@ -130,7 +159,7 @@ class Trainer(abc.ABC):
         try:
             for c in chunks:
                 piece, images = make(c)
-                judging.submit(samples[c], images)
+                judging.submit(samples[c], images, None if anchors is None else anchors[c])
                 pieces.append((piece, images))
         except BaseException:
             judging.close()

@@ -90,13 +90,20 @@ def generate_images(policy: Policy, samples: list[EditSample], *, weights: dict[
 
 
 def score_images(judge: Judge, samples: list[EditSample], images: Tensor, *, with_truth: bool,
-                 mode: str = "score", batch_size: int = 64) -> EvalResult:
-    if mode not in ("score", "yesno"):
-        raise ValueError(f"held-out scores are absolute (judge.eval_mode score or yesno), not {mode!r}")
+                 mode: str = "score", batch_size: int = 64, others: Tensor | None = None) -> EvalResult:
+    """Score `images` with `mode` (judge.eval_mode). "score" and "yesno" are absolute; "pairwise" is
+    P(the image beats `others`, the base model's edit of the same condition with the same noise):
+    a judge trained on pairwise questions only (OneReward's) has no absolute answer, and the base
+    model scores exactly 0.5 against itself when the judge asks in both orders."""
+    if mode not in ("score", "yesno", "pairwise"):
+        raise ValueError(f"held-out scores are judge.eval_mode score, yesno or pairwise, not {mode!r}")
+    if (mode == "pairwise") != (others is not None):
+        raise ValueError("held-out pairwise scores need the base model's images (others), and only they do")
     rewards, dims = [], []
     for start in range(0, len(samples), batch_size):
         chunk = samples[start:start + batch_size]
-        table = judge_images(judge, chunk, images[start:start + batch_size], mode=mode)
+        table = judge_images(judge, chunk, images[start:start + batch_size], mode=mode,
+                             others=None if others is None else others[start:start + batch_size])
         rewards.append(table.per_image.detach().float().cpu())
         per: list[dict[str, float]] = [{} for _ in chunk]
         for v, i, d in zip(table.per_request.detach().float().cpu().tolist(), table.image_of_request,
@@ -109,8 +116,9 @@ def score_images(judge: Judge, samples: list[EditSample], images: Tensor, *, wit
 
 def evaluate(policy: Policy, judge: Judge, samples: list[EditSample], *, weights: dict[str, Tensor] | None,
              sigmas: Tensor, method: str, seed: int, device: torch.device, with_truth: bool,
-             batch_size: int = 32, progress=None, mode: str = "score") -> EvalResult:
-    """Edit and score `samples`; `mode` is an absolute mode (judge.eval_mode: score or yesno)."""
+             batch_size: int = 32, progress=None, mode: str = "score",
+             others: Tensor | None = None) -> EvalResult:
+    """Edit and score `samples` with judge.eval_mode `mode` (pairwise: against `others`)."""
     images = generate_images(policy, samples, weights=weights, sigmas=sigmas, method=method, seed=seed,
                              device=device, batch_size=batch_size, progress=progress)
-    return score_images(judge, samples, images, with_truth=with_truth, mode=mode)
+    return score_images(judge, samples, images, with_truth=with_truth, mode=mode, others=others)

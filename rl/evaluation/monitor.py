@@ -159,8 +159,13 @@ def evaluate_point(trainer, weights, label: str, mcfg, second_judge: Judge | Non
         truth = result.ground_truth_means()
         signal = {t: {k: truth[t][k] for k in MAIN_METRICS.get(t, ()) if k in truth.get(t, {})} for t in judge}
     else:
+        others = None
+        if mcfg.judge.eval_mode == "pairwise":  # the second judge compares against the base model's edits too
+            from rl.evaluation.run_summary import base_edits
+
+            others = base_edits(trainer, result.samples)
         second = score_images(second_judge, result.samples, result.images, with_truth=False,
-                              mode=mcfg.judge.eval_mode)
+                              mode=mcfg.judge.eval_mode, others=others)
         signal = {t: {JUDGE_SIGNAL: v} for t, v in second.reward_by_task().items()}
     return {"judge": judge, "signal": signal}, result
 

@@ -31,10 +31,8 @@ def evaluate_weights(trainer, weights: dict[str, Tensor] | None, label: str,
     cfg = trainer.cfg
     per_task = cfg.train.eval_per_task if per_task is None else per_task
     samples = held_out_samples(trainer.data, trainer.data.tasks, per_task)
-    from rl.plumbing.builders import rollout_sigmas
-
-    sigmas = rollout_sigmas(trainer.policy, cfg.sampler.eval_steps, cfg.sampler.shift)
-    method = "euler" if cfg.sampler.method == "sde" else cfg.sampler.method
+    sigmas, method = _eval_sampler(trainer)
+    others = base_edits(trainer, samples) if cfg.judge.eval_mode == "pairwise" else None
     if getattr(trainer, "sharded", False) and not trainer.ctx.is_main:
         from rl.evaluation.heldout import generate_images
 
@@ -49,10 +47,34 @@ def evaluate_weights(trainer, weights: dict[str, Tensor] | None, label: str,
     try:
         return evaluate(trainer.policy, trainer.judge, samples, weights=weights, sigmas=sigmas,
                         method=method, seed=cfg.train.seed + 12345, device=trainer.device,
-                        with_truth=trainer.data.has_truth, progress=progress, mode=cfg.judge.eval_mode)
+                        with_truth=trainer.data.has_truth, progress=progress, mode=cfg.judge.eval_mode,
+                        others=others)
     finally:
         if progress is not None:
             progress.close()
+
+
+def _eval_sampler(trainer) -> tuple[Tensor, str]:
+    """Held-out evaluations sample with sampler.eval_steps and without noise (sde: its ODE, euler)."""
+    from rl.plumbing.builders import rollout_sigmas
+
+    s = trainer.cfg.sampler
+    return rollout_sigmas(trainer.policy, s.eval_steps, s.shift), "euler" if s.method == "sde" else s.method
+
+
+def base_edits(trainer, samples) -> Tensor:
+    """The base model's (trainer.ref: the initial weights) edits of `samples` with the evaluation's
+    keyed noise: what judge.eval_mode pairwise compares against. Made once per sample set (every
+    process takes part under FSDP2) and kept on the trainer."""
+    from rl.evaluation.heldout import generate_images
+
+    sigmas, method = _eval_sampler(trainer)
+    key = tuple(s.key for s in samples)
+    cache = trainer.__dict__.setdefault("_base_edits", {})
+    if key not in cache:
+        cache[key] = generate_images(trainer.policy, samples, weights=trainer.ref, sigmas=sigmas, method=method,
+                                     seed=trainer.cfg.train.seed + 12345, device=trainer.device)
+    return cache[key]
 
 
 def eval_fingerprint(cfg) -> dict[str, Any]:
@@ -87,7 +109,6 @@ def grid_columns(trainer, base) -> tuple[Tensor, Tensor, dict[str, Tensor], list
     Returns sources, masks, the named image columns, and the samples of the rows (for their labels)."""
     from core.world import collate
     from rl.evaluation.heldout import generate_images
-    from rl.plumbing.builders import rollout_sigmas
 
     cfg = trainer.cfg
     per_task = max(1, cfg.train.eval_per_task)
@@ -95,9 +116,8 @@ def grid_columns(trainer, base) -> tuple[Tensor, Tensor, dict[str, Tensor], list
     chosen = [i for t in trainer.data.tasks for i in [j for j, s in enumerate(samples) if s.task == t]
               [:GRID_ROWS_PER_TASK]]
     rows = [samples[i] for i in chosen]
-    sigmas = rollout_sigmas(trainer.policy, cfg.sampler.eval_steps, cfg.sampler.shift)
-    current = generate_images(trainer.policy, rows, weights=trainer.ema, sigmas=sigmas,
-                              method="euler" if cfg.sampler.method == "sde" else cfg.sampler.method,
+    sigmas, method = _eval_sampler(trainer)
+    current = generate_images(trainer.policy, rows, weights=trainer.ema, sigmas=sigmas, method=method,
                               seed=cfg.train.seed + 999, device=trainer.device)
     batch = collate(rows)
     columns: dict[str, Tensor] = {}

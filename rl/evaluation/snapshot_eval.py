@@ -88,7 +88,15 @@ class SnapshotEvaluator:
                                  f"e.g. {sorted(missing)[:3]}")
         images = generate_images(b["policy"], b["samples"], weights=weights, sigmas=b["sigmas"], method=self.method,
                                  seed=self.noise_seed, device=b["device"])
-        r = score_images(b["judge"], b["samples"], images, with_truth=b["truth"], mode=self.cfg.judge.eval_mode)
+        others = None
+        if self.cfg.judge.eval_mode == "pairwise":  # against the base model's edits, made once
+            if "base_images" not in b:
+                b["base_images"] = images if weights is None else generate_images(
+                    b["policy"], b["samples"], weights=None, sigmas=b["sigmas"], method=self.method,
+                    seed=self.noise_seed, device=b["device"])
+            others = b["base_images"]
+        r = score_images(b["judge"], b["samples"], images, with_truth=b["truth"], mode=self.cfg.judge.eval_mode,
+                         others=others)
         result = PointResult(0.0 if snapshot is None else snapshot.seconds, -1 if snapshot is None else snapshot.step,
                              float(r.reward.mean()), r.reward_by_task(), r.ground_truth_means())
         cache.parent.mkdir(parents=True, exist_ok=True)

@@ -56,10 +56,12 @@ def build_judge(cfg: JudgeConfig, device: torch.device) -> Judge:
         from reward.judges.vlm_judge import TransformersJudge
 
         judge_device = device if cfg.device == "auto" else resolve_device(cfg.device)
-        return TransformersJudge(cfg.model, dtype=_DTYPES.get(cfg.dtype, cfg.dtype), device=judge_device,
-                                 attn_implementation=cfg.attn_implementation, batch_size=cfg.batch_size,
-                                 both_orders=cfg.both_orders, show_crop=cfg.show_crop,
-                                 templates=cfg.templates, max_pixels=cfg.max_pixels)
+        judge = TransformersJudge(cfg.model, dtype=_DTYPES.get(cfg.dtype, cfg.dtype), device=judge_device,
+                                  attn_implementation=cfg.attn_implementation, batch_size=cfg.batch_size,
+                                  both_orders=cfg.both_orders, show_crop=cfg.show_crop,
+                                  templates=cfg.templates, max_pixels=cfg.max_pixels)
+        judge.require_modes([cfg.mode, cfg.eval_mode])  # a judge trained on one question answers only it
+        return judge
     from reward.judges.api_judge import OpenAIJudge
 
     api_key = os.environ.get(cfg.api_key_env) if cfg.api_key_env else None

@@ -65,12 +65,18 @@ class JudgeConfig:
     kind: Literal["rule", "transformers", "openai"] = opt(
         "rule", "rule: the world's ground truth; transformers: a local VLM; openai: a served VLM")
     # the training reward's question: NFT asks "score" (expected 0-5 digit / 5, Edit-R1) or "yesno"
-    # (P(Yes)); ReFL asks "pairwise" (P(policy's image better than the reference's), OneReward)
-    mode: Literal["score", "yesno", "pairwise"] = opt("pairwise", "the training reward's question (refl: pairwise, "
-                                                                  "the default job's; nft, grpo, awm: score or yesno)")
-    eval_mode: Literal["score", "yesno"] = opt("score", "absolute scores of held-out evaluations (summary, "
-                                                        "rl.eval); A-vs-B comparisons are always pairwise")
-    model: str | None = opt(None, "transformers: local dir or cached Hub id; openai: served model name")
+    # (P(Yes)); ReFL asks "pairwise" (P(policy's image better than the reference's), OneReward). A
+    # group algorithm asked pairwise compares each image with one anchor edit of its condition
+    # (Trainer.pairwise_anchors): for a judge trained on comparisons only
+    mode: Literal["score", "yesno", "pairwise"] = opt(
+        "pairwise", "the training reward's question (refl: pairwise, the default job's; nft, grpo, awm: score, yesno, "
+                    "or pairwise against one anchor edit per condition, for a judge trained on comparisons only)")
+    eval_mode: Literal["score", "yesno", "pairwise"] = opt(
+        "score", "held-out evaluations' question (summary, monitor, rl.eval, rl.compare): score / yesno are absolute; "
+                 "pairwise = P(the edit beats the base model's edit, same condition and noise), for a judge trained "
+                 "on comparisons only (the base scores 0.5; rl.eval: against --against)")
+    model: str | None = opt(None, "transformers: local dir, cached Hub id, or builtin:tiny-judge (the shipped "
+                                  "pairwise judge of the toy, configs/tiny_onereward.yaml); openai: served model name")
     base_url: str | list[str] | None = opt(
         None, "openai: e.g. http://127.0.0.1:8000/v1, or a list of such URLs (several servers: requests spread over "
               "them, a failing one's retried on the others)")

@@ -132,9 +132,6 @@ def validate(cfg) -> None:
             f"got {cfg.refl.min_step}/{cfg.refl.max_step}")
     if cfg.train.algorithm == "refl" and cfg.judge.mode != "pairwise":
         raise ConfigError("train.algorithm 'refl' compares against a reference image: set judge.mode=pairwise")
-    if cfg.train.algorithm in ("nft", "grpo", "awm") and cfg.judge.mode == "pairwise":
-        raise ConfigError(f"train.algorithm '{cfg.train.algorithm}' scores each image on its own: set "
-                          "judge.mode=score (Edit-R1's score logits) or yesno")
     _check_group_algorithms(cfg)
     _check_rollout_chunks(cfg)
     _check_device(cfg.model.device, "model.device")

@@ -17,6 +17,7 @@ from reward.train import (
     train_reward_model,
 )
 from reward.training.preference_data import load_pair, read_preferences
+from reward.vlm.judge_card import read_card
 
 # short questions keep the tiny model's sequences short (the wording is data: reward/vlm/prompts.py)
 SHORT = {"system": "", "pairwise": "{images}{dimension_name}: is the first better?",
@@ -76,6 +77,17 @@ def test_lora_training_learns_the_preference_and_the_checkpoint_reloads(tmp_path
         p_yes = pairwise_p_yes(loaded, pairwise_requests([load_pair(r) for r in heldout])[0])
     assert torch.allclose(p_yes, result.heldout_p_yes, atol=1e-5)
     assert (p_yes[0::2] - p_yes[1::2]).min() > 0   # "Yes" is likelier whenever the winner comes first
+    # the card says what the judge learned and how it saw the images; other uses are refused
+    card = read_card(result.judge_dir)
+    assert card.modes == ("pairwise",) and card.view["crop"] is False and card.templates == SHORT
+    assert card.heldout_accuracy == after["overall"]["accuracy"]
+    assert "--set lora=true" in card.made_by and "--set tiny_preset=test" in card.made_by
+    with pytest.raises(ValueError, match=r"crop: trained False, asked True.*judge.show_crop"):
+        TransformersJudge(str(result.judge_dir), templates=SHORT, show_crop=True)
+    with pytest.raises(ValueError, match=r"templates: trained"):
+        TransformersJudge(str(result.judge_dir))
+    with pytest.raises(ValueError, match=r"trained on pairwise questions only.*score"):
+        loaded.score(pairwise_requests([load_pair(heldout[0])])[0], mode="score")
 
 
 def test_command_line_with_a_plugged_in_demo_builder(tmp_path, monkeypatch, capsys):
@@ -115,3 +127,25 @@ def test_clear_errors(tmp_path):
     data.write_text("".join(json.dumps(x) + "\n" for x in lines))
     with pytest.raises(ValueError, match="training and held-out"):
         train_reward_model(RewardTrainConfig(data=str(data), out=str(tmp_path / "r"), tiny_preset="test"))
+
+
+def test_accuracy_curve_trains_one_judge_per_count_on_one_held_out_set(tmp_path):
+    from reward.training.accuracy_curve import main as curve_main
+
+    data = build_bright_square_data(tmp_path / "data", 40)
+    lines = [json.loads(line) for line in data.read_text().splitlines()]
+    for i, rec in enumerate(lines):
+        rec["split"] = "heldout" if i % 4 == 3 else "train"
+    data.write_text("".join(json.dumps(r) + "\n" for r in lines))
+    out = tmp_path / "curve"
+    short = json.dumps(SHORT).replace(" ", "")  # one --set value
+    curve = curve_main(["--pairs", "2,30", "--out", str(out), "--set", f"data={data}", "--set", "model=tiny",
+                        "--set", "tiny_preset=test", "--set", "epochs=5", "--set", "lora=true", "--set", "lr=5e-3",
+                        "--set", f"templates={short}", "--set", "show_crop=false", "--set", "progress=false"])
+    assert curve["pairs"] == [2, 30] and (out / "curve.png").is_file()
+    small, full = (curve["tables"][k]["overall"] for k in ("2", "30"))
+    held_out_dims = sum(len(r["dimensions"]) for r in lines if r["split"] == "heldout")
+    assert small["n"] == full["n"] == held_out_dims   # one held-out set for every count
+    assert full["accuracy"] >= 0.8
+    with pytest.raises(ValueError, match="exceed the 30 training records"):
+        curve_main(["--pairs", "31", "--out", str(out), "--set", f"data={data}"])

@@ -182,7 +182,6 @@ def test_awm_loss_is_the_advantage_weighted_flow_matching_loss_on_the_generated_
     ({"train.algorithm": "grpo", "sampler.method": "sde", "sampler.noise_level": 0.0}, "noise_level > 0"),
     ({"train.algorithm": "grpo", "sampler.method": "sde", "grpo.trained_steps": 8}, "must be < sampler.steps"),
     ({"train.algorithm": "grpo", "sampler.method": "sde", "grpo.mini_batches": 5}, "must divide the step's images"),
-    ({"train.algorithm": "grpo", "sampler.method": "sde", "judge.mode": "pairwise"}, "scores each image on its own"),
     ({"train.algorithm": "awm", "awm.train_times": 7}, "awm.train_times"),
     ({"train.algorithm": "awm", "awm.ghuber_power": 0.0}, "awm.ghuber_power"),
     ({"train.algorithm": "grpo", "sampler.method": "sde", "grpo.clip_range": 1.0}, "grpo.clip_range"),

@@ -52,11 +52,13 @@ def _no_overlap_thread_left():
     return False
 
 
-@pytest.mark.parametrize("algorithm", list(ALGORITHMS))
+@pytest.mark.parametrize("algorithm", [*ALGORITHMS, "nft_pairwise"])
 def test_overlap_gives_the_synchronous_steps(quick, algorithm):
     """Same seeds, deterministic (rule) judge: the overlapped steps equal the synchronous ones bit for bit
     (weights, sampling policy, EMA, rewards), with 8 images in chunks of 3 (3, 3, 2)."""
-    extra = {**ALGORITHMS[algorithm], "sampler.rollout_chunk": 3}
+    # nft_pairwise: each image judged against its condition's anchor, which travels with the chunk
+    settings = {"judge.mode": "pairwise"} if algorithm == "nft_pairwise" else ALGORITHMS[algorithm]
+    extra = {**settings, "sampler.rollout_chunk": 3}
     sync = _trainer(quick, **extra)
     overlap = _trainer(quick, **extra, **{"judge.overlap": True})
     m_sync, m_overlap = _steps(sync), _steps(overlap)
@@ -130,7 +132,7 @@ def test_a_judge_failure_stops_the_step_as_itself(quick, tmp_path, monkeypatch):
         return None, torch.zeros(c.stop - c.start, 3, 64, 64)
 
     with pytest.raises(JudgeError, match="judge-1"):
-        trainer.judged_rollout(trainer.data.conditions(0, 0, 8), 8, make)
+        trainer.judged_rollout(0, trainer.data.conditions(0, 0, 8), 8, make)
     assert len(made) == 2 and _no_overlap_thread_left()
     # a failure of the rollout itself ends the judge's thread too
     trainer.judge = _FailingJudge(fail_at=0, delay=0.2)
@@ -141,7 +143,7 @@ def test_a_judge_failure_stops_the_step_as_itself(quick, tmp_path, monkeypatch):
         return None, torch.zeros(c.stop - c.start, 3, 64, 64)
 
     with pytest.raises(RuntimeError, match="out of memory"):
-        trainer.judged_rollout(trainer.data.conditions(0, 0, 8), 8, broken)
+        trainer.judged_rollout(0, trainer.data.conditions(0, 0, 8), 8, broken)
     assert _no_overlap_thread_left()
     # in a run: the step stops loudly (never a zero reward), nothing trained is lost
     cfg = load_config(None, quick(**{"sampler.rollout_chunk": 4, "judge.overlap": True}))
