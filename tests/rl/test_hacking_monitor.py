@@ -310,3 +310,24 @@ def test_a_second_judge_is_the_signal(quick, tmp_path, monkeypatch):
     # train.eval_every's held-out scores of step 0 are the monitor's evaluation (same set size), not a second one
     assert records[0]["heldout/reward_by_task"] == records[0]["monitor/judge_by_task"]
     assert labels == ["base", "monitor base", "monitor step 0", "monitor step 1", "final"]
+
+
+@pytest.mark.parametrize("judge", ["red", "rule"])
+def test_a_real_hackable_judge_trips_the_monitor_and_an_honest_one_does_not(tmp_path, monkeypatch, capsys, judge):
+    """No made-up numbers: ReFL on the shipped toy against a judge that pays for red inside the mask
+    (whatever was asked: the soft-IoU judge's failure in miniature) raises that judge while fill's
+    shapes and text's glyphs fall, and the monitor says so; the same run against the rule judge, whose
+    gains the ground truth shares, stays quiet."""
+    if judge == "red":
+        monkeypatch.setattr(rl.train, "build_judge", lambda cfg, device: RedJudge())
+    settings = {"train.algorithm": "refl", "judge.mode": "pairwise", "refl.batch_size": 4, "optim.lr": 2e-4,
+                "train.steps": 6, "monitor.every": 2, "monitor.per_task": 4, "monitor.window": 3,
+                "monitor.judge_rise": 0.05, "data.mixture": "{fill: 0.5, text: 0.5}", "train.eval_per_task": 0,
+                "train.sample_every": 0, "train.progress": False, "train.tensorboard": False}
+    rl.train.run(load_config(None, [f"{k}={v}" for k, v in settings.items()]), out_dir=tmp_path / "run")
+    events = [e for m in _records(tmp_path / "run") for e in m.get("monitor/hacking", [])]
+    if judge == "rule":
+        assert not events and "reward hacking?" not in capsys.readouterr().err
+        return
+    assert {e["task"] for e in events} == {"fill", "text"} and "reward hacking? fill" in capsys.readouterr().err
+    assert all(e["judge_change"] > 0.05 and e["signal_change"] < 0 for e in events)
