@@ -139,8 +139,10 @@ def pipeline_architecture(path: str | None, kind: str = "flux_fill") -> Pipeline
 
 
 def vlm_architecture(name: str) -> VLMArchitecture:
-    """The config of judge.model: a local directory, a cached Hub id or a known one."""
-    local = Path(name)
+    """The config of judge.model: a local directory (or the shipped tiny judge), a cached Hub id or a known one."""
+    from reward.vlm.vlm_parts import resolve_judge_path
+
+    local = Path(resolve_judge_path(name))
     if local.is_dir():
         if not (local / "config.json").is_file():
             raise PlanError(f"judge.model directory {name} has no config.json")

@@ -76,14 +76,19 @@ def test_eval_works_on_a_refl_run(quick, tmp_path):
     assert report["judge"] == "rule (score)" and set(report["gsb"]) == {"fill", "extend", "removal", "text"}
 
 
-@pytest.mark.parametrize("name", ["tiny_nft.yaml", "tiny_refl.yaml"])
+@pytest.mark.parametrize("name", ["tiny_nft.yaml", "tiny_refl.yaml", "tiny_onereward.yaml", "tiny_onereward_nft.yaml"])
 def test_every_shipped_tiny_config_trains_evaluates_and_exports(quick, tmp_path, name):
-    """Two steps of each shipped tiny config (shrunk by `quick`), then rl.eval and the export."""
+    """Two steps of each shipped tiny config (shrunk by `quick`), then rl.eval and the export. The
+    OneReward configs load the shipped learned judge (reward/assets/tiny_judge) in-process."""
     from pathlib import Path
 
     path = Path(__file__).parents[2] / "configs" / name
     run_dir = tmp_path / "run"
-    cfg = load_config(str(path), quick(**{"train.eval_per_task": 1, "refl.batch_size": 2}))
+    own = load_config(str(path))   # quick's NFT-with-score defaults must not replace the config's own
+    extra = {"train.eval_per_task": 1, "refl.batch_size": 2, "train.algorithm": own.train.algorithm,
+             "judge.mode": own.judge.mode, "monitor.every": 0}
+    cfg = load_config(str(path), quick(**extra))
+    assert (cfg.train.algorithm, cfg.judge) == (own.train.algorithm, own.judge)
     rl.train.run(cfg, out_dir=run_dir)
     assert (run_dir / "final" / "README.md").is_file() and (run_dir / "final" / "transformer").is_dir()
     out = tmp_path / "report"

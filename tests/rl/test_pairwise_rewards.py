@@ -2,6 +2,7 @@
 group algorithms score each image against one anchor edit of its condition (judge.mode pairwise),
 and held-out evaluations against the base model's edit (judge.eval_mode pairwise)."""
 import json
+import re
 
 import pytest
 import torch
@@ -64,3 +65,21 @@ def test_pairwise_evaluation_scores_the_base_at_one_half(quick, tmp_path):
     report = json.loads((out / "report.json").read_text())
     assert report["judge"] == "rule (pairwise)"
     assert all(t["reward"]["mean"] == pytest.approx(0.5, abs=1e-6) for t in report["B"].values())
+
+
+@pytest.mark.parametrize("override, message", [
+    ("judge.eval_mode=score", r"trained on pairwise questions only.*score"),
+    ("judge.show_crop=false", r"crop: trained True, asked False"),
+])
+def test_the_shipped_judge_is_asked_only_what_it_learned(quick, tmp_path, capsys, override, message):
+    """configs/tiny_onereward.yaml's learned judge refuses, before any training, a question it was
+    never trained on and a view of the images it never saw."""
+    from pathlib import Path
+
+    config = Path(__file__).parents[2] / "configs" / "tiny_onereward.yaml"
+    argv = ["--config", str(config), "--out", str(tmp_path / "run")]
+    for item in quick(**{"train.algorithm": "refl", "judge.mode": "pairwise", "monitor.every": 0}) + [override]:
+        argv += ["--set", item]
+    assert rl.train.main(argv) != 0
+    assert re.search(message, capsys.readouterr().err)
+    assert not (tmp_path / "run" / "metrics.jsonl").exists()
