@@ -60,10 +60,37 @@ def _candidates(policy, samples, seed: int, settings=CANDIDATE_SETTINGS) -> torc
     return torch.stack(out, 1)
 
 
+FAILURES = ("unchanged", "ghost", "blotch")
+
+
+def failure_candidates(samples, edits: torch.Tensor, seed: int) -> torch.Tensor:
+    """[N, len(FAILURES), 3, H, W]: the editor's edit spoilt inside the mask in the ways RL against a
+    judge trained only on sampler variations learned to please it (docs/results.md): the input left
+    as it was (the object not removed, the canvas not extended), a ghost (half input, half edit), and
+    dark smooth blotches over the edit."""
+    g = torch.Generator().manual_seed(seed)
+    out = []
+    for s, edit in zip(samples, edits):
+        m = s.mask
+        h, w = edit.shape[-2:]
+        field = torch.rand(1, 3, 4, 4, generator=g) * 0.5
+        field = torch.nn.functional.interpolate(field, size=(h, w), mode="bilinear", align_corners=False)[0]
+        spoilt = (s.source, 0.5 * s.source + 0.5 * edit, 0.4 * edit + 0.6 * field)
+        out.append(torch.stack([m * x + (1 - m) * edit for x in spoilt]))
+    return torch.stack(out).clamp(0, 1)
+
+
+def build_demo_data_with_failures(out_dir: str | Path, **kwargs) -> Path:
+    """`build_demo_data` plus, per condition and dimension, a pair of the best candidate against the
+    worst of `failure_candidates` (demo_builder "reward.training.demo_data:build_demo_data_with_failures")."""
+    return build_demo_data(out_dir, failures=True, **kwargs)
+
+
 def build_demo_data(out_dir: str | Path, *, n_pairs: int = 240, seed: int = 0, label_noise: float = 0.1,
                     policy=None, world: SyntheticWorld | None = None, batch: int = 32,
-                    settings=CANDIDATE_SETTINGS, min_gap: float = MIN_GAP) -> Path:
-    """Write images and `preferences.jsonl` (reward/training/preference_data.py format) into `out_dir`."""
+                    settings=CANDIDATE_SETTINGS, min_gap: float = MIN_GAP, failures: bool = False) -> Path:
+    """Write images and `preferences.jsonl` (reward/training/preference_data.py format) into `out_dir`.
+    `failures`: also pair the best candidate with the worst spoilt edit (`failure_candidates`)."""
     from core.flux_fill import FluxFillPolicy
     from core.toy_flux import shipped_model_dir
 
@@ -79,25 +106,32 @@ def build_demo_data(out_dir: str | Path, *, n_pairs: int = 240, seed: int = 0, l
     while len(records) < n_pairs:
         samples = [world.sample(DEMO_TASKS[(index + i) % len(DEMO_TASKS)], index + i) for i in range(batch)]
         images = _candidates(policy, samples, seed + index, settings)
+        k = len(settings)
+        if failures:
+            images = torch.cat([images, failure_candidates(samples, images[:, 0], seed + index)], 1)
         for i, s in enumerate(samples):
             n = index + i
             split = "heldout" if n % 5 == 4 else "train"
             dims = dimensions_for(s.task, has_prompt=s.truth.get("has_prompt", True))
             reqs = [JudgeRequest(s.task, d, s.source, images[i, c], s.mask, s.prompt, truth=s)
-                    for d in dims for c in range(len(settings))]
+                    for d in dims for c in range(images.shape[1])]
             with torch.no_grad():
                 q = torch.stack([judge.quality(r.task, r.dimension, r.edited, s) for r in reqs])
-            q = q.view(len(dims), len(settings))
+            q = q.view(len(dims), images.shape[1])
             pairs: dict[tuple[int, int], list[str]] = {}
             for d, dim in enumerate(dims):
-                best, worst = int(q[d].argmax()), int(q[d].argmin())
-                if float(q[d, best] - q[d, worst]) < min_gap:
-                    continue
-                # the annotator errs on training pairs; held-out labels are the rule judge's own, so
-                # held-out accuracy measures the judge rather than the simulated annotator's slips
-                if split == "train" and rng.random() < label_noise:
-                    best, worst = worst, best
-                pairs.setdefault((best, worst), []).append(dim)
+                best, worst = int(q[d, :k].argmax()), int(q[d, :k].argmin())
+                choices = [(best, worst)]
+                if failures:
+                    choices.append((best, k + int(q[d, k:].argmin())))
+                for best, worst in choices:
+                    if float(q[d, best] - q[d, worst]) < min_gap:
+                        continue
+                    # the annotator errs on training pairs; held-out labels are the rule judge's own, so
+                    # held-out accuracy measures the judge rather than the simulated annotator's slips
+                    if split == "train" and rng.random() < label_noise:
+                        best, worst = worst, best
+                    pairs.setdefault((best, worst), []).append(dim)
             if not pairs:
                 continue
             stem = f"img/{n:05d}"

@@ -3,7 +3,7 @@ import json
 import pytest
 import torch
 
-from core.image_io import save_image
+from core.image_io import load_image, save_image
 from reward.training.preference_data import (
     load_pair,
     read_preferences,
@@ -83,3 +83,41 @@ def test_bad_files_and_sizes(files):
     (record,) = read_preferences(_write(files, _record(loser="img/small.png")))
     with pytest.raises(ValueError, match="share one size"):
         load_pair(record)
+
+
+def test_failure_candidates_spoil_only_the_mask():
+    from core.world import SyntheticWorld
+    from reward.training.demo_data import FAILURES, failure_candidates
+
+    samples = [SyntheticWorld(seed=3).sample(t, i) for i, t in enumerate(("removal", "extend"))]
+    edits = torch.rand(2, *samples[0].source.shape, generator=torch.Generator().manual_seed(0))
+    spoilt = failure_candidates(samples, edits, seed=0)
+    assert spoilt.shape == (2, len(FAILURES), *edits.shape[1:])
+    for s, e, f in zip(samples, edits, spoilt):
+        outside = (1 - s.mask).bool().expand_as(e)
+        assert all(torch.equal(x[outside], e[outside]) for x in f)          # the kept region is the edit's
+        inside = s.mask.bool().expand_as(e)
+        assert torch.allclose(f[0][inside], s.source[inside])                # "unchanged": the input
+        assert torch.allclose(f[1][inside], (0.5 * s.source + 0.5 * e)[inside])   # the ghost
+
+
+def test_demo_data_with_failures_pairs_real_winners_with_spoilt_losers(tmp_path):
+    from reward.judges.rule_judge import RuleJudge
+    from reward.training.demo_data import CANDIDATE_SETTINGS, build_demo_data_with_failures
+
+    path = build_demo_data_with_failures(tmp_path, n_pairs=16, batch=8, seed=0, label_noise=0.0)
+    records = [json.loads(line) for line in path.read_text().splitlines()]
+    k = len(CANDIDATE_SETTINGS)
+    index = lambda name: int(name.rsplit("cand", 1)[1].split(".")[0])  # noqa: E731
+    spoilt = [r for r in records if index(r["loser"]) >= k]
+    assert spoilt and all(index(r["winner"]) < k for r in spoilt)
+    judge = RuleJudge()
+    from core.world import SyntheticWorld
+
+    world = SyntheticWorld(seed=101)
+    for r in spoilt[:6]:   # without label noise every label is the rule judge's own
+        n = int(r["winner"].split("/")[1].split("_")[0])
+        sample = world.sample(r["task"], n)
+        win, lose = (load_image(tmp_path / r[k_]) for k_ in ("winner", "loser"))
+        for dim in r["dimensions"]:
+            assert judge.quality(r["task"], dim, win, sample) > judge.quality(r["task"], dim, lose, sample)
