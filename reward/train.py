@@ -313,8 +313,10 @@ def made_by(cfg: RewardTrainConfig) -> str:
     def value(v: Any) -> str:
         return v if isinstance(v, str) else json.dumps(v)
 
+    base = RewardTrainConfig()
     sets = [f"--set {f.name}={value(getattr(cfg, f.name))}" for f in dataclasses.fields(cfg)
-            if f.name not in ("out", "progress") and getattr(cfg, f.name) != getattr(default, f.name)]
+            if f.name not in ("out", "progress")
+            and getattr(cfg, f.name) != getattr(base if f.name == "model" else default, f.name)]
     return " ".join(["python -m reward.train", *sets])
 
 
