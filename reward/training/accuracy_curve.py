@@ -72,6 +72,7 @@ def plot_curve(curve: dict[str, Any], path: Path) -> None:
     ax.set(xscale="log", xlabel="training preference pairs", ylabel="held-out pairwise accuracy (%)",
            title="judge accuracy vs preference pairs")
     ax.set_xticks(pairs, [str(n) for n in pairs])
+    ax.minorticks_off()  # the log axis' own minor labels collide with the counts
     ax.legend(fontsize=8)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
