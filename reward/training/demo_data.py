@@ -80,6 +80,17 @@ def failure_candidates(samples, edits: torch.Tensor, seed: int) -> torch.Tensor:
     return torch.stack(out).clamp(0, 1)
 
 
+#: four edits by the training rollout's sampler that differ only in their noise: a rollout group
+GROUP_SETTINGS: tuple[Candidate, ...] = (Candidate(8, "dpm2"),) * 4
+
+
+def build_group_data(out_dir: str | Path, **kwargs) -> Path:
+    """`build_demo_data` whose candidates are a rollout group's near-ties (`GROUP_SETTINGS`) instead of
+    sampler variations: what a group algorithm's judge must rank (bench/judge_agreement.py)
+    (demo_builder "reward.training.demo_data:build_group_data")."""
+    return build_demo_data(out_dir, settings=GROUP_SETTINGS, **kwargs)
+
+
 def build_demo_data_with_failures(out_dir: str | Path, **kwargs) -> Path:
     """`build_demo_data` plus, per condition and dimension, a pair of the best candidate against the
     worst of `failure_candidates` (demo_builder "reward.training.demo_data:build_demo_data_with_failures")."""

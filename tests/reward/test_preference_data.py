@@ -121,3 +121,17 @@ def test_demo_data_with_failures_pairs_real_winners_with_spoilt_losers(tmp_path)
         win, lose = (load_image(tmp_path / r[k_]) for k_ in ("winner", "loser"))
         for dim in r["dimensions"]:
             assert judge.quality(r["task"], dim, win, sample) > judge.quality(r["task"], dim, lose, sample)
+
+
+def test_group_data_pairs_near_ties_of_one_sampler(tmp_path):
+    """build_group_data's candidates are one sampler's edits with different noise (a rollout group)."""
+    from reward.training.demo_data import GROUP_SETTINGS, build_group_data
+
+    assert len(set(GROUP_SETTINGS)) == 1 and len(GROUP_SETTINGS) == 4
+    path = build_group_data(tmp_path, n_pairs=4, batch=8, seed=0, label_noise=0.0)
+    records = [json.loads(line) for line in path.read_text().splitlines()]
+    assert len(records) >= 4
+    for r in records:
+        assert r["winner"] != r["loser"]
+        w, lo = (load_image(tmp_path / r[k]) for k in ("winner", "loser"))
+        assert not torch.equal(w, lo)   # different noise, different edits
