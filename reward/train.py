@@ -87,7 +87,8 @@ class RewardTrainConfig:
     crop_size: int = opt(224, "side of that crop in pixels")
     templates: str | dict[str, str] | None = opt(None, "judge template overrides (YAML path or mapping)")
     demo_builder: str = opt("reward.training.demo_data:build_demo_data", 'the demo data builder, "module:function"')
-    demo_pairs: int = opt(480, "preference pairs of the demo data")
+    demo_pairs: int = opt(2400, "preference pairs of the demo data: 2400 rebuilds the shipped judge "
+                                "(reward/assets/tiny_judge; ~30 min on one CPU core); 480 takes ~5 min for ~77%")
     label_noise: float = opt(0.1, "demo data: probability that the simulated annotator errs")
     progress: bool = opt(True, "show a progress bar")
 
