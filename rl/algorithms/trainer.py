@@ -48,9 +48,10 @@ def step_generator(seed: int, step: int, stream: int) -> torch.Generator:
     return torch.Generator().manual_seed((seed * 1_000_003 + step) * 101 + stream)
 
 
-def keyed_generator(seed: int, step: int, key: str) -> torch.Generator:
-    """A CPU generator for one condition (its key) in one step: the same on every process."""
-    digest = hashlib.blake2b(f"{seed}/{step}/{key}".encode(), digest_size=8).digest()
+def keyed_generator(*parts: object) -> torch.Generator:
+    """A CPU generator seeded by a hash of `parts` joined by "/" (e.g. seed, step, a condition's key):
+    the same on every process and for any selection or order of conditions."""
+    digest = hashlib.blake2b("/".join(map(str, parts)).encode(), digest_size=8).digest()
     return torch.Generator().manual_seed(int.from_bytes(digest, "little") & (2**62 - 1))
 
 

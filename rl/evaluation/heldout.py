@@ -7,7 +7,6 @@ paired difference measures the model, not the luck of the draw.
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 from collections import defaultdict
 
 import torch
@@ -19,6 +18,7 @@ from core.samplers import sample_policy
 from core.world import EditSample, collate
 from reward.judge import Judge
 from rl.algorithms.reward_scoring import judge_images
+from rl.algorithms.trainer import keyed_generator
 
 
 @dataclasses.dataclass
@@ -62,12 +62,6 @@ def held_out_samples(data, tasks: list[str], n_per_task: int) -> list[EditSample
     return samples
 
 
-def _sample_generator(seed: int, key: str) -> torch.Generator:
-    """Noise keyed by the condition itself, so any selection of held-out conditions gets the same."""
-    digest = hashlib.blake2b(f"{seed}/{key}".encode(), digest_size=8).digest()
-    return torch.Generator().manual_seed(int.from_bytes(digest, "little") & (2**62 - 1))
-
-
 @torch.no_grad()
 def generate_images(policy: Policy, samples: list[EditSample], *, weights: dict[str, Tensor] | None,
                     sigmas: Tensor, method: str, seed: int, device: torch.device, batch_size: int = 32,
@@ -79,7 +73,7 @@ def generate_images(policy: Policy, samples: list[EditSample], *, weights: dict[
         batch = collate(chunk)
         cond = policy.encode(batch.images.to(device), batch.masks.to(device), batch.prompts)
         shape = cond.x0_known.shape[1:]
-        noise = torch.stack([torch.randn(shape, generator=_sample_generator(seed, s.key)) for s in chunk])
+        noise = torch.stack([torch.randn(shape, generator=keyed_generator(seed, s.key)) for s in chunk])
         noise = noise.to(device, cond.x0_known.dtype)
         x0 = sample_policy(policy, cond, sigmas=sigmas, method=method, noise=noise, weights=weights,
                            blend=True, noise_level=0.0)
