@@ -186,16 +186,24 @@ def load_yaml(cls: type[T], path: str | os.PathLike | None, overrides: list[str]
             raise ConfigError(f"{p}: the top level of a config must be a mapping")
         data = loaded or {}
     base = to_dict(cls())
-    merged = _merge(base, data)
+    merged = _merge(cls, base, data)
     cfg = from_dict(cls, merged)
     return apply_overrides(cfg, overrides or [])
 
 
-def _merge(base: Any, update: Any) -> Any:
-    if isinstance(base, dict) and isinstance(update, dict):
-        out = dict(base)
+def _merge(cls: Any, base: Any, update: Any) -> Any:
+    """`update` over `base` section by section: a dataclass section keeps the defaults of the keys
+    the file leaves out, but any other value — a dict-valued key such as data.mixture included —
+    is replaced whole (a file's `mixture: {fill: 1.0}` means fill only, not fill plus the defaults)."""
+    if dataclasses.is_dataclass(cls) and isinstance(base, dict) and isinstance(update, dict):
+        hints, out = _hints(cls), dict(base)
         for k, v in update.items():
-            out[k] = _merge(base[k], v) if k in base else v
+            if k not in base:
+                out[k] = v  # from_dict names the unknown key
+                continue
+            tp = hints.get(k)
+            section = next((a for a in (tp, *typing.get_args(tp)) if dataclasses.is_dataclass(a)), None)
+            out[k] = _merge(section, base[k], v) if section is not None else v
         return out
     return update
 

@@ -161,6 +161,8 @@ class FluxPolicyBase(Policy):
         self.model.eval()  # no dropout in FLUX; eval keeps peft's LoRA dropout (0) out of it too
         #: words the text encoders were trained on, when that is a closed set (the toy: the world's)
         self.known_words: frozenset[str] | None = None
+        #: a toy's toy_flux.json text (how it was built; its vocabulary), None for other models
+        self.toy_spec: str | None = None
 
     def _check_transformer(self) -> None:
         """Raise a ValueError when `self.model` does not take this policy's conditioning."""
@@ -209,10 +211,12 @@ class FluxPolicyBase(Policy):
             pipe = cls.PIPELINE_CLASS.from_pretrained(resolved, **kwargs, **dict(components or {}))
         policy = cls(pipe, guidance=guidance, max_sequence_length=max_sequence_length, image_size=image_size,
                      **options)
-        if Path(resolved, "toy_flux.json").is_file():  # the toy: its encoders know only the world's words
-            from .world import VOCABULARY
+        spec_file = Path(resolved, "toy_flux.json")
+        if spec_file.is_file():  # a toy: its encoders know only the world's words
+            from .toy_flux.build import ToyFluxSpec
 
-            policy.known_words = frozenset(VOCABULARY)
+            policy.known_words = frozenset(ToyFluxSpec.from_dict(json.loads(spec_file.read_text())).vocabulary)
+            policy.toy_spec = spec_file.read_text()  # save_pretrained writes it along, so exports stay toys
         if device is not None:
             pipe.to(device)
         if lora is not None:
@@ -293,7 +297,8 @@ class FluxPolicyBase(Policy):
             unknown = [w for w in re.findall(r"\d|[^\W\d_]+|[^\w\s]", prompt.lower()) if w not in self.known_words]
             if unknown:
                 return (f"prompt {prompt!r} has words outside the toy model's vocabulary: {unknown}. The toy was "
-                        "trained only on the synthetic world's words (core.world.VOCABULARY)")
+                        "trained only on the synthetic world's words (core.world.VOCABULARY; an instruction toy "
+                        "also on core.instruction_world.INSTRUCTION_WORDS)")
         return None
 
     def _check_images(self, images: Tensor) -> None:
@@ -431,6 +436,8 @@ class FluxPolicyBase(Policy):
         for name in self.FRAME_COMPONENTS:
             getattr(self.pipe, name).save_pretrained(root / name)
         self.pipe.save_config(root)
+        if self.toy_spec is not None:
+            (root / "toy_flux.json").write_text(self.toy_spec)
 
 
 __all__ = ["ADAPTER", "CPU_ATTENTION_BACKENDS", "FRAME_COMPONENTS", "FluxPolicyBase", "check_attention_backend",

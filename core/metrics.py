@@ -36,6 +36,19 @@ from .masks import bbox
 from .tasks import INSTRUCTION_TASKS
 from .world import COLOURS, SHAPES, EditSample, shape_mask
 
+#: the metrics that say whether a task's edits got better, per task: the first is the task's main
+#: metric (what it asks for); instruction tasks add psnr_keep (consistency: what must stay did)
+MAIN_METRICS: dict[str, tuple[str, ...]] = {
+    "fill": ("shape_acc", "object_iou"),
+    "extend": ("psnr_mask",),
+    "removal": ("psnr_mask",),
+    "text": ("glyph_acc",),
+    "recolour": ("colour_acc", "psnr_keep"),
+    "remove_named": ("psnr_mask", "psnr_keep"),
+    "add": ("shape_acc", "position_acc", "psnr_keep"),
+    "retext": ("glyph_acc", "psnr_keep"),
+    "restyle": ("style_acc", "psnr_keep"),
+}
 #: a pixel counts as "changed" when some channel moved more than this from the source
 CHANGE_THRESHOLD = 0.25
 _SHAPE_EXTENT = {"circle": 1.0, "square": 0.85, "triangle": 1.0, "diamond": 1.1}

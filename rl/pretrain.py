@@ -13,7 +13,13 @@ same command again; `--stop-after N` ends a piece after N optimiser steps):
    so a 64x64 image samples with that shift); then quality.json — ground-truth metrics on the
    held-out split of `world_seed`, which nothing was tuned on — and samples.png.
 
---out receives a FluxFillPipeline directory (`FluxFillPipeline.from_pretrained(out)` loads it)
+`--instruction` builds the toy instruction editor instead (core.toy_flux.instruction_training): a
+FLUX.1 Kontext-style pipeline warm-started from the Fill toy in `--base` (default: the shipped one),
+trained on the instruction world (state in WORK/instruction, resumable the same way), evaluated on
+the held-out instructions of `instruction.world_seed` with the base's sampler shift. The shipped one:
+`python -m rl.pretrain --instruction --out core/assets/toy_kontext`.
+
+--out receives a FluxFillPipeline (or FluxKontextPipeline) directory (`FluxFillPipeline.from_pretrained(out)` loads it)
 plus quality.json, samples.png and toy_flux.json, written to a temporary directory that then
 replaces the old one. Settings are config keys: `--config FILE.yaml`, `--set KEY=VALUE`, `--help`.
 """
@@ -43,6 +49,9 @@ from core.toy_flux.build import (
     save_toy_pipeline,
 )
 from core.toy_flux.editor_training import RANGES as EDITOR_RANGES
+from core.toy_flux.instruction_training import DEFAULT_BASE, InstructionTrainConfig, evaluate_instruction_editor
+from core.toy_flux.instruction_training import RANGES as INSTRUCTION_RANGES
+from core.toy_flux.instruction_training import train_instruction_editor
 from core.toy_flux.editor_training import (
     EditorTrainConfig,
     evaluate_editor,
@@ -62,6 +71,8 @@ class PretrainConfig:
 
     vae: VAETrainConfig = section(VAETrainConfig, "stage 1: the autoencoder (core.toy_flux.vae_training)")
     editor: EditorTrainConfig = section(EditorTrainConfig, "stage 2: the editor (core.toy_flux.editor_training)")
+    instruction: InstructionTrainConfig = section(
+        InstructionTrainConfig, "--instruction: the toy instruction editor (core.toy_flux.instruction_training)")
     shifts: tuple[float, ...] = opt((1.0, 2.0, 3.0), "sampler time shifts to choose from on the validation world")
     validation_world_seed: int = opt(1, "world whose held-out split chooses the shift (not the reported one)")
     eval_per_task: int = opt(64, "held-out conditions per task for the shift choice and quality.json")
@@ -81,6 +92,7 @@ class PretrainConfig:
 RANGES: dict[str, Range] = {
     **{f"vae.{k}": v for k, v in VAE_RANGES.items()},
     **{f"editor.{k}": v for k, v in EDITOR_RANGES.items()},
+    **{f"instruction.{k}": v for k, v in INSTRUCTION_RANGES.items()},
     "shifts": Range(0, None, open_lo=True), "validation_world_seed": at_least(0), "eval_per_task": at_least(1),
     "eval_steps": Range(1, 1000), "threads": at_least(0, "0 = torch's default"),
 }
@@ -95,6 +107,10 @@ def parser() -> argparse.ArgumentParser:
                    help="where the resumable training state lives (default: pretraining/toy_flux)")
     p.add_argument("--stop-after", type=int, default=None, metavar="N",
                    help="run at most N optimiser steps now (VAE, then editor), keeping the state to resume")
+    p.add_argument("--instruction", action="store_true",
+                   help="build the toy instruction editor (FLUX.1 Kontext-style) from the Fill toy in --base")
+    p.add_argument("--base", type=Path, default=DEFAULT_BASE,
+                   help="--instruction: the toy Fill pipeline to warm-start from (default: the shipped one)")
     p.add_argument("--eval-only", action="store_true",
                    help="re-evaluate the model in --out and rewrite its quality.json and samples.png")
     return p
@@ -199,6 +215,54 @@ def _training_info(vae_history: list, editor_history: list, cfg: PretrainConfig)
             "hours": round(sum(_hours(h) for h in (vae_history, editor_history)), 2)}
 
 
+def instruction_grid(world, edited: dict[str, torch.Tensor], per_task: int = 3) -> torch.Tensor:
+    """Rows per instruction task: (source, edit, ground truth) x `per_task` (the instruction is the row's task)."""
+    from core.tasks import INSTRUCTION_TASKS
+
+    rows = []
+    for task in INSTRUCTION_TASKS:
+        row = []
+        for s, e in zip(world.held_out(task, per_task), edited[task][:per_task]):
+            row += [s.source, e, s.target]
+        rows.append(row)
+    return image_grid(rows)
+
+
+def _main_instruction(args, cfg: PretrainConfig) -> None:
+    """--instruction: train (or resume) the instruction editor, then write --out with quality.json."""
+    from core.instruction_world import InstructionWorld
+
+    if not (Path(args.base) / SPEC_FILE).is_file():
+        sys.exit(f"python -m rl.pretrain: --base {args.base} holds no toy Fill pipeline ({SPEC_FILE} missing)")
+    icfg = cfg.instruction
+    run = train_instruction_editor(args.work / "instruction", args.base, icfg, stop_after=args.stop_after)
+    if not run["done"]:
+        print(f"instruction editor at step {run['step']}/{icfg.steps}; run again to continue")
+        return
+    policy = run["policy"]
+    spec = ToyFluxSpec.from_dict(json.loads((args.work / "instruction" / "model" / SPEC_FILE).read_text()))
+    world = InstructionWorld(size=spec.image_size, seed=icfg.world_seed)
+    summary, edited = evaluate_instruction_editor(policy, world, per_task=cfg.eval_per_task, steps=cfg.eval_steps)
+    history = run["history"]
+    quality = {"held_out_per_task": cfg.eval_per_task, "world_seed": icfg.world_seed,
+               "sampler": {"method": "dpm2", "steps": cfg.eval_steps, "shift": spec.scheduler.shift,
+                           "shift_from": "the Fill toy it was warm-started from"},
+               "metrics": {t: {k: round(v, 4) for k, v in m.items()} for t, m in summary.items()},
+               "training": {"steps": icfg.steps, "batch_size": icfg.batch_size, "lr": icfg.lr,
+                            "final_loss": round(history[-1]["loss"], 5) if history else None,
+                            "hours": round(_hours(history), 2), "warm_start": "the toy FLUX.1 Fill"}}
+    grid = instruction_grid(world, edited)
+
+    def fill(tmp: Path) -> None:
+        save_toy_pipeline(policy.pipe, tmp, spec)
+        (tmp / QUALITY_FILE).write_text(json.dumps(quality, indent=2) + "\n")
+        save_image(grid, tmp / GRID_FILE)
+
+    write_atomically(args.out, fill)
+    print(format_table(quality["metrics"]))
+    print(f"saved to {args.out}")
+
+
 def _hours(history: list) -> float:
     times = [e["time"] for e in history if "time" in e]
     return (max(times) - min(times)) / 3600 if len(times) > 1 else 0.0
@@ -222,6 +286,9 @@ def main(argv: list[str] | None = None) -> None:
         quality = finish(policy, spec, cfg, out, previous.get("training", {}),
                          shift=spec.scheduler.shift)
         print(format_table(quality["metrics"]))
+        return
+    if args.instruction:
+        _main_instruction(args, cfg)
         return
     budget = args.stop_after
     vae = train_vae(args.work / "vae", cfg.vae, stop_after=budget)

@@ -34,14 +34,18 @@ from diffusers import (
     AutoencoderKL,
     FlowMatchEulerDiscreteScheduler,
     FluxFillPipeline,
+    FluxKontextPipeline,
     FluxTransformer2DModel,
 )
 from transformers import CLIPTextConfig, CLIPTextModel, T5Config, T5EncoderModel
 
 from ..config_schema import opt
+from ..world import VOCABULARY
 from .tokenizers import DEFAULT_MAX_LENGTH, build_clip_tokenizer, build_t5_tokenizer
 
 SPEC_FILE = "toy_flux.json"
+#: the pipeline classes a toy can be, by ToyFluxSpec.pipeline
+PIPELINES = {"fill": FluxFillPipeline, "kontext": FluxKontextPipeline}
 #: FLUX's spans of the dynamic shift: max/base image tokens (4096 / 256) and max - base shift
 FLUX_SEQ_LEN_RATIO = 16
 FLUX_SHIFT_SPAN = 1.15 - 0.5
@@ -133,12 +137,31 @@ class ToyFluxSpec:
     transformer: TransformerSpec = TransformerSpec()
     scheduler: SchedulerSpec = SchedulerSpec()
     seed: int = 0
+    #: "fill": a FluxFillPipeline over the world's words; "kontext": a FluxKontextPipeline (instruction
+    #: editing: source tokens appended, no mask) whose tokenizers also know INSTRUCTION_WORDS
+    pipeline: str = "fill"
+
+    def __post_init__(self) -> None:
+        if self.pipeline not in PIPELINES:
+            raise ValueError(f"toy pipeline {self.pipeline!r}: expected one of {list(PIPELINES)}")
 
     @property
     def transformer_channels(self) -> tuple[int, int]:
-        """(in, out) channels of FLUX Fill's transformer for this VAE."""
+        """(in, out) channels of the transformer for this VAE: FLUX Fill's noisy | masked-image |
+        folded-mask tokens, or Kontext's packed latents alone (source tokens join the sequence)."""
         c, f = self.vae.latent_channels, self.vae.scale_factor
+        if self.pipeline == "kontext":
+            return 4 * c, 4 * c
         return 8 * c + 4 * f * f, 4 * c
+
+    @property
+    def vocabulary(self) -> list[str]:
+        """The words its tokenizers keep whole and its text encoders were trained on."""
+        if self.pipeline == "kontext":
+            from ..instruction_world import INSTRUCTION_VOCABULARY
+
+            return INSTRUCTION_VOCABULARY
+        return VOCABULARY
 
     @property
     def image_seq_len(self) -> int:
@@ -224,8 +247,8 @@ def build_scheduler(spec: ToyFluxSpec) -> FlowMatchEulerDiscreteScheduler:
         base_image_seq_len=base, max_image_seq_len=base * s.seq_len_ratio)
 
 
-def build_toy_pipeline(spec: ToyFluxSpec = ToyFluxSpec(), *, vae: AutoencoderKL | None = None) -> FluxFillPipeline:
-    """A randomly initialised FluxFillPipeline of `spec`; `vae` replaces the fresh VAE (e.g. one
+def build_toy_pipeline(spec: ToyFluxSpec = ToyFluxSpec(), *, vae: AutoencoderKL | None = None):
+    """A randomly initialised FluxFillPipeline (or FluxKontextPipeline: `spec.pipeline`) of `spec`; `vae` replaces the fresh VAE (e.g. one
     trained by core.toy_flux.vae_training) and must have `spec.vae`'s latent channels and levels."""
     check_spec(spec)
     if vae is None:
@@ -235,8 +258,8 @@ def build_toy_pipeline(spec: ToyFluxSpec = ToyFluxSpec(), *, vae: AutoencoderKL 
         raise ValueError(f"the given VAE has {vae.config.latent_channels} latent channels and "
                          f"{len(vae.config.block_out_channels)} levels; the spec asks for "
                          f"{spec.vae.latent_channels} and {len(spec.vae.block_out_channels)}")
-    clip_tok = build_clip_tokenizer(max_length=spec.clip.max_length)
-    t5_tok = build_t5_tokenizer(max_length=spec.t5.max_length)
+    clip_tok = build_clip_tokenizer(spec.vocabulary, max_length=spec.clip.max_length)
+    t5_tok = build_t5_tokenizer(spec.vocabulary, max_length=spec.t5.max_length)
     c, t5, tr = spec.clip, spec.t5, spec.transformer
     in_ch, out_ch = spec.transformer_channels
     with torch.random.fork_rng(devices=[]):
@@ -262,12 +285,12 @@ def build_toy_pipeline(spec: ToyFluxSpec = ToyFluxSpec(), *, vae: AutoencoderKL 
             axes_dims_rope=tuple(tr.axes_dims_rope or rope_axes(tr.attention_head_dim)))
     for module in (vae, clip, t5_model, transformer):
         module.eval()
-    return FluxFillPipeline(scheduler=build_scheduler(spec), vae=vae, text_encoder=clip, tokenizer=clip_tok,
+    return PIPELINES[spec.pipeline](scheduler=build_scheduler(spec), vae=vae, text_encoder=clip, tokenizer=clip_tok,
                             text_encoder_2=t5_model, tokenizer_2=t5_tok, transformer=transformer)
 
 
-def save_toy_pipeline(pipe: FluxFillPipeline, directory: str | os.PathLike, spec: ToyFluxSpec) -> Path:
-    """`pipe.save_pretrained(directory)` plus the spec as toy_flux.json (FluxFillPipeline's loader
+def save_toy_pipeline(pipe, directory: str | os.PathLike, spec: ToyFluxSpec) -> Path:
+    """`pipe.save_pretrained(directory)` plus the spec as toy_flux.json (the pipeline's loader
     ignores that file; it records how the directory was built)."""
     from ..flux_fill import quiet_weights_io
 

@@ -140,11 +140,6 @@ def trained_parameters(policy: FluxFillPolicy) -> dict[str, torch.nn.Parameter]:
     return {f"{name}.{n}": p for name in TRAINED for n, p in getattr(policy.pipe, name).named_parameters()}
 
 
-def set_training(policy: FluxFillPolicy, on: bool) -> None:
-    for name in TRAINED:
-        getattr(policy.pipe, name).requires_grad_(on).train(on)
-
-
 def flow_matching_loss(policy: FluxFillPolicy, batch, generator: torch.Generator, known_weight: float) -> Tensor:
     """Per-sample weighted velocity MSE [B] for one collated batch (gradients reach the text encoders)."""
     with torch.no_grad():
@@ -221,20 +216,35 @@ def _eval_line(entry: dict[str, Any]) -> str:
     return f"step {entry['step']}: " + "; ".join(parts)
 
 
-def train_editor(out: str | Path, vae_dir: str | Path, cfg: EditorTrainConfig = EditorTrainConfig(), *,
-                 stop_after: int | None = None, progress: bool = True) -> dict[str, Any]:
-    """Train (or resume training) the editor in `out`; returns {"step", "ran" (steps run now), "done", "history", "policy"}.
+@dataclasses.dataclass
+class Recipe:
+    """What one pretraining run of an editor is made of; `run_training` is the loop they share
+    (the Fill editor here, the instruction editor in core.toy_flux.instruction_training).
 
-    `stop_after`: at most this many steps in this call, then checkpoint and return. When
-    `cfg.steps` is reached, the EMA weights are saved as a pipeline in `out`/model.
-    """
+    `batch(step)` and `loss(batch, generator)` give a step's data and per-sample loss [B];
+    `evaluate()` the held-out summary (run with the EMA weights); `fingerprint` is what a resumed
+    checkpoint must have been trained on besides the config (e.g. the VAE's latent scale);
+    `save(directory)` writes the finished model (EMA weights loaded)."""
+
+    policy: Any
+    params: dict[str, torch.nn.Parameter]
+    batch: Any
+    loss: Any
+    evaluate: Any
+    save: Any
+    fingerprint: Any
+    eval_line: Any = None
+
+
+def run_training(out: Path, cfg: Any, recipe: Recipe, *, stop_after: int | None = None, progress: bool = True,
+                 desc: str = "editor") -> dict[str, Any]:
+    """The resumable, exact pretraining loop (module doc) of any `Recipe`; `cfg` has the fields of
+    EditorTrainConfig's optimisation part (steps, lr, warmup, ..., checkpoint_every) and to_dict().
+    Returns {"step", "ran", "done", "history", "policy"}."""
     from tqdm.auto import tqdm
 
-    out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
-    policy, spec = build_policy(vae_dir, cfg)
-    world = SyntheticWorld(size=spec.image_size, seed=cfg.world_seed)
-    params = trained_parameters(policy)
+    params = recipe.params
     decay = [p for p in params.values() if p.dim() >= 2]
     no_decay = [p for p in params.values() if p.dim() < 2]
     optimizer = torch.optim.AdamW([{"params": decay, "weight_decay": cfg.weight_decay},
@@ -244,13 +254,13 @@ def train_editor(out: str | Path, vae_dir: str | Path, cfg: EditorTrainConfig = 
     found = find_checkpoint(out / CHECKPOINT)
     if found is not None:
         state = load_state(found)
-        saved = from_dict(EditorTrainConfig, state["config"])
+        saved = from_dict(type(cfg), state["config"])
         free = {k: getattr(cfg, k) for k in FREE_ON_RESUME}
         if dataclasses.replace(saved, **free) != cfg:
             changed = [k for k in cfg.to_dict() if k not in free and getattr(saved, k) != getattr(cfg, k)]
             raise ValueError(f"{out} was trained with another config (differs in {changed}); use a new directory")
-        if state["vae"] != policy.pipe.vae.config.scaling_factor:
-            raise ValueError(f"{out} was trained on another VAE than {vae_dir} (its latent scale differs)")
+        if state["vae"] != recipe.fingerprint:
+            raise ValueError(f"{out} was trained on another base (its VAE latent scale differs)")
         with torch.no_grad():
             for n, p in params.items():
                 p.copy_(state["params"][n])
@@ -259,23 +269,29 @@ def train_editor(out: str | Path, vae_dir: str | Path, cfg: EditorTrainConfig = 
         step, history, smoothed = int(state["step"]), list(state["history"]), state["smoothed"]
 
     def checkpoint() -> None:
-        save_checkpoint({"step": step, "config": cfg.to_dict(), "vae": policy.pipe.vae.config.scaling_factor,
+        save_checkpoint({"step": step, "config": cfg.to_dict(), "vae": recipe.fingerprint,
                          "params": {n: p.detach() for n, p in params.items()}, "ema": ema,
                          "optimizer": optimizer.state_dict(), "history": history, "smoothed": smoothed},
                         out / CHECKPOINT)
 
+    def set_training(on: bool) -> None:
+        for p in params.values():
+            p.requires_grad_(on)
+        for name in TRAINED:
+            getattr(recipe.policy.pipe, name).train(on)
+
     start = step
     end = cfg.steps if stop_after is None else min(cfg.steps, step + stop_after)
-    set_training(policy, True)
-    bar = tqdm(total=cfg.steps, initial=step, desc="editor", disable=not progress, dynamic_ncols=True, mininterval=2.0)
+    set_training(True)
+    bar = tqdm(total=cfg.steps, initial=step, desc=desc, disable=not progress, dynamic_ncols=True, mininterval=2.0)
     try:
         while step < end:
             lr = learning_rate(cfg, step)
             for group in optimizer.param_groups:
                 group["lr"] = lr
-            batch = training_batch(cfg, step, world)
+            batch = recipe.batch(step)
             generator = torch.Generator().manual_seed(step_seed(cfg.seed, "editor-noise", step))
-            loss = flow_matching_loss(policy, batch, generator, cfg.known_weight).mean()
+            loss = recipe.loss(batch, generator).mean()
             if not torch.isfinite(loss):
                 raise RuntimeError(f"non-finite loss at step {step}: lower lr (--set lr=...) and resume "
                                    "from the last checkpoint in a new directory")
@@ -292,26 +308,45 @@ def train_editor(out: str | Path, vae_dir: str | Path, cfg: EditorTrainConfig = 
             smoothed = loss.item() if smoothed is None else 0.98 * smoothed + 0.02 * loss.item()
             bar.set_postfix(loss=f"{smoothed:.4f}", lr=f"{lr:.2e}", refresh=False)
             if (cfg.eval_every and step % cfg.eval_every == 0) or step == cfg.steps:
-                set_training(policy, False)
+                set_training(False)
                 with weights_of(params, ema):
-                    summary, _ = evaluate_editor(policy, world, per_task=cfg.eval_per_task, steps=cfg.eval_steps)
-                set_training(policy, True)
+                    summary = recipe.evaluate()
+                set_training(True)
                 history.append({"step": step, "loss": smoothed, "time": time.time(), "eval": summary})
-                bar.write(_eval_line(history[-1]), file=sys.stdout)
+                bar.write((recipe.eval_line or _eval_line)(history[-1]), file=sys.stdout)
             if step < end and cfg.checkpoint_every and step % cfg.checkpoint_every == 0:
                 checkpoint()
     finally:
         bar.close()
     checkpoint()
     (out / HISTORY).write_text(json.dumps(history, indent=1) + "\n")
-    set_training(policy, False)
+    set_training(False)
     done = step >= cfg.steps
     if done:
         with torch.no_grad():
             for n, p in params.items():
                 p.copy_(ema[n])
-        save_toy_pipeline(policy.pipe, out / MODEL, spec)
-    return {"step": step, "ran": step - start, "done": done, "history": history, "policy": policy}
+        recipe.save(out / MODEL)
+    return {"step": step, "ran": step - start, "done": done, "history": history, "policy": recipe.policy}
+
+
+def train_editor(out: str | Path, vae_dir: str | Path, cfg: EditorTrainConfig = EditorTrainConfig(), *,
+                 stop_after: int | None = None, progress: bool = True) -> dict[str, Any]:
+    """Train (or resume training) the editor in `out`; returns {"step", "ran" (steps run now), "done", "history", "policy"}.
+
+    `stop_after`: at most this many steps in this call, then checkpoint and return. When
+    `cfg.steps` is reached, the EMA weights are saved as a pipeline in `out`/model.
+    """
+    policy, spec = build_policy(vae_dir, cfg)
+    world = SyntheticWorld(size=spec.image_size, seed=cfg.world_seed)
+    recipe = Recipe(
+        policy=policy, params=trained_parameters(policy),
+        batch=lambda step: training_batch(cfg, step, world),
+        loss=lambda batch, generator: flow_matching_loss(policy, batch, generator, cfg.known_weight),
+        evaluate=lambda: evaluate_editor(policy, world, per_task=cfg.eval_per_task, steps=cfg.eval_steps)[0],
+        save=lambda directory: save_toy_pipeline(policy.pipe, directory, spec),
+        fingerprint=policy.pipe.vae.config.scaling_factor)
+    return run_training(Path(out), cfg, recipe, stop_after=stop_after, progress=progress)
 
 
 def main(argv: Sequence[str] | None = None) -> None:

@@ -15,11 +15,13 @@ from typing import Any
 
 import matplotlib
 
+from core.metrics import MAIN_METRICS
+
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt
 
 #: the ground-truth metric that says whether a task got better (all metrics go into compare.json)
-MAIN_METRIC = {"fill": "shape_acc", "extend": "psnr_mask", "removal": "psnr_mask", "text": "glyph_acc"}
+MAIN_METRIC = {task: metrics[0] for task, metrics in MAIN_METRICS.items()}
 
 #: two-sided 95% Student t quantiles for 1..30 degrees of freedom (no scipy in the dependencies)
 _T975 = (12.706, 4.303, 3.182, 2.776, 2.571, 2.447, 2.365, 2.306, 2.262, 2.228, 2.201, 2.179, 2.160, 2.145,

@@ -2,6 +2,10 @@
 
 Written by `rl.train.run` after the export, from the resolved config and the run summary, so the
 exported directory explains itself when it is copied or uploaded without its run directory.
+
+Two kinds of card: mask-guided editors (FLUX.1 Fill: FluxFillPipeline with image and mask_image)
+and instruction editors (model.kind in rl.plumbing.config.INSTRUCTION_KINDS: FluxKontextPipeline
+or QwenImageEditPipeline with image and prompt, no mask anywhere).
 """
 from __future__ import annotations
 
@@ -9,7 +13,7 @@ import os
 from pathlib import Path
 from typing import Any
 
-from rl.plumbing.config import RunConfig
+from rl.plumbing.config import INSTRUCTION_KINDS, RunConfig
 
 _NAMES = {"nft": "DiffusionNFT", "refl": "ReFL", "grpo": "Flow-GRPO", "awm": "AWM"}
 _ALGORITHMS = {
@@ -43,14 +47,21 @@ def model_card(final_dir: Path, cfg: RunConfig, summary: dict[str, Any]) -> str:
         _judge_section(cfg),
         _data_section(cfg),
         _results_section(cfg, summary),
-        _usage_section(cfg, run_dir),
-        _diffusers_section(cfg),
+        *((_instruction_usage_section(cfg, run_dir), _instruction_diffusers_section(cfg))
+          if cfg.model.kind in INSTRUCTION_KINDS else (_usage_section(cfg, run_dir), _diffusers_section(cfg))),
     ]
     return "\n".join(parts)
 
 
 def _base_name(cfg: RunConfig) -> str:
     m = cfg.model
+    if m.kind == "tiny_kontext":
+        return ("the shipped toy instruction editor" if m.path is None
+                else f"the toy instruction editor at `{m.path}`")
+    if m.kind == "flux_kontext":
+        return f"FLUX.1 Kontext (`{m.path}`)"
+    if m.kind == "qwen_image_edit":
+        return f"Qwen-Image-Edit (`{m.path}`)"
     if m.kind == "tiny":
         return ("the shipped toy FLUX.1 Fill" if m.path is None
                 else f"the toy FLUX.1 Fill at `{m.path}`")
@@ -65,6 +76,9 @@ def _base_section(cfg: RunConfig) -> str:
     else:
         lines.append(f"- trained: a LoRA adapter, r={m.lora.r}, alpha={m.lora.alpha}, on "
                      + ", ".join(f"`{t}`" for t in m.lora.targets))
+    if m.kind in INSTRUCTION_KINDS:
+        lines.append("- an instruction editor: no mask, the whole image is generated from the source and the "
+                     "instruction")
     if m.guidance is not None:
         lines.append(f"- distilled guidance: {m.guidance:g}")
     return "\n".join(lines) + "\n"
@@ -199,6 +213,110 @@ def _usage_section(cfg: RunConfig, run_dir: Path) -> str:
               + (" The toy's text encoders were trained only on the synthetic world's words "
                  "(`core.world.VOCABULARY`)." if cfg.model.kind == "tiny" else "") + "\n"]
     return "\n".join(lines)
+
+
+def _pipeline_class(cfg: RunConfig) -> str:
+    return "QwenImageEditPipeline" if cfg.model.kind == "qwen_image_edit" else "FluxKontextPipeline"
+
+
+def _kontext_guidance(cfg: RunConfig) -> float:
+    """The distilled guidance the policy ran with: model.guidance, else FluxKontextPolicy's default."""
+    if cfg.model.guidance is not None:
+        return cfg.model.guidance
+    from core.flux_kontext import DEFAULT_GUIDANCE
+
+    return DEFAULT_GUIDANCE
+
+
+def _instruction_call(cfg: RunConfig, prompt: str, indent: str) -> list[str]:
+    """The pipeline call that matches how the run sampled (lines of a Python snippet)."""
+    s, size = cfg.sampler, cfg.data.image_size
+    if cfg.model.kind == "qwen_image_edit":
+        cfg_scale = getattr(cfg.model, "true_cfg_scale", 1.0)
+        return [f'{indent}image = pipe(image=image, prompt="{prompt}", height={size}, width={size},',
+                f"{indent}             num_inference_steps={s.eval_steps}, true_cfg_scale={cfg_scale:g}).images[0]"]
+    tokens = ", max_sequence_length=16" if cfg.model.kind == "tiny_kontext" else ""
+    return [f'{indent}image = pipe(image=image, prompt="{prompt}", height={size}, width={size},',
+            f"{indent}             max_area={size} * {size}, _auto_resize=False{tokens},",
+            f"{indent}             num_inference_steps={s.eval_steps}, guidance_scale={_kontext_guidance(cfg):g}).images[0]"]
+
+
+def _instruction_usage_section(cfg: RunConfig, run_dir: Path) -> str:
+    m, final = cfg.model, run_dir / "final"
+    pipe_class = _pipeline_class(cfg)
+    prompt = "make the red circle blue"
+    policy = ("core.qwen_image_edit.QwenImageEditPolicy" if m.kind == "qwen_image_edit"
+              else "core.flux_kontext.FluxKontextPolicy")
+    lines = ["## Loading\n"]
+    if m.lora is not None:
+        base = "core/assets/toy_kontext" if m.kind == "tiny_kontext" and m.path is None else m.path
+        lines += ["A LoRA adapter in diffusers' format:", "", "```python", "import torch",
+                  f"from diffusers import {pipe_class}", "",
+                  f'pipe = {pipe_class}.from_pretrained("{base}", torch_dtype=torch.bfloat16)',
+                  f'pipe.load_lora_weights("{final}")', *_instruction_call(cfg, prompt, ""), "```", ""]
+    elif m.kind == "tiny_kontext":
+        lines += [f"A whole {pipe_class} directory (the toy works on {cfg.data.image_size}x{cfg.data.image_size} "
+                  "images, 16 T5 tokens):", "",
+                  "```python", f"from diffusers import {pipe_class}", "",
+                  f'pipe = {pipe_class}.from_pretrained("{final}")', *_instruction_call(cfg, prompt, ""),
+                  "```", "", f"Inside the library: `{policy}.from_pretrained(final)`.\n"]
+    else:
+        lines += [f"A whole {pipe_class} directory with the fine-tuned transformer:", "",
+                  "```python", "import torch", f"from diffusers import {pipe_class}", "",
+                  f'pipe = {pipe_class}.from_pretrained("{final}", torch_dtype=torch.bfloat16).to("cuda")',
+                  *_instruction_call(cfg, prompt, ""), "```", "",
+                  f"Inside the library: `{policy}.from_pretrained(final)`.\n"]
+    s = cfg.sampler
+    shift = "" if s.shift is None else f", shift {s.shift:g}"
+    method = "euler" if s.method == "sde" else s.method
+    vocabulary = (" The toy's text encoders were trained only on the instruction world's words "
+                  "(`core.instruction_world.INSTRUCTION_VOCABULARY`)." if m.kind == "tiny_kontext" else "")
+    lines += ["## Editing\n", "```bash",
+              f'python -m rl.edit --model {run_dir} --image in.png --prompt "{prompt}" --out out.png',
+              "```", "",
+              "An instruction editor: no mask, the prompt says what to change and the whole image is generated. "
+              f"By default this samples exactly as the held-out evaluation did (`{method}`, {s.eval_steps} steps"
+              f"{shift}); `--steps`, `--sampler`, `--shift`, `--seed` and `--keep-size` (the output resized back "
+              "to the input's size) change that, and `--jsonl RECORDS --out-dir DIR` edits a batch (records of "
+              "image and prompt). From Python: `rl.edit.load_editor(run_dir).edit(images, None, prompts)`."
+              + vocabulary + "\n"]
+    return "\n".join(lines)
+
+
+def _instruction_diffusers_section(cfg: RunConfig) -> str:
+    pipe_class, s, size = _pipeline_class(cfg), cfg.sampler, cfg.data.image_size
+    method = "euler" if s.method == "sde" else s.method
+    sampler = (f"- sampler: the pipeline integrates with Euler, {50 if pipe_class == 'QwenImageEditPipeline' else 28} "
+               f"steps by default; this run evaluated with `{method}` in {s.eval_steps} steps ('dpm2' is "
+               "DPM-Solver++(2M) with data prediction). With Euler, no shift set and the same N, the step times "
+               "are the pipeline's;")
+    if pipe_class == "QwenImageEditPipeline":
+        call = (f"`pipe(image=image, prompt=..., height=S, width=S, num_inference_steps=N, "
+                f"true_cfg_scale={getattr(cfg.model, 'true_cfg_scale', 1.0):g})`")
+        resize = ("- the pipeline resizes the source to about 1 MP (`calculate_dimensions`) before encoding it; "
+                  "the policy encodes it at S x S: give it an S x S image;")
+        extra = []
+    else:
+        call = (f"`pipe(image=image, prompt=..., height=S, width=S, max_area=S*S, _auto_resize=False, "
+                f"num_inference_steps=N, guidance_scale={_kontext_guidance(cfg):g}"
+                + (", max_sequence_length=16" if cfg.model.kind == "tiny_kontext" else "") + ")`")
+        resize = ("- resizing: without `max_area=S*S` the pipeline scales the output to about 1 MP, and without "
+                  "`_auto_resize=False` it resizes the source to the nearest Kontext training resolution "
+                  "(`core.flux_kontext.preferred_resolution`); the guidance is the distilled guidance the policy "
+                  "ran with (the pipeline's argument defaults to 3.5);")
+        extra = (["- the toy was trained with 16 T5 tokens: pass `max_sequence_length=16` (FLUX's joint attention "
+                  "has no text mask, so other padding changes the edit);"] if cfg.model.kind == "tiny_kontext" else [])
+    return f"## With diffusers' {pipe_class}\n" + "\n".join([
+        "",
+        f"{call} with S = {size} gives a similar edit, not the same one (there is no mask: the whole image is "
+        "generated from the source and the instruction):",
+        "",
+        sampler,
+        "- noise: the pipeline draws its own; pass rl.edit's packed noise as `latents=` to share it;",
+        resize,
+        *extra,
+        "",
+    ])
 
 
 def _diffusers_section(cfg: RunConfig) -> str:

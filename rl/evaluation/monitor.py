@@ -32,20 +32,17 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
+from core.metrics import MAIN_METRICS as TRUTH_METRICS
 from reward.judge import Judge
 from rl.evaluation.heldout import EvalResult, score_images
 
 #: the ground-truth metrics (core.metrics.sample_metrics) the `truth` signal watches, per task
-MAIN_METRICS: dict[str, tuple[str, ...]] = {
-    "fill": ("shape_acc", "object_iou"),
-    "extend": ("psnr_mask",),
-    "removal": ("psnr_mask",),
-    "text": ("glyph_acc",),
-}
+MAIN_METRICS: dict[str, tuple[str, ...]] = TRUTH_METRICS
 #: the signal name of the second judge's reward (`monitor.signal: judge`)
 JUDGE_SIGNAL = "judge"
 #: the unit of each signal, for messages
-UNITS: dict[str, str] = {"psnr_mask": "dB", "shape_acc": "", "object_iou": "", "glyph_acc": "", JUDGE_SIGNAL: ""}
+UNITS: dict[str, str] = {**{m: "" for ms in TRUTH_METRICS.values() for m in ms}, "psnr_mask": "dB", "psnr_keep": "dB",
+                         JUDGE_SIGNAL: ""}
 #: RUN/<BEST_DIR>/ holds the best monitored model, RUN/<BEST_DIR>/best.json its record
 BEST_DIR, BEST_FILE = "best", "best.json"
 #: the plot of both curves per task, written into the run directory at every evaluation

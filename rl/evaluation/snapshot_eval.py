@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Any
 
 from core.config_io import to_dict
-from core.tasks import TASKS
+from core.tasks import ALL_TASKS
 from core.tensor_store import load_tree
 from rl.evaluation.compare_report import PointResult
 from rl.plumbing.config import RunConfig
@@ -39,7 +39,7 @@ class SnapshotEvaluator:
     def __init__(self, configs: dict[str, RunConfig], per_task: int, source: str, noise_seed: int):
         self.cfg = next(iter(configs.values()))
         trained = {t for cfg in configs.values() for t, w in cfg.data.mixture.items() if w > 0}
-        self.tasks = [t for t in TASKS if t in trained]
+        self.tasks = [t for t in ALL_TASKS if t in trained]
         self.per_task, self.noise_seed = per_task, noise_seed
         s, j = self.cfg.sampler, self.cfg.judge
         self.method = "euler" if s.method == "sde" else s.method  # the SDE without its noise, as rl.eval

@@ -112,12 +112,14 @@ def _unknown(key: str, name: str, known: dict, local_files: str, json_glob: str)
 
 
 def pipeline_architecture(path: str | None, kind: str = "flux_fill") -> PipelineArchitecture:
-    """The FluxFillPipeline architecture of model.path (kind tiny with no path: the shipped toy)."""
-    if kind == "tiny" and path is None:
-        from core.toy_flux import shipped_model_dir
+    """The pipeline architecture of model.path (kind tiny / tiny_kontext with no path: the shipped toy)."""
+    if kind in ("tiny", "tiny_kontext") and path is None:
+        from core.toy_flux import shipped_kontext_dir, shipped_model_dir
 
-        arch = pipeline_architecture(str(shipped_model_dir()))
-        return dataclasses.replace(arch, source="the shipped toy FLUX.1 Fill (core/assets/toy_flux)")
+        shipped = shipped_model_dir() if kind == "tiny" else shipped_kontext_dir()
+        arch = pipeline_architecture(str(shipped))
+        name = "FLUX.1 Fill" if kind == "tiny" else "instruction editor"
+        return dataclasses.replace(arch, source=f"the shipped toy {name} (core/assets/{shipped.name})")
     if path is None:
         raise PlanError("model.path is not set: give a local FluxFillPipeline directory or a Hub id")
     local = Path(path)

@@ -11,6 +11,10 @@ Sources (architecture keys as published on the Hugging Face Hub):
   Cross-check: these configs give 11.90 B (transformer), 4.76 B (T5 encoder), 123 M (CLIP text) and
   83.8 M (VAE) parameters, i.e. 23.8 GB, 9.52 GB, 246 MB and 168 MB in bf16: the sizes reported for
   the bf16 checkpoints.
+- black-forest-labs/FLUX.1-Kontext-dev: FLUX.1 [dev]'s transformer (in_channels 64: the source
+  image enters as extra tokens, not as channels; guidance embedding), and FLUX.1 Fill's VAE, CLIP and
+  T5 encoders and 512 T5 tokens (FluxKontextPipeline's max_sequence_length). 11.90 B transformer
+  parameters, as FLUX.1 [dev].
 - Qwen/Qwen2.5-VL-7B-Instruct and Qwen/Qwen2.5-VL-3B-Instruct: config.json (text decoder and
   vision_config). Cross-check: they give 8.29 B and 3.75 B parameters, the sizes the Hub lists.
 """
@@ -46,6 +50,16 @@ KNOWN_PIPELINES: dict[str, dict[str, tuple[str, str, dict[str, Any]]]] = {
         "transformer": ("diffusers", "FluxTransformer2DModel", {
             "attention_head_dim": 128, "num_attention_heads": 24, "num_layers": 19, "num_single_layers": 38,
             "in_channels": 384, "out_channels": 64, "joint_attention_dim": 4096, "pooled_projection_dim": 768,
+            "guidance_embeds": True, "axes_dims_rope": [16, 56, 56], "patch_size": 1}),
+        "vae": ("diffusers", "AutoencoderKL", _FLUX_VAE),
+        "text_encoder": ("transformers", "CLIPTextModel", _CLIP_L_TEXT),
+        "text_encoder_2": ("transformers", "T5EncoderModel", _T5_V1_1_XXL_ENCODER),
+        "tokenizer_2": ("transformers", "T5TokenizerFast", {"model_max_length": 512}),
+    },
+    "black-forest-labs/FLUX.1-Kontext-dev": {
+        "transformer": ("diffusers", "FluxTransformer2DModel", {
+            "attention_head_dim": 128, "num_attention_heads": 24, "num_layers": 19, "num_single_layers": 38,
+            "in_channels": 64, "out_channels": None, "joint_attention_dim": 4096, "pooled_projection_dim": 768,
             "guidance_embeds": True, "axes_dims_rope": [16, 56, 56], "patch_size": 1}),
         "vae": ("diffusers", "AutoencoderKL", _FLUX_VAE),
         "text_encoder": ("transformers", "CLIPTextModel", _CLIP_L_TEXT),

@@ -54,6 +54,8 @@ RUNTIME_OVERHEAD = 1 * GIB
 #: a plan "fits" below this share of the GPU (allocator fragmentation needs the rest)
 HEADROOM = 0.9
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+#: policies whose sequence holds the source image's tokens after the generated ones (core/flux_kontext.py)
+_KONTEXT_KINDS = ("flux_kontext", "tiny_kontext")
 _PART_LABELS = {"transformer": "transformer", "text_encoder": "text encoder",
                 "text_encoder_2": "text encoder 2", "vae": "VAE"}
 
@@ -144,7 +146,9 @@ def step_shape(cfg: RunConfig, arch: PipelineArchitecture, gpus: int) -> tuple[S
     vae = arch.part("vae").config
     side = cfg.data.image_size // (2 ** (len(vae["block_out_channels"]) - 1) * 2)  # VAE factor, then 2x2 packing
     rollout = min(cfg.sampler.rollout_chunk or per_gpu, per_gpu) if cfg.train.algorithm != "refl" else per_gpu
-    return StepShape(images, per_gpu, micro, side * side, arch.text_tokens, rollout), warnings
+    # Kontext appends the source image's tokens to the generated ones: every block sees both
+    streams = 2 if cfg.model.kind in _KONTEXT_KINDS else 1
+    return StepShape(images, per_gpu, micro, streams * side * side, arch.text_tokens, rollout), warnings
 
 
 def shards(cfg: RunConfig, gpus: int) -> int:
@@ -292,7 +296,8 @@ def _header(cfg: RunConfig, arch: PipelineArchitecture, shape: StepShape, gpus: 
     fsdp = "" if shards(cfg, gpus) == 1 else (
         f", FSDP2 over {gpus} GPUs (compute {str(compute_dtype(cfg)).removeprefix('torch.')}"
         f"{', CPU offload' if d.cpu_offload else ''}{', copies in host memory' if d.copies == 'cpu' else ''})")
-    return [(f"policy   FLUX.1 Fill, {m.dtype}, {lora}, gradient checkpointing {checkpointing}{fsdp}; "
+    name = "FLUX.1 Kontext" if m.kind in _KONTEXT_KINDS else "FLUX.1 Fill"
+    return [(f"policy   {name}, {m.dtype}, {lora}, gradient checkpointing {checkpointing}{fsdp}; "
              f"architecture from {arch.source}"),
             (f"step     {algo}: {split}; backward on {shape.micro_batch} x ({shape.image_tokens} image + "
              f"{shape.text_tokens} text tokens)" + ("" if algo != "refl" else " (ReFL has no micro-batches)"))]
@@ -330,6 +335,9 @@ def make_plan(cfg: RunConfig, gpus: int = 1, gpu_memory_gib: float = 80.0) -> Me
     if gpus < 1 or gpu_memory_gib <= 0:
         raise PlanError(f"need at least one GPU with some memory, got {gpus} x {gpu_memory_gib} GiB")
     m = cfg.model
+    if m.kind == "qwen_image_edit":
+        raise PlanError("rl.plan models FLUX pipelines (FluxTransformer2DModel, CLIP + T5) only; Qwen-Image-Edit "
+                        "(QwenImageTransformer2DModel, ~20 B, with a Qwen2.5-VL-7B text encoder) is not modelled yet")
     dtype = _DTYPES[m.dtype]
     arch = pipeline_architecture(m.path, m.kind)
     shape, warnings = step_shape(cfg, arch, gpus)

@@ -11,7 +11,7 @@ import torch
 
 from core.policy import Policy
 from reward.judge import Judge
-from rl.plumbing.config import DataConfig, JudgeConfig, ModelConfig
+from rl.plumbing.config import BUILTIN_KINDS, DataConfig, JudgeConfig, ModelConfig
 from rl.plumbing.data import JsonlData, WorldData
 from rl.plumbing.distributed import resolve_device
 
@@ -20,11 +20,11 @@ _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torc
 
 def build_policy(cfg: ModelConfig, device: torch.device, image_size: int | None = None) -> Policy:
     """The policy of `cfg`: the built-in toy FLUX.1 Fill (kind tiny) or FLUX.1 Fill [dev], both
-    through core.flux_fill.FluxFillPolicy, or FLUX.1 Kontext [dev] (kind flux_kontext,
-    core.flux_kontext.FluxKontextPolicy) or Qwen-Image-Edit (kind qwen_image_edit,
+    through core.flux_fill.FluxFillPolicy, or the built-in toy instruction editor (tiny_kontext) or
+    FLUX.1 Kontext [dev] (kind flux_kontext), both through core.flux_kontext.FluxKontextPolicy, or Qwen-Image-Edit (kind qwen_image_edit,
     core.qwen_image_edit.QwenImageEditPolicy). `image_size`: the resolution FLUX's shift is computed
     for (None: the VAE's native size, 64 for the toy)."""
-    if cfg.kind == "flux_kontext":
+    if cfg.kind in ("flux_kontext", "tiny_kontext"):
         from core.flux_kontext import FluxKontextPolicy as policy_class
     elif cfg.kind == "qwen_image_edit":
         from core.qwen_image_edit import QwenImageEditPolicy as policy_class
@@ -32,19 +32,20 @@ def build_policy(cfg: ModelConfig, device: torch.device, image_size: int | None 
         from core.flux_fill import FluxFillPolicy as policy_class
 
     path = cfg.path
-    if cfg.kind == "tiny":
-        from core.toy_flux import shipped_model_dir
+    if cfg.kind in BUILTIN_KINDS:
+        from core.toy_flux import shipped_kontext_dir, shipped_model_dir
 
         if path is not None and not Path(path).exists():
             raise FileNotFoundError(f"model.path not found: {path}")
-        path = path if path is not None else shipped_model_dir()
+        path = path if path is not None else (shipped_model_dir() if cfg.kind == "tiny" else shipped_kontext_dir())
         image_size = None  # the toy's VAE knows its size; data.image_size only resizes the inputs
     lora = None if cfg.lora is None else {"r": cfg.lora.r, "alpha": cfg.lora.alpha,
                                           "targets": cfg.lora.targets, "init": cfg.lora.init}
     return policy_class.from_pretrained(
         path, device=device, dtype=_DTYPES[cfg.dtype], lora=lora, gradient_checkpointing=cfg.gradient_checkpointing,
         attention_backend=cfg.attention_backend, guidance=cfg.guidance,
-        local_files_only=cfg.kind == "tiny" or not cfg.allow_download, image_size=image_size)
+        local_files_only=cfg.kind in BUILTIN_KINDS or not cfg.allow_download, image_size=image_size,
+        **({"true_cfg_scale": cfg.true_cfg_scale} if cfg.kind == "qwen_image_edit" else {}))
 
 
 def build_judge(cfg: JudgeConfig, device: torch.device) -> Judge:

@@ -27,14 +27,22 @@ class LoraConfig:
                               "to_add_out"], "names of the Linear layers that get adapters")
 
 
+#: model kinds that edit from an instruction alone (no mask): they train on core.tasks.INSTRUCTION_TASKS
+INSTRUCTION_KINDS: tuple[str, ...] = ("tiny_kontext", "flux_kontext", "qwen_image_edit")
+#: the built-in toy of each kind that has one (model.path null)
+BUILTIN_KINDS: tuple[str, ...] = ("tiny", "tiny_kontext")
+
+
 @dataclasses.dataclass
 class ModelConfig:
     """The editing policy being trained."""
 
-    kind: Literal["tiny", "flux_fill", "flux_kontext", "qwen_image_edit"] = opt(
-        "tiny", "tiny: the built-in toy FLUX.1 Fill; flux_fill: FLUX.1 Fill [dev]; flux_kontext: FLUX.1 Kontext [dev], "
-                "qwen_image_edit: Qwen-Image-Edit (instruction editing: masks are not used, the whole image is generated)")
-    path: str | None = opt(None, "null = the shipped toy (core/assets/toy_flux); FLUX: local dir or cached Hub id")
+    kind: Literal["tiny", "tiny_kontext", "flux_fill", "flux_kontext", "qwen_image_edit"] = opt(
+        "tiny", "tiny: the built-in toy FLUX.1 Fill; flux_fill: FLUX.1 Fill [dev] (mask-guided tasks); tiny_kontext: "
+                "the built-in toy instruction editor (FLUX.1 Kontext-style); flux_kontext: FLUX.1 Kontext [dev]; "
+                "qwen_image_edit: Qwen-Image-Edit (instruction tasks: masks are not used, the whole image is generated)")
+    path: str | None = opt(None, "null = the shipped toy of kind tiny / tiny_kontext (core/assets/toy_flux, "
+                                 "core/assets/toy_kontext); FLUX, Qwen: local dir or cached Hub id")
     dtype: Literal["float32", "bfloat16", "float16"] = opt("float32", "weights and compute dtype of the policy")
     device: str = opt("auto", '"auto" = cuda when available, else cpu')
     lora: LoraConfig | None = opt(None, "null = full fine-tune of the transformer; set (e.g. model.lora.r=32) "
@@ -43,6 +51,8 @@ class ModelConfig:
     attention_backend: str | None = opt(None, "diffusers backend name: native, flash, xformers, ...")
     guidance: float | None = opt(None, "FLUX dev distilled guidance (null = the adapter's default)")
     allow_download: bool = opt(False, "let model.path name a Hub id that is not in the local cache yet")
+    true_cfg_scale: float = opt(1.0, "qwen_image_edit: true CFG scale against a blank negative prompt (1 = off, one "
+                                     "transformer call per step; the pipeline's default is 4, twice the compute)")
 
 
 @dataclasses.dataclass

@@ -17,13 +17,14 @@ from core.config_schema import UNIT as _UNIT
 from core.config_schema import Range, numeric_values  # noqa: F401  (re-exported)
 from core.config_schema import at_least as _at_least
 from core.config_schema import check_ranges as _check_ranges
-from core.tasks import TASKS
+from core.tasks import ALL_TASKS, INSTRUCTION_TASKS, TASKS
 
 _DECAY = Range(0, 1, open_hi=True, note="1 would freeze the copy")
 
 #: allowed values of every numeric config key ("section.key"; a list's items share its range)
 NUMERIC_RANGES: dict[str, Range] = {
     "model.guidance": _at_least(0),
+    "model.true_cfg_scale": Range(1, 30, note="1 = off"),
     "model.lora.r": _at_least(1),
     "model.lora.alpha": _POSITIVE,
     "data.world_seed": _at_least(0),
@@ -107,11 +108,6 @@ def check_ranges(cfg: Any) -> None:
 def validate(cfg) -> None:
     """Value checks that types cannot express; raises ConfigError naming the key and the fix."""
     check_ranges(cfg)
-    for task in cfg.data.mixture:
-        if task not in TASKS:
-            raise ConfigError(f"data.mixture: unknown task {task!r}; tasks are {list(TASKS)}")
-    if sum(cfg.data.mixture.values()) <= 0:
-        raise ConfigError("data.mixture gives every task zero weight")
     if cfg.data.image_size % 16:
         raise ConfigError(f"data.image_size must be a multiple of 16 (packed latents), got {cfg.data.image_size}")
     if len(cfg.optim.betas) != 2:
@@ -138,10 +134,35 @@ def validate(cfg) -> None:
     _check_judge(cfg.judge, "judge", cfg.data.source)
     if cfg.model.kind in ("flux_fill", "flux_kontext", "qwen_image_edit") and not cfg.model.path:
         raise ConfigError(f"model.kind {cfg.model.kind!r} needs model.path (a local directory or a cached Hub id)")
-    if cfg.model.kind == "tiny" and cfg.model.path and not Path(cfg.model.path).exists():
+    if cfg.model.true_cfg_scale != 1 and cfg.model.kind != "qwen_image_edit":
+        raise ConfigError(f"model.true_cfg_scale applies to model.kind qwen_image_edit (FLUX models are guidance-"
+                          f"distilled: model.guidance); leave it at 1 for {cfg.model.kind!r}")
+    if cfg.model.kind in ("tiny", "tiny_kontext") and cfg.model.path and not Path(cfg.model.path).exists():
         raise ConfigError(f"model.path not found: {cfg.model.path}")
+    _check_tasks(cfg)
     _check_monitor(cfg)
     _check_dist(cfg)
+
+
+def _check_tasks(cfg) -> None:
+    """data.mixture: known tasks, some weight, and tasks the model can do: a mask-guided editor
+    (tiny, flux_fill) is told where to edit, an instruction editor (tiny_kontext, flux_kontext,
+    qwen_image_edit) is not, so each trains on its own kind of task."""
+    for task in cfg.data.mixture:
+        if task not in ALL_TASKS:
+            raise ConfigError(f"data.mixture: unknown task {task!r}; tasks are {list(ALL_TASKS)}")
+    if sum(cfg.data.mixture.values()) <= 0:
+        raise ConfigError("data.mixture gives every task zero weight")
+    instruction = cfg.model.kind in ("tiny_kontext", "flux_kontext", "qwen_image_edit")
+    wanted = INSTRUCTION_TASKS if instruction else TASKS
+    wrong = [t for t, w in cfg.data.mixture.items() if w > 0 and t not in wanted]
+    if wrong:
+        kind = ("an instruction editor (no mask: the edit is found from the words)" if instruction
+                else "a mask-guided editor (it is given the region to edit)")
+        raise ConfigError(f"data.mixture: model.kind {cfg.model.kind!r} is {kind} and cannot train on {wrong}; "
+                          f"its tasks are {list(wanted)}"
+                          + ("" if instruction else " (instruction tasks need model.kind tiny_kontext, flux_kontext "
+                                                    "or qwen_image_edit)"))
 
 
 def _check_dist(cfg) -> None:

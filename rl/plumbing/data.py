@@ -6,8 +6,11 @@ resumed run and a run split over several processes see exactly the same conditio
 JSONL records (one per line; paths relative to the file):
     {"image": "img/0.png", "mask": "masks/0.png", "task": "fill", "prompt": "a red car",
      "split": "train"}            # split optional: "train" (default) or "heldout"
+    {"image": "img/1.png", "task": "recolour", "prompt": "make the car blue"}   # an instruction edit
 Images and masks are resized to data.image_size squared. Removal records may omit the prompt (the
 fixed removal prompt is used); extend records without a prompt are judged without text alignment.
+Instruction records (core.tasks.INSTRUCTION_TASKS, for instruction editors such as FLUX.1 Kontext
+or Qwen-Image-Edit) give an image and the instruction as prompt, and no mask.
 Every record is checked when the data is built; JsonlData's docstring lists the rules.
 """
 from __future__ import annotations
@@ -21,8 +24,9 @@ import torch
 from torch import Tensor
 
 from core.image_io import load_image, load_mask, resize_image, resize_mask
-from core.tasks import EXTEND_NO_PROMPT, REMOVAL_PROMPT, TASKS, TaskMixture, check_task
-from core.world import EditSample, SyntheticWorld
+from core.tasks import ALL_TASKS, EXTEND_NO_PROMPT, INSTRUCTION_TASKS, REMOVAL_PROMPT, TaskMixture, check_task
+from core.instruction_world import InstructionWorld
+from core.world import EditSample
 
 # tasks that may come without a prompt, and the prompt they then get
 _DEFAULT_PROMPTS = {"removal": REMOVAL_PROMPT, "extend": EXTEND_NO_PROMPT}
@@ -34,13 +38,15 @@ def step_rng(seed: int, step: int, stream: str) -> random.Random:
 
 
 class WorldData:
-    """Conditions from the synthetic world (with ground truth, for the rule judge and metrics)."""
+    """Conditions from the synthetic world (with ground truth, for the rule judge and metrics): its
+    mask-guided tasks and its instruction tasks (core.instruction_world.InstructionWorld, whose
+    mask-guided samples are core.world.SyntheticWorld's bit for bit)."""
 
     has_truth = True
 
     def __init__(self, mixture: dict[str, float], world_seed: int = 0, image_size: int = 64):
         self.mixture = TaskMixture(mixture)
-        self.world = SyntheticWorld(size=image_size, seed=world_seed)
+        self.world = InstructionWorld(size=image_size, seed=world_seed)
 
     def conditions(self, seed: int, step: int, n: int) -> list[EditSample]:
         rng = step_rng(seed, step, "data")
@@ -55,18 +61,20 @@ class WorldData:
 
 
 class JsonlData:
-    """Conditions from a JSONL file of real images and masks (no ground truth).
+    """Conditions from a JSONL file of real images and masks, or images and instructions (no ground truth).
 
     Every record is checked when the data is built, so a bad file fails before training starts,
     not at the step that first draws the bad record. All problems are collected and raised as one
     ValueError listing each bad record as `file:line: problem` (the first 20, then a count).
     A record is refused when:
 
-    - it is not a JSON object, lacks "image", "mask" or "task", has an unknown task, an
-      instruction task (core.tasks.INSTRUCTION_TASKS: not trainable yet) or a split other than
+    - it is not a JSON object, lacks "image" or "task", has an unknown task or a split other than
       "train" / "heldout";
-    - a fill or text record has no prompt (removal uses the fixed removal prompt, extend without
-      a prompt is judged without text alignment); a prompt of only whitespace counts as none;
+    - a mask-guided record (core.tasks.TASKS) lacks "mask"; an instruction record
+      (core.tasks.INSTRUCTION_TASKS) has one: instruction editors take no mask;
+    - a fill, text or instruction record has no prompt (removal uses the fixed removal prompt,
+      extend without a prompt is judged without text alignment; an instruction record's prompt is
+      its instruction); a prompt of only whitespace counts as none;
     - its image or mask path leaves the folder of the JSONL file ("../x.png", or an absolute path
       elsewhere), unless `allow_outside=True`. The check is on the path as written, made absolute
       against the folder; symbolic links inside the folder are followed, since whoever owns the
@@ -84,11 +92,14 @@ class JsonlData:
 
     Image and mask are then resized together to `size` x `size`: a non-square pair is squashed to
     a square (both the same way, so they stay aligned). Crop to square beforehand to keep the
-    aspect ratio.
+    aspect ratio. An instruction record's image is resized the same way, and its sample's mask is
+    all ones at that size: the whole image may change (the instruction editors ignore masks, and
+    with no ground truth no metric or judge reads it as the region that should change).
 
     Every image and mask is decoded once, here, and kept resized: images as uint8 [3, size, size]
     (what 8-bit files hold; a resized image is rounded to the nearest grey level, within 1/510 of
-    the float resize, and an image already at `size` is exact), masks as bool [1, size, size].
+    the float resize, and an image already at `size` is exact), masks as bool [1, size, size]
+    (one shared all-ones mask for every instruction record).
     That is 1 MiB per record at 512 px, so a few thousand records fit in memory; per process, as
     every data-parallel rank builds its own copy. A much larger dataset would need lazy loading
     with the checks run once ahead, which this class does not do. Train records of tasks whose
@@ -105,6 +116,7 @@ class JsonlData:
             raise ValueError(f"data.image_size must be a multiple of 16 for packed latents, got {size}")
         self.size = size
         self.allow_outside = allow_outside
+        self._whole = torch.ones(1, size, size, dtype=torch.bool)  # every instruction record's mask
         self.records: dict[str, dict[str, list[dict]]] = {"train": {}, "heldout": {}}
         # line number -> (image uint8 [3,S,S], mask bool [1,S,S])
         self._pixels: dict[int, tuple[Tensor, Tensor]] = {}
@@ -139,21 +151,20 @@ class JsonlData:
         if not isinstance(rec, dict):
             return {}, [f"a record must be a JSON object, got {type(rec).__name__}"]
         errs: list[str] = []
-        missing = {"image", "mask", "task"} - set(rec)
-        if missing:
-            errs.append(f"record lacks {sorted(missing)}")
         task = rec.get("task")
         if "task" in rec:
             try:
                 check_task(task)
             except (ValueError, TypeError):  # TypeError: a list or object is no dict key
-                errs.append(f"unknown task {task!r}; expected one of {list(TASKS)}")
+                errs.append(f"unknown task {task!r}; expected one of {list(ALL_TASKS)}")
                 task = None
-            else:
-                if task not in TASKS:  # an instruction task: no mask-guided policy can do it
-                    errs.append(f"task {task!r} is an instruction task (core.instruction_world); "
-                                f"training data takes the mask-guided tasks {list(TASKS)}")
-                    task = None
+        instruction = task in INSTRUCTION_TASKS
+        missing = ({"image", "task"} if instruction else {"image", "mask", "task"}) - set(rec)
+        if missing:
+            errs.append(f"record lacks {sorted(missing)}")
+        if instruction and "mask" in rec:
+            errs.append(f"a {task} record is an instruction edit and takes no mask (instruction editors "
+                        "generate the whole image); drop its \"mask\"")
         split = rec.get("split", "train")
         if split not in ("train", "heldout"):
             errs.append(f"split must be 'train' or 'heldout', got {split!r}")
@@ -163,9 +174,9 @@ class JsonlData:
             prompt = None
         has_prompt = bool(prompt and prompt.strip())
         if task is not None and not has_prompt and task not in _DEFAULT_PROMPTS:
-            errs.append(f"a {task} record needs a prompt")
+            errs.append(f"a {task} record needs a prompt" + " (its instruction)" * instruction)
         paths = {}
-        for key in ("image", "mask"):
+        for key in ("image",) if instruction else ("image", "mask"):
             if key in rec:
                 p, err = self._resolve(rec[key], key)
                 if err:
@@ -197,7 +208,7 @@ class JsonlData:
             return rec, errs
         # one square size for every record, so conditions batch together
         image = resize_image(image, (self.size, self.size))
-        self._pixels[n] = ((image * 255).round().to(torch.uint8), mask > 0.5)
+        self._pixels[n] = ((image * 255).round().to(torch.uint8), self._whole if instruction else mask > 0.5)
         rec = dict(rec, line=n, split=split, has_prompt=has_prompt,
                    prompt=prompt if has_prompt else _DEFAULT_PROMPTS[task])
         return rec, []

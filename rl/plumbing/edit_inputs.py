@@ -1,5 +1,11 @@
 """What `rl.edit` is given, checked before any model loads: images, masks, prompts, tasks, and
-JSONL records of edits. Every problem is an EditError naming it and the fix."""
+JSONL records of edits. Every problem is an EditError naming it and the fix.
+
+Two kinds of model. A mask-guided editor (FLUX.1 Fill) needs a mask per image and takes the tasks
+of core.tasks.TASKS (the task only chooses a default prompt). An instruction editor (FLUX.1
+Kontext, Qwen-Image-Edit: rl.plumbing.config.INSTRUCTION_KINDS) takes no mask (the whole image is
+generated from the source and the instruction; internally the mask is all ones), needs a prompt,
+and takes no task or one of core.tasks.INSTRUCTION_TASKS. `instruction=True` selects the second."""
 from __future__ import annotations
 
 import dataclasses
@@ -16,12 +22,17 @@ from torch import Tensor
 
 from core.image_io import load_image, load_mask, resize_image, resize_mask, to_tensor
 from core.masks import validate_mask
-from core.tasks import EXTEND_NO_PROMPT, REMOVAL_PROMPT, TASKS
+from core.tasks import EXTEND_NO_PROMPT, INSTRUCTION_TASKS, REMOVAL_PROMPT, TASKS
 
 #: what an image or mask may be given as: a path, a PIL image or a float tensor ([3,H,W] / [1,H,W])
 ImageLike = Union[str, os.PathLike, Image.Image, Tensor]
 
 METHODS = ("euler", "dpm2")
+#: the task of a mask-guided edit when none is given
+DEFAULT_TASK = "fill"
+#: the example instruction error messages show
+EXAMPLE_INSTRUCTION = "make the red circle blue"
+_INSTRUCTION_KINDS_TEXT = "model.kind tiny_kontext, flux_kontext or qwen_image_edit"
 _DEFAULT_PROMPTS = {"removal": REMOVAL_PROMPT, "extend": EXTEND_NO_PROMPT}
 
 
@@ -31,13 +42,14 @@ class EditError(ValueError):
 
 @dataclasses.dataclass
 class PreparedEdit:
-    """One checked edit: the source at its own size and at the model's, and both masks."""
+    """One checked edit: the source at its own size and at the model's, and both masks (all ones
+    for an instruction editor, which generates the whole image)."""
 
     source: Tensor        # [3, H, W] as given
     mask_full: Tensor     # [1, H, W] binary, at the source's size
     image: Tensor         # [3, h, w] at the working resolution
     mask: Tensor          # [1, h, w] binary at the working resolution
-    task: str
+    task: str | None      # None: an instruction edit given no task
     prompt: str
 
 
@@ -110,13 +122,40 @@ def _mask_tensor(obj: ImageLike, name: str) -> Tensor:
         raise EditError(str(e)) from None
 
 
-def prompt_for(task: str, prompt: str | None, where: str) -> str:
+def task_for(task: str | None, where: str = "", instruction: bool = False) -> str | None:
+    """The task of an edit: `task` checked against the model's kind (None: DEFAULT_TASK for a
+    mask-guided model, None for an instruction editor, which needs none)."""
+    if task is None:
+        return None if instruction else DEFAULT_TASK
+    if instruction:
+        if task in INSTRUCTION_TASKS:
+            return task
+        if task in TASKS:
+            raise EditError(f"{where}task {task!r} is a mask-guided task, but this model is an instruction editor "
+                            "(no mask: it edits from the prompt alone): drop --task, or give one of "
+                            f"{', '.join(INSTRUCTION_TASKS)}")
+        raise EditError(f"{where}unknown task {task!r}; an instruction editor needs none (drop --task) "
+                        f"or takes one of {', '.join(INSTRUCTION_TASKS)}")
+    if task in INSTRUCTION_TASKS:
+        raise EditError(f"{where}task {task!r} is an instruction task, but this model is mask-guided (it edits "
+                        f"inside a mask): give one of {', '.join(TASKS)}, or use an instruction editor "
+                        f"({_INSTRUCTION_KINDS_TEXT})")
     if task not in TASKS:
         raise EditError(f"{where}unknown task {task!r}; expected one of {', '.join(TASKS)}")
+    return task
+
+
+def prompt_for(task: str | None, prompt: str | None, where: str, instruction: bool = False) -> str:
+    """The prompt of an edit: `prompt`, else the task's default (removal, extend); EditError when
+    the edit needs one (every instruction edit does)."""
+    task = task_for(task, where, instruction)
     if prompt is not None and not isinstance(prompt, str):
         raise EditError(f"{where}the prompt must be a string, got {type(prompt).__name__}")
     if prompt and prompt.strip():
         return prompt
+    if instruction:
+        raise EditError(f"{where}an instruction editor needs a prompt saying what to change "
+                        f"(--prompt \"{EXAMPLE_INSTRUCTION}\")")
     if task in _DEFAULT_PROMPTS:
         return _DEFAULT_PROMPTS[task]
     raise EditError(f"{where}a {task} edit needs a prompt saying what to "
@@ -134,12 +173,25 @@ def check_sampler(steps: int | None = None, method: str | None = None, shift: fl
         raise EditError(f"shift must be a positive number (1 = no shift), got {shift!r}")
 
 
-def prepare(images: Sequence[ImageLike], masks: Sequence[ImageLike], prompts: Sequence[str | None],
-            tasks: Sequence[str], size: tuple[int, int] | None) -> list[PreparedEdit]:
+def no_mask_error(where: str = "") -> EditError:
+    return EditError(f"{where}instruction editors take no mask (the whole image is generated from the source and "
+                     "the prompt): drop --mask (and the records' \"mask\")")
+
+
+def missing_mask_error(where: str = "") -> EditError:
+    return EditError(f"{where}this model is mask-guided and needs a mask (--mask MASK.png: white = generate, "
+                     f"black = keep); only instruction editors ({_INSTRUCTION_KINDS_TEXT}) edit without one")
+
+
+def prepare(images: Sequence[ImageLike], masks: Sequence[ImageLike | None], prompts: Sequence[str | None],
+            tasks: Sequence[str | None], size: tuple[int, int] | None, *,
+            instruction: bool = False) -> list[PreparedEdit]:
     """Check and load every edit, resized to `size` (h, w); raises EditError on the first bad one.
 
     `size=None` checks without knowing the model: no resize, so a mask that only vanishes at the
-    model's resolution passes here and is caught by the model's Editor."""
+    model's resolution passes here and is caught by the model's Editor. `instruction`: the model
+    is an instruction editor: every mask must be None (the edit gets a mask of ones), every edit
+    needs a prompt, and a task is optional (one of core.tasks.INSTRUCTION_TASKS)."""
     if not (len(images) == len(masks) == len(prompts) == len(tasks)):
         raise EditError(f"{len(images)} images, {len(masks)} masks, {len(prompts)} prompts and {len(tasks)} "
                         "tasks: give one mask, prompt and task per image (or one prompt and task for all)")
@@ -149,9 +201,19 @@ def prepare(images: Sequence[ImageLike], masks: Sequence[ImageLike], prompts: Se
     for i, (img, msk, prompt, task) in enumerate(zip(images, masks, prompts, tasks)):
         where = "" if len(images) == 1 else f"image {i}: "
         # the cheap checks first, so a typo in the task does not wait for decoding
-        prompt = prompt_for(task, prompt, where)
+        prompt = prompt_for(task, prompt, where, instruction)
+        task = task_for(task, where, instruction)
+        if instruction and msk is not None:
+            raise no_mask_error(where)
+        if not instruction and msk is None:
+            raise missing_mask_error(where)
         try:
             source = _image_tensor(img, "image")
+            if instruction:
+                ones = torch.ones_like(source[:1])
+                image = source if size is None else resize_image(source, size)
+                out.append(PreparedEdit(source, ones, image, torch.ones_like(image[:1]), task, prompt))
+                continue
             mask = _mask_tensor(msk, "mask")
         except EditError as e:
             raise EditError(f"{where}{e}") from None
@@ -175,19 +237,20 @@ def prepare(images: Sequence[ImageLike], masks: Sequence[ImageLike], prompts: Se
 class EditRecord:
     line: int
     image: str
-    mask: str
-    task: str
+    mask: str | None          # None for an instruction editor
+    task: str | None          # None: an instruction edit given no task
     prompt: str | None
     seed: int
     image_path: Path
-    mask_path: Path
+    mask_path: Path | None
 
 
-def read_records(path: str | os.PathLike, task: str, prompt: str | None, seed: int,
-                 size: tuple[int, int] | None = None) -> list[EditRecord]:
+def read_records(path: str | os.PathLike, task: str | None, prompt: str | None, seed: int,
+                 size: tuple[int, int] | None = None, *, instruction: bool = False) -> list[EditRecord]:
     """Parse an edit JSONL (records like the training data's: image, mask, task, prompt; optional
     seed; paths relative to the file) and check every record at working size `size` (None: not
-    known yet); EditError lists each bad one."""
+    known yet); EditError lists each bad one. For an instruction editor (`instruction`) records
+    have no mask and need a prompt; their task is optional (core.tasks.INSTRUCTION_TASKS)."""
     path = Path(path)
     if not path.is_file():
         raise EditError(f"JSONL file not found: {path}; check the path")
@@ -204,16 +267,22 @@ def read_records(path: str | os.PathLike, task: str, prompt: str | None, seed: i
         if not isinstance(rec, dict):
             problems.append(f"{where}a record must be a JSON object, got {type(rec).__name__}")
             continue
-        missing = [k for k in ("image", "mask") if not isinstance(rec.get(k), str) or not rec[k].strip()]
+        if instruction and rec.get("mask") is not None:
+            problems.append(str(no_mask_error(where)))
+            continue
+        missing = [k for k in (("image",) if instruction else ("image", "mask"))
+                   if not isinstance(rec.get(k), str) or not rec[k].strip()]
         if missing:
             problems.append(f"{where}record lacks {' and '.join(missing)} (a path relative to {path.parent})")
             continue
-        r = EditRecord(n, rec["image"], rec["mask"], rec.get("task", task), rec.get("prompt", prompt),
-                    rec.get("seed", seed), path.parent / rec["image"], path.parent / rec["mask"])
+        mask = None if instruction else rec["mask"]
+        r = EditRecord(n, rec["image"], mask, rec.get("task", task), rec.get("prompt", prompt),
+                       rec.get("seed", seed), path.parent / rec["image"], None if mask is None else path.parent / mask)
         try:
             if isinstance(r.seed, bool) or not isinstance(r.seed, int):
                 raise EditError(f"seed must be an integer, got {r.seed!r}")
-            prepare([r.image_path], [r.mask_path], [r.prompt], [r.task], size)
+            r.task = task_for(r.task, "", instruction)
+            prepare([r.image_path], [r.mask_path], [r.prompt], [r.task], size, instruction=instruction)
         except EditError as e:
             problems.append(f"{where}{e}")
             continue

@@ -5,6 +5,8 @@ dict of trainable weights to evaluate with (`policy.velocity(..., weights=...)`)
 """
 from __future__ import annotations
 
+import dataclasses
+import json
 from pathlib import Path
 
 import torch
@@ -16,6 +18,14 @@ from rl.plumbing.builders import build_policy
 from rl.plumbing.checkpoint import latest_checkpoint, load_checkpoint
 from rl.plumbing.config import ModelConfig, RunConfig, load_config
 
+#: the model kinds of a pipeline class (model_index.json's _class_name): (a toy's, any other's)
+_PIPELINE_KINDS = {"FluxKontextPipeline": ("tiny_kontext", "flux_kontext"),
+                   "QwenImageEditPipeline": ("qwen_image_edit", "qwen_image_edit"),
+                   "FluxFillPipeline": ("tiny", "flux_fill")}
+#: the policy class each model.kind loads (core.flux_fill, core.flux_kontext, core.qwen_image_edit)
+_FAMILIES = {"tiny": "fill", "flux_fill": "fill", "tiny_kontext": "kontext", "flux_kontext": "kontext",
+             "qwen_image_edit": "qwen"}
+
 
 def resolve_model(spec: str, device: torch.device, default: ModelConfig | None = None,
                   image_size: int | None = None) -> tuple[Policy, dict[str, Tensor] | None, str]:
@@ -25,7 +35,9 @@ def resolve_model(spec: str, device: torch.device, default: ModelConfig | None =
     - a run directory (config.yaml + final/ or ckpt-*): its exported final model, else the EMA
       weights of its latest checkpoint on its own base model;
     - a checkpoint directory (ckpt-*/state.safetensors + state.json): the EMA weights on the base model of its config;
-    - a model directory: a FluxFillPipeline directory (`save_pretrained`, what a toy run exports).
+    - a model directory: a pipeline directory (`save_pretrained`, what a toy run exports), loaded
+      as its pipeline class says (`model_config_for`: FluxFillPipeline, FluxKontextPipeline,
+      QwenImageEditPipeline).
     """
     model_cfg = default or ModelConfig()
     if spec == "base":
@@ -53,13 +65,34 @@ def resolve_model(spec: str, device: torch.device, default: ModelConfig | None =
         cfg = load_config(str(path / "config.yaml")) if (path / "config.yaml").is_file() else None
         return _from_checkpoint(path, cfg.model if cfg else model_cfg, device,
                                 cfg.data.image_size if cfg else image_size)
-    return build_policy(_with_path(model_cfg, path), device, image_size), None, f"model directory {path}"
+    return (build_policy(_with_path(model_config_for(path, model_cfg), path), device, image_size), None,
+            f"model directory {path}")
 
 
 def _with_path(cfg: ModelConfig, path: Path) -> ModelConfig:
-    import dataclasses
-
     return dataclasses.replace(cfg, path=str(path))
+
+
+def pipeline_kind(directory: Path) -> str | None:
+    """The model.kind of a diffusers pipeline directory, by model_index.json's class (tiny /
+    tiny_kontext when toy_flux.json says it is a toy); None when it is not one we know."""
+    try:
+        name = json.loads((directory / "model_index.json").read_text()).get("_class_name")
+    except (OSError, ValueError, AttributeError):
+        return None
+    kinds = _PIPELINE_KINDS.get(name)
+    if kinds is None:
+        return None
+    return kinds[0] if (directory / "toy_flux.json").is_file() else kinds[1]
+
+
+def model_config_for(directory: Path, cfg: ModelConfig) -> ModelConfig:
+    """`cfg` with the kind of the pipeline in `directory` when the configured kind would load it with
+    another policy class (a Kontext directory is an instruction editor whatever the default says)."""
+    kind = pipeline_kind(directory)
+    if kind is None or _FAMILIES[kind] == _FAMILIES.get(cfg.kind):
+        return cfg
+    return dataclasses.replace(cfg, kind=kind)
 
 
 def _from_checkpoint(ckpt: Path, model_cfg: ModelConfig, device: torch.device, image_size: int | None = None):

@@ -185,7 +185,7 @@ def test_model_kind_flux_kontext(kontext_dir):
     from rl.plumbing.config import ConfigError, ModelConfig, load_config
 
     with pytest.raises(ConfigError, match="model.kind 'flux_kontext' needs model.path"):
-        load_config(None, ["model.kind=flux_kontext"])
+        load_config(None, ["model.kind=flux_kontext", "data.mixture={recolour: 1.0}"])
     policy = build_policy(ModelConfig(kind="flux_kontext", path=kontext_dir), torch.device("cpu"), image_size=SIZE)
     assert isinstance(policy, FluxKontextPolicy) and policy.guidance == 2.5 and policy.image_size == (SIZE, SIZE)
 

@@ -109,17 +109,33 @@ def test_shipped_configs_load_and_validate(tmp_path):
 
     configs = sorted((Path(__file__).parents[2] / "configs").glob("*.yaml"))
     names = {p.name for p in configs}
-    assert {"tiny_nft.yaml", "tiny_refl.yaml", "flux_fill_nft_qwen7b.yaml", "flux_fill_nft_vllm.yaml"} <= names
+    assert {"tiny_nft.yaml", "tiny_refl.yaml", "flux_fill_nft_qwen7b.yaml", "flux_fill_nft_vllm.yaml",
+            "flux_kontext_nft_vllm.yaml", "qwen_image_edit_nft_vllm.yaml"} <= names
     data = tmp_path / "edits.jsonl"
     data.write_text("")
+    real = {"flux_fill": "flux_fill", "flux_kontext": "flux_kontext", "qwen_image_edit": "qwen_image_edit"}
     for path in configs:
-        cfg = load_config(str(path), [f"data.jsonl={data}"] if "flux" in path.name else [])
-        if "flux" in path.name:
-            assert cfg.model.kind == "flux_fill" and cfg.model.lora is not None and cfg.model.dtype == "bfloat16"
-            assert cfg.model.gradient_checkpointing
+        kind = next((k for prefix, k in real.items() if path.name.startswith(prefix)), None)
+        cfg = load_config(str(path), [f"data.jsonl={data}"] if kind else [])
+        if kind:
+            assert cfg.model.kind == kind and cfg.model.lora is not None and cfg.model.dtype == "bfloat16"
+            assert cfg.model.gradient_checkpointing and cfg.data.source == "jsonl"
     # without the user's data file the error names it
     with pytest.raises(ConfigError, match="data.jsonl file not found: data/edits.jsonl"):
         load_config(str(Path(__file__).parents[2] / "configs" / "flux_fill_nft_vllm.yaml"))
+    # the instruction editors: Edit-R1's recipe on instruction tasks, judged by a served Qwen2.5-VL-32B
+    from core.tasks import INSTRUCTION_TASKS
+
+    for name, path, guidance in (("flux_kontext_nft_vllm.yaml", "black-forest-labs/FLUX.1-Kontext-dev", 2.5),
+                                 ("qwen_image_edit_nft_vllm.yaml", "Qwen/Qwen-Image-Edit", None)):
+        cfg = load_config(str(Path(__file__).parents[2] / "configs" / name), [f"data.jsonl={data}"])
+        assert cfg.model.path == path and cfg.model.guidance == guidance
+        assert set(cfg.data.mixture) == set(INSTRUCTION_TASKS) and all(w > 0 for w in cfg.data.mixture.values())
+        assert cfg.train.algorithm == "nft" and cfg.judge.kind == "openai" and cfg.judge.mode == "score"
+        assert cfg.judge.model == "Qwen/Qwen2.5-VL-32B-Instruct" and not cfg.judge.show_crop
+        assert (cfg.nft.tau_mean, cfg.nft.tau_std, cfg.nft.filter_rule) == (0.9, 0.05, "paper")
+        assert (cfg.nft.group_size, cfg.nft.groups_per_step, cfg.sampler.steps) == (12, 24, 6)
+        assert (cfg.optim.lr, cfg.nft.kl_coef, cfg.nft.beta) == (3e-4, 1e-4, 1.0)
     # the default job is the shipped tiny_refl.yaml
     assert load_config(str(Path(__file__).parents[2] / "configs" / "tiny_refl.yaml")) == load_config()
 

@@ -49,6 +49,10 @@ def good(**extra):
     return {"image": "img/a.png", "mask": "masks/a.png", "task": "fill", "prompt": "a red car", **extra}
 
 
+def instruction(**extra):
+    return {"image": "img/a.png", "task": "restyle", "prompt": "make the background a beach", **extra}
+
+
 def error_of(path, **kw):
     with pytest.raises(ValueError) as err:
         JsonlData(str(path), {"fill": 1.0}, size=SIZE, **kw)
@@ -110,7 +114,11 @@ def test_images_are_decoded_once(root, monkeypatch):
     ("object", "[1, 2]", "a record must be a JSON object"),
     ("keys", {"image": "img/a.png", "task": "fill", "prompt": "x"}, "record lacks ['mask']"),
     ("task", good(task="paint"), "unknown task 'paint'"),
-    ("instruction task", good(task="recolour"), "task 'recolour' is an instruction task"),
+    ("instruction mask", good(task="recolour"), "a recolour record is an instruction edit and takes no mask"),
+    ("instruction prompt", instruction(prompt=None), "a restyle record needs a prompt (its instruction)"),
+    ("instruction blank", instruction(prompt=" "), "a restyle record needs a prompt (its instruction)"),
+    ("instruction keys", {"task": "add", "prompt": "add a cat"}, "record lacks ['image']"),
+    ("instruction image", instruction(image="img/nope.png"), "image 'img/nope.png': file not found"),
     ("split", good(split="test"), "split must be 'train' or 'heldout'"),
     ("fill prompt", good(prompt=None), "a fill record needs a prompt"),
     ("text prompt", good(task="text", prompt="  "), "a text record needs a prompt"),
@@ -185,3 +193,40 @@ def test_no_training_records_for_the_mixture(root):
     path = write(root, [good()])
     with pytest.raises(ValueError, match="no training records for the tasks of the mixture"):
         JsonlData(str(path), {"removal": 1.0}, size=SIZE)
+
+
+def test_instruction_records_give_the_whole_image_to_edit(root):
+    # an instruction edit (Edit-R1's setting) has an image and an instruction, and no mask
+    image(root / "img" / "wide.png", h=48, w=64)
+    records = [instruction(), instruction(image="img/wide.png", task="recolour", prompt="make the car blue"),
+               instruction(split="heldout"), good()]
+    path = write(root, records)
+    data = JsonlData(str(path), {"restyle": 0.5, "recolour": 0.3, "fill": 0.2}, size=SIZE)
+    assert set(data.tasks) == {"restyle", "recolour", "fill"}  # mask-guided and instruction tasks may mix
+    restyle = data._sample(data.records["train"]["restyle"][0], "k")
+    src = torch.from_numpy(np.asarray(Image.open(root / "img" / "a.png"), dtype=np.float32) / 255).permute(2, 0, 1)
+    assert torch.equal(restyle.source, src) and restyle.prompt == "make the background a beach"
+    assert restyle.mask.shape == (1, SIZE, SIZE) and bool((restyle.mask == 1).all())
+    assert restyle.target is None and restyle.truth == {"has_prompt": True}
+    # a non-square image is squashed to the training size like a mask-guided one; its mask is all ones too
+    recolour = data._sample(data.records["train"]["recolour"][0], "k")
+    assert recolour.source.shape == (3, SIZE, SIZE) and bool((recolour.mask == 1).all())
+    # the all-ones mask is shared in the cache, and a sample's copy of it can be edited freely
+    recolour.mask.zero_()
+    assert bool((data._sample(data.records["train"]["restyle"][0], "k").mask == 1).all())
+    [held] = data.held_out("restyle", 5)
+    assert held.key == "heldout/restyle/0" and bool((held.mask == 1).all())
+    drawn = data.conditions(0, 0, 16)
+    assert {s.task for s in drawn} <= {"restyle", "recolour", "fill"}
+    for s in drawn:
+        assert s.mask.shape == (1, SIZE, SIZE)
+        if s.task == "fill":
+            assert not bool((s.mask == 1).all())  # a fill record keeps its own mask
+        else:
+            assert bool((s.mask == 1).all())
+
+
+def test_an_instruction_record_with_a_mask_is_refused_even_if_the_mask_is_bad(root):
+    # the mask is not read at all: the problem named is the mask's presence, not its file
+    msg = error_of(write(root, [instruction(mask="masks/nope.png")]))
+    assert "a restyle record is an instruction edit and takes no mask" in msg and "file not found" not in msg

@@ -172,6 +172,14 @@ def test_python_api_is_deterministic_and_equals_generate_images(editor, tiny_mod
     by_tensor = editor.edit(quantised, masks[:1], prompts[:1], seed=1)
     assert np.array_equal(np.asarray(by_spec[0]), np.asarray(by_tensor[0]))
 
+    # a mask-guided model refuses a missing mask and instruction tasks (instruction editors: test_instruction_runs.py)
+    assert not editor.instruction
+    with pytest.raises(EditError, match="this model is mask-guided and needs a mask"):
+        editor.edit(images[0], None, prompts[0])
+    with pytest.raises(EditError, match="image 1: this model is mask-guided and needs a mask"):
+        editor.edit(images[:2], [masks[0], None], prompts[:2])
+    with pytest.raises(EditError, match="'add' is an instruction task"):
+        editor.edit(images[0], masks[0], "a red circle", task="add")
     with pytest.raises(EditError, match="2 prompts for 3 images"):
         editor.edit(images, masks, prompts[:2])
     with pytest.raises(EditError, match="steps must be a positive integer"):
@@ -200,6 +208,8 @@ def _bad_cases(tmp_path: Path, model: str):
         "empty after resize": (base + ["--image", str(big), "--mask", str(thin_mask), "--prompt", "x"],
                                "empty after resizing"),
         "unknown task": (base + ok + ["--task", "paint"], "unknown task 'paint'"),
+        "no mask": (base + ["--image", str(image), "--prompt", "a red circle"], "missing --mask"),
+        "instruction task": (base + ok + ["--task", "recolour"], "'recolour' is an instruction task"),
         "no prompt": (base + ["--image", str(image), "--mask", str(mask), "--task", "text"], "needs a prompt"),
         "bad steps": (base + ok + ["--steps", "0"], "steps must be a positive integer"),
         "bad sampler": (base + ok + ["--sampler", "heun"], "unknown sampler"),

@@ -50,9 +50,16 @@ def run_cli(capsys, *argv: str) -> tuple[int, str, str]:
 
 
 # -- the command ----------------------------------------------------------------------------------
-@pytest.mark.parametrize("config", CONFIGS, ids=[c.stem for c in CONFIGS])
+#: shipped configs whose policy rl.plan does not model yet (rl/planning/memory_plan.py make_plan says so)
+UNPLANNED = {"qwen_image_edit_nft_vllm": "rl.plan models FLUX pipelines only, not Qwen-Image-Edit yet"}
+
+
+@pytest.mark.parametrize("config", [pytest.param(c, marks=pytest.mark.xfail(reason=UNPLANNED[c.stem], strict=True,
+                                                                          raises=AssertionError))
+                                    if c.stem in UNPLANNED else c for c in CONFIGS],
+                         ids=[c.stem for c in CONFIGS])
 def test_plan_runs_on_every_shipped_config(capsys, config):
-    gpus = "8" if config.stem.startswith("flux") and "refl" not in config.stem else "1"
+    gpus = "8" if config.stem.startswith(("flux", "qwen")) and "refl" not in config.stem else "1"
     rc, out, err = run_cli(capsys, "--config", str(config), "--gpus", gpus, "--gpu-memory", "80")
     assert rc == 0, err
     for text in ("transformer (FluxTransformer2DModel)", "copies: old, EMA, reference", "AdamW", "activations",
