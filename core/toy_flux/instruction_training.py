@@ -45,7 +45,7 @@ from torch import Tensor
 from .. import packing
 from ..config_cli import config_parser, parse_config
 from ..config_io import ConfigError
-from ..config_schema import UNIT, Range, at_least, check_ranges, opt
+from ..config_schema import Range, at_least, check_ranges, opt
 from ..flux_base import quiet_weights_io
 from ..flux_kontext import FluxKontextPolicy
 from ..instruction_world import InstructionWorld
@@ -55,6 +55,7 @@ from ..tasks import INSTRUCTION_TASKS
 from ..world import collate
 from .build import SPEC_FILE, ToyFluxSpec, build_toy_pipeline, save_toy_pipeline
 from .editor_training import MODEL, TRAINED, Recipe, run_training, sample_times
+from .editor_training import RANGES as EDITOR_RANGES
 from .steps import step_seed
 
 #: what each task's evaluation line shows (core.metrics' instruction metrics)
@@ -90,13 +91,10 @@ class InstructionTrainConfig:
         return dataclasses.asdict(self)
 
 
+#: the optimisation keys' ranges are the Fill editor's (the same loop reads them)
 RANGES: dict[str, Range] = {
-    "steps": at_least(1), "batch_size": at_least(1), "lr": Range(0, 1, open_lo=True), "warmup": at_least(0),
-    "min_lr_ratio": UNIT, "weight_decay": UNIT, "grad_clip": Range(0, None, open_lo=True),
-    "ema_decay": Range(0, 1, open_hi=True, note="1 would freeze the saved weights"),
+    **{k: v for k, v in EDITOR_RANGES.items() if k in InstructionTrainConfig.__dataclass_fields__},
     "keep_weight": at_least(0, "the region that should change weighs 1"), "task_weights": at_least(0),
-    "world_seed": at_least(0), "seed": at_least(0), "eval_every": at_least(0), "eval_per_task": at_least(1),
-    "eval_steps": Range(1, 1000), "checkpoint_every": at_least(0),
 }
 
 

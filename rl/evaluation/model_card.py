@@ -232,7 +232,7 @@ def _instruction_call(cfg: RunConfig, prompt: str, indent: str) -> list[str]:
     """The pipeline call that matches how the run sampled (lines of a Python snippet)."""
     s, size = cfg.sampler, cfg.data.image_size
     if cfg.model.kind == "qwen_image_edit":
-        cfg_scale = getattr(cfg.model, "true_cfg_scale", 1.0)
+        cfg_scale = cfg.model.true_cfg_scale
         return [f'{indent}image = pipe(image=image, prompt="{prompt}", height={size}, width={size},',
                 f"{indent}             num_inference_steps={s.eval_steps}, true_cfg_scale={cfg_scale:g}).images[0]"]
     tokens = ", max_sequence_length=16" if cfg.model.kind == "tiny_kontext" else ""
