@@ -297,6 +297,11 @@ def save_toy_pipeline(pipe, directory: str | os.PathLike, spec: ToyFluxSpec) -> 
     root = Path(directory)
     with quiet_weights_io():
         pipe.save_pretrained(root)
+    for config in root.glob("*/config.json"):
+        # a component loaded from disk records where it came from: a path of this machine, not the model's
+        data = json.loads(config.read_text())
+        if data.pop("_name_or_path", None) is not None:
+            config.write_text(json.dumps(data, indent=2, sort_keys=True) + "\n")
     (root / SPEC_FILE).write_text(json.dumps(spec.to_dict(), indent=2) + "\n")
     return root
 
