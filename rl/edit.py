@@ -296,7 +296,6 @@ def load_editor(model: str | os.PathLike = "base", device: str | torch.device | 
         policy, weights, description = resolve_model(str(model), dev, cfg.model, cfg.data.image_size)
     except (ConfigError, FileNotFoundError, ValueError) as e:  # each already names its fix
         raise EditError(f"--model {model}: {e}") from None
-    _restore_vocabulary(policy, cfg.model.kind)
     size = getattr(policy, "image_size", cfg.data.image_size)
     size = (size, size) if isinstance(size, int) else tuple(size)
     if hasattr(policy, "pipe"):  # FLUX works at any size: use the one it was trained and evaluated at
@@ -306,19 +305,6 @@ def load_editor(model: str | os.PathLike = "base", device: str | torch.device | 
     return Editor(policy, weights, description, steps=steps or cfg.sampler.eval_steps,
                   method=method or configured, shift=cfg.sampler.shift if shift is None else shift,
                   size=size, device=dev, instruction=instruction)
-
-
-def _restore_vocabulary(policy, kind: str) -> None:
-    """Give a toy policy its closed vocabulary when its directory did not say it: a run's exported
-    final/ is the pipeline without toy_flux.json, so the policy loaded from it would accept any word
-    and the toy would silently misread the unknown ones (prompt_problem checks policy.known_words)."""
-    if kind not in ("tiny", "tiny_kontext") or getattr(policy, "known_words", False) is not None:
-        return
-    if kind == "tiny_kontext":
-        from core.instruction_world import INSTRUCTION_VOCABULARY as words
-    else:
-        from core.world import VOCABULARY as words
-    policy.known_words = frozenset(words)
 
 
 def edit(model: str | os.PathLike | Editor, images: ImageLike | Sequence[ImageLike],

@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Any
 
 from rl.planning.known_models import KNOWN_PIPELINES, KNOWN_VLMS
+from rl.plumbing.config_checks import BUILTIN_KINDS
 
 #: the FluxFillPipeline parts a plan builds (tokenizers and scheduler hold no GPU memory)
 PIPELINE_PARTS = ("transformer", "text_encoder", "text_encoder_2", "vae")
@@ -113,7 +114,7 @@ def _unknown(key: str, name: str, known: dict, local_files: str, json_glob: str)
 
 def pipeline_architecture(path: str | None, kind: str = "flux_fill") -> PipelineArchitecture:
     """The pipeline architecture of model.path (kind tiny / tiny_kontext with no path: the shipped toy)."""
-    if kind in ("tiny", "tiny_kontext") and path is None:
+    if kind in BUILTIN_KINDS and path is None:
         from core.toy_flux import shipped_kontext_dir, shipped_model_dir
 
         shipped = shipped_model_dir() if kind == "tiny" else shipped_kontext_dir()

@@ -12,7 +12,7 @@ from typing import Literal
 
 from core.config_io import ConfigError, load_yaml  # noqa: F401  (ConfigError re-exported)
 from core.config_schema import opt, section
-from rl.plumbing.config_checks import validate
+from rl.plumbing.config_checks import BUILTIN_KINDS, INSTRUCTION_KINDS, validate  # noqa: F401  (re-exported)
 
 
 @dataclasses.dataclass
@@ -25,12 +25,6 @@ class LoraConfig:
                                 "default (peft's), true or false (core/lora.py)")
     targets: list[str] = opt(["to_q", "to_k", "to_v", "to_out.0", "add_q_proj", "add_k_proj", "add_v_proj",
                               "to_add_out"], "names of the Linear layers that get adapters")
-
-
-#: model kinds that edit from an instruction alone (no mask): they train on core.tasks.INSTRUCTION_TASKS
-INSTRUCTION_KINDS: tuple[str, ...] = ("tiny_kontext", "flux_kontext", "qwen_image_edit")
-#: the built-in toy of each kind that has one (model.path null)
-BUILTIN_KINDS: tuple[str, ...] = ("tiny", "tiny_kontext")
 
 
 @dataclasses.dataclass

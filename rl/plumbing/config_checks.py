@@ -100,6 +100,12 @@ NUMERIC_RANGES: dict[str, Range] = {
 NUMERIC_RANGES.update({f"monitor.{k}": r for k, r in list(NUMERIC_RANGES.items()) if k.startswith("judge.")})
 
 
+#: model kinds that edit from an instruction alone (no mask): they train on core.tasks.INSTRUCTION_TASKS
+INSTRUCTION_KINDS: tuple[str, ...] = ("tiny_kontext", "flux_kontext", "qwen_image_edit")
+#: the kinds with a built-in toy (model.path null)
+BUILTIN_KINDS: tuple[str, ...] = ("tiny", "tiny_kontext")
+
+
 def check_ranges(cfg: Any) -> None:
     """Every number of the run config inside its NUMERIC_RANGES entry (ConfigError naming the key)."""
     _check_ranges(cfg, NUMERIC_RANGES, "rl/plumbing/config_checks.py NUMERIC_RANGES")
@@ -137,7 +143,7 @@ def validate(cfg) -> None:
     if cfg.model.true_cfg_scale != 1 and cfg.model.kind != "qwen_image_edit":
         raise ConfigError(f"model.true_cfg_scale applies to model.kind qwen_image_edit (FLUX models are guidance-"
                           f"distilled: model.guidance); leave it at 1 for {cfg.model.kind!r}")
-    if cfg.model.kind in ("tiny", "tiny_kontext") and cfg.model.path and not Path(cfg.model.path).exists():
+    if cfg.model.kind in BUILTIN_KINDS and cfg.model.path and not Path(cfg.model.path).exists():
         raise ConfigError(f"model.path not found: {cfg.model.path}")
     _check_tasks(cfg)
     _check_monitor(cfg)
@@ -153,7 +159,7 @@ def _check_tasks(cfg) -> None:
             raise ConfigError(f"data.mixture: unknown task {task!r}; tasks are {list(ALL_TASKS)}")
     if sum(cfg.data.mixture.values()) <= 0:
         raise ConfigError("data.mixture gives every task zero weight")
-    instruction = cfg.model.kind in ("tiny_kontext", "flux_kontext", "qwen_image_edit")
+    instruction = cfg.model.kind in INSTRUCTION_KINDS
     wanted = INSTRUCTION_TASKS if instruction else TASKS
     wrong = [t for t, w in cfg.data.mixture.items() if w > 0 and t not in wanted]
     if wrong:
