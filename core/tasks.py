@@ -123,6 +123,20 @@ class TaskMixture:
         total = sum(self.weights.values())
         return {t: w / total for t, w in self.weights.items() if w > 0}
 
-    def sample(self, rng: random.Random, n: int) -> list[str]:
+    def sample(self, rng: random.Random, n: int, *, balanced: bool = False) -> list[str]:
+        """n tasks. Independent draws by default; `balanced`: every task `floor(n p)` times, the
+        remaining slots drawn without replacement by the fractional parts of n p, in a shuffled
+        order, so that each batch holds every task in proportion (a task with n p >= 1 is never
+        absent, as independent draws leave a weight-0.2 task out of 12 conditions 7% of the time)."""
         probs = self.probabilities
-        return rng.choices(list(probs), weights=list(probs.values()), k=n)
+        if not balanced:
+            return rng.choices(list(probs), weights=list(probs.values()), k=n)
+        exact = {t: n * p for t, p in probs.items()}
+        out = [t for t, x in exact.items() for _ in range(int(x))]
+        fractions = {t: x - int(x) for t, x in exact.items() if x - int(x) > 1e-9}
+        while len(out) < n and fractions:
+            t = rng.choices(list(fractions), weights=list(fractions.values()))[0]
+            out.append(t)
+            del fractions[t]
+        rng.shuffle(out)
+        return out

@@ -86,8 +86,10 @@ def build_judge(cfg: JudgeConfig, device: torch.device) -> Judge:
 
 def build_data(cfg: DataConfig):
     if cfg.source == "world":
-        return WorldData(cfg.mixture, world_seed=cfg.world_seed, image_size=cfg.image_size)
-    return JsonlData(cfg.jsonl, cfg.mixture, size=cfg.image_size, allow_outside=cfg.allow_absolute_paths)
+        return WorldData(cfg.mixture, world_seed=cfg.world_seed, image_size=cfg.image_size,
+                         balanced=cfg.balanced_tasks)
+    return JsonlData(cfg.jsonl, cfg.mixture, size=cfg.image_size, allow_outside=cfg.allow_absolute_paths,
+                     balanced=cfg.balanced_tasks)
 
 
 def rollout_sigmas(policy: Policy, steps: int, shift: float | None) -> torch.Tensor:

@@ -60,6 +60,8 @@ class DataConfig:
     image_size: int = opt(64, "side of the edited images in pixels")
     mixture: dict[str, float] = opt({"fill": 0.4, "extend": 0.2, "removal": 0.2, "text": 0.2},
                                     "sampling weight of each task in the training batches")
+    balanced_tasks: bool = opt(False, "each step's conditions hold every task in proportion to data.mixture "
+                                      "(rounded; the rest drawn by the fractions); false: drawn independently")
 
 
 @dataclasses.dataclass

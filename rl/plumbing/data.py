@@ -44,13 +44,14 @@ class WorldData:
 
     has_truth = True
 
-    def __init__(self, mixture: dict[str, float], world_seed: int = 0, image_size: int = 64):
-        self.mixture = TaskMixture(mixture)
+    def __init__(self, mixture: dict[str, float], world_seed: int = 0, image_size: int = 64, *,
+                 balanced: bool = False):
+        self.mixture, self.balanced = TaskMixture(mixture), balanced
         self.world = InstructionWorld(size=image_size, seed=world_seed)
 
     def conditions(self, seed: int, step: int, n: int) -> list[EditSample]:
         rng = step_rng(seed, step, "data")
-        return self.world.batch(self.mixture.sample(rng, n), rng)
+        return self.world.batch(self.mixture.sample(rng, n, balanced=self.balanced), rng)
 
     def held_out(self, task: str, n: int) -> list[EditSample]:
         return self.world.held_out(task, n)
@@ -108,8 +109,9 @@ class JsonlData:
 
     has_truth = False
 
-    def __init__(self, path: str, mixture: dict[str, float], size: int = 512, *, allow_outside: bool = False):
-        self.path = Path(path)
+    def __init__(self, path: str, mixture: dict[str, float], size: int = 512, *, allow_outside: bool = False,
+                 balanced: bool = False):
+        self.path, self.balanced = Path(path), balanced
         if not self.path.is_file():
             raise FileNotFoundError(f"data JSONL not found: {self.path}")
         if size % 16:
@@ -240,7 +242,7 @@ class JsonlData:
     def conditions(self, seed: int, step: int, n: int) -> list[EditSample]:
         rng = step_rng(seed, step, "data")
         out = []
-        for task in self.mixture.sample(rng, n):
+        for task in self.mixture.sample(rng, n, balanced=self.balanced):
             recs = self.records["train"][task]
             j = rng.randrange(len(recs))
             out.append(self._sample(recs[j], f"train/{task}/{j}"))
