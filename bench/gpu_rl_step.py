@@ -293,7 +293,7 @@ def instrumented(tracker: PeakTracker, captured: dict[str, Any]) -> Iterator[Non
     """Wrap rl.train's make_trainer and the NFT step's parts in tracker phases (restored afterwards);
     `captured["trainer"]` is the run's trainer."""
     import rl.train
-    from core.flux_base import FluxPolicyBase
+    from core.policies.flux_base import FluxPolicyBase
     from rl.algorithms.nft import NFTTrainer
     from rl.algorithms.trainer import Trainer
 

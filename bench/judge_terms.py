@@ -14,7 +14,7 @@ COLUMNS = [("term", "term", "{}"), ("images", "images", "{}"), ("forward ms", "f
 
 
 def run(device: torch.device, quick: bool, log) -> list[dict]:
-    from core.world import SyntheticWorld
+    from core.synthetic.world import SyntheticWorld
     from reward.judges.content_terms import fill_alignment_term
     from reward.judges.extend_terms import extend_alignment_term
     from reward.judges.rule_judge import RuleJudge

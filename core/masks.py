@@ -113,12 +113,12 @@ def validate_mask(mask: Tensor, image: Tensor | None = None, *, threshold: float
     if mask.dim() not in (3, 4) or mask.shape[-3] != 1:
         raise ValueError(
             f"{name} must be single-channel, shaped [1, H, W] or [B, 1, H, W]; got {tuple(mask.shape)}. "
-            "Convert an RGB mask with mask.mean(0, keepdim=True) or load it with core.image_io.load_mask."
+            "Convert an RGB mask with mask.mean(0, keepdim=True) or load it with core.io.image_io.load_mask."
         )
     if image is not None and mask.shape[-2:] != image.shape[-2:]:
         raise ValueError(
             f"{name} is {tuple(mask.shape[-2:])} but the image is {tuple(image.shape[-2:])}: "
-            "resize the mask to the image (core.image_io.resize_mask) before editing."
+            "resize the mask to the image (core.io.image_io.resize_mask) before editing."
         )
     if not torch.isfinite(mask).all():
         raise ValueError(f"{name} has non-finite values")

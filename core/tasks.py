@@ -6,8 +6,8 @@ section 4.2; "text_accuracy" is ours, for the text-rendering task.
 
 Two families. TASKS, the four mask-guided tasks of OneReward (the editor gets a mask), are what
 training, pretraining and user data take. INSTRUCTION_TASKS are Edit-R1's setting: the editor gets
-an instruction and no mask ("make the red circle blue"); core.instruction_world makes them with
-ground truth, the rule judge and core.metrics judge them, and no policy trains on them yet (the
+an instruction and no mask ("make the red circle blue"); core.synthetic.instruction_world makes them with
+ground truth, the rule judge and core.synthetic.metrics judge them, and no policy trains on them yet (the
 toy FLUX.1 Fill cannot: it needs a mask, and its tokenizers lack the instruction words). Their
 dimensions: Edit-R1 scores one judgement, "the correct object was edited according to the
 instruction, all requirements were met, and the visual result is high quality" (its appendix C),

@@ -60,7 +60,7 @@ def grpo_loss(v_theta: Tensor, x_t: Tensor, x_next: Tensor, advantage: Tensor, l
               backend: str = "auto") -> Tensor | tuple[Tensor, Tensor]:
     """Flow-GRPO's clipped objective of one SDE step x_t -> x_next per sample, velocities [B, ...].
 
-    The step is N(mean_x x_t + mean_v v, std^2) per element (core.samplers.sde_step_moments);
+    The step is N(mean_x x_t + mean_v v, std^2) per element (core.sampling.samplers.sde_step_moments);
     logp = the mask-weighted mean over elements of its log-density under v = v_theta (mask 1 =
     generated; it broadcasts to v_theta, e.g. cond.blend_mask); ratio = exp(logp - logp_old), exactly
     1 when logp_old is None (the sampling policy is the trained one); loss_b = max(-A ratio,

@@ -214,8 +214,8 @@ def _sde_step_args(op: str, v, x_t, x_next, mean_x, mean_v, std, mask, v_name: s
     for name, x in (("mean_x", mean_x), ("mean_v", mean_v), ("std", std)):
         per_sample(op, name, x, B, dev)
     return [
-        ("mean_x", mean_x, -HUGE, HUGE, " (core.samplers.sde_step_moments gives it)"),
-        ("mean_v", mean_v, -HUGE, HUGE, " (core.samplers.sde_step_moments gives it)"),
+        ("mean_x", mean_x, -HUGE, HUGE, " (core.sampling.samplers.sde_step_moments gives it)"),
+        ("mean_v", mean_v, -HUGE, HUGE, " (core.sampling.samplers.sde_step_moments gives it)"),
         ("std", std, float(torch.finfo(torch.float64).tiny), HUGE,
          " (the step's std must be > 0: an Euler or final step has no log-probability)"),
     ]

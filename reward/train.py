@@ -31,19 +31,19 @@ from typing import Any, Literal
 import torch
 from torch import Tensor
 
-from core.config_cli import config_parser, parse_config
-from core.config_io import ConfigError
-from core.config_schema import POSITIVE, UNIT, Range, at_least, check_ranges, opt
+from core.config.cli import config_parser, parse_config
+from core.config.loading import ConfigError
+from core.config.schema import POSITIVE, UNIT, Range, at_least, check_ranges, opt
 from core.tasks import DIMENSIONS, TASKS
 from reward.judge import JudgeRequest
 from reward.judges.vlm_judge import TransformersJudge
-from reward.vlm.judge_card import JudgeCard
 from reward.training.preference_data import (
     PreferencePair,
     PreferenceRecord,
     load_pair,
     read_preferences,
 )
+from reward.vlm.judge_card import JudgeCard
 from reward.vlm.vlm_parts import VLMParts, load_vlm, resolve_dtype
 
 

@@ -37,8 +37,8 @@ from typing import Any
 
 import yaml
 
-from core.config_io import ConfigError, to_dict
-from core.tensor_store import has_tree, save_tree
+from core.config.loading import ConfigError, to_dict
+from core.io.tensor_store import has_tree, save_tree
 from rl.evaluation.compare_report import (
     PointResult,
     build_report,

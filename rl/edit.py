@@ -78,9 +78,9 @@ That gives a similar edit, not the same one:
   back outside the mask to come closer;
 - sampler: the pipeline integrates with Euler (FlowMatchEulerDiscreteScheduler), 50 steps by
   default. rl.edit uses the run's evaluation sampler, by default "dpm2" (DPM-Solver++(2M) with
-  data prediction, core/samplers.py) with 8 steps. For the same trajectory use a run sampled with
+  data prediction, core/sampling/samplers.py) with 8 steps. For the same trajectory use a run sampled with
   --sampler euler, pass num_inference_steps=N and leave the shift unset (then both use FLUX's
-  resolution-dependent shift; core/schedules.py is tested against the pipeline's times);
+  resolution-dependent shift; core/sampling/schedules.py is tested against the pipeline's times);
 - noise: the pipeline draws its noise from its generator in the unpacked latent layout; rl.edit
   draws packed noise [1, L, 64] from the seed. Pass the same tensor as the pipeline's `latents=`
   (it takes packed latents) to share it;
@@ -100,12 +100,12 @@ import torch
 from PIL import Image
 from torch import Tensor
 
-from core.image_io import (
+from core.io.image_io import (
     resize_image,
     to_pil,
 )
+from core.synthetic.world import EditSample
 from core.tasks import INSTRUCTION_TASKS, TASKS
-from core.world import EditSample
 from rl.plumbing.edit_inputs import (
     METHODS,
     EditError,
@@ -248,7 +248,7 @@ def run_settings(model: str | os.PathLike, config: str | os.PathLike | None = No
     FluxFillPipeline mask-guided (tiny for a toy, flux_fill otherwise)."""
     import dataclasses
 
-    from core.config_io import ConfigError
+    from core.config.loading import ConfigError
     from rl.plumbing.config import RunConfig, load_config
     from rl.plumbing.model_ref import model_config_for
 
@@ -284,7 +284,7 @@ def load_editor(model: str | os.PathLike = "base", device: str | torch.device | 
     `method` and `shift` override them. `device`: "cpu", "cuda", "auto" or None (the run's
     model.device). `config`: a run config (YAML) for `base` and model directories, which have
     none of their own (e.g. one with model.kind tiny_kontext for the toy instruction editor)."""
-    from core.config_io import ConfigError
+    from core.config.loading import ConfigError
     from rl.plumbing.config import INSTRUCTION_KINDS
     from rl.plumbing.distributed import resolve_device
     from rl.plumbing.model_ref import resolve_model

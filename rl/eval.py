@@ -20,8 +20,8 @@ from typing import Any
 
 import torch
 
-from core.config_io import ConfigError
-from core.world import collate
+from core.config.loading import ConfigError
+from core.synthetic.world import collate
 from rl.evaluation.heldout import (
     EvalResult,
     generate_images,

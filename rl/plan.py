@@ -18,12 +18,12 @@ from __future__ import annotations
 
 import sys
 
-from core.config_io import ConfigError
+from core.config.loading import ConfigError
 
 
 def main(argv: list[str] | None = None) -> int:
     """The command line (see the module docstring); returns the exit status."""
-    from core.config_cli import config_parser
+    from core.config.cli import config_parser
     from rl.planning.advice import advise
     from rl.planning.architectures import PlanError
     from rl.planning.loading import load_for_plan

@@ -36,11 +36,12 @@ from pathlib import Path
 
 import torch
 
-from core.config_cli import config_parser, parse_config
-from core.config_io import ConfigError
-from core.config_schema import Range, at_least, check_ranges, opt, section
-from core.flux_fill import FluxFillPolicy
-from core.image_io import image_grid, save_image
+from core.config.cli import config_parser, parse_config
+from core.config.loading import ConfigError
+from core.config.schema import Range, at_least, check_ranges, opt, section
+from core.io.image_io import image_grid, save_image
+from core.policies.flux_fill import FluxFillPolicy
+from core.synthetic.world import SyntheticWorld
 from core.tasks import TASKS
 from core.toy_flux.build import (
     SPEC_FILE,
@@ -49,17 +50,20 @@ from core.toy_flux.build import (
     save_toy_pipeline,
 )
 from core.toy_flux.editor_training import RANGES as EDITOR_RANGES
-from core.toy_flux.instruction_training import DEFAULT_BASE, InstructionTrainConfig, evaluate_instruction_editor
-from core.toy_flux.instruction_training import RANGES as INSTRUCTION_RANGES
-from core.toy_flux.instruction_training import train_instruction_editor
 from core.toy_flux.editor_training import (
     EditorTrainConfig,
     evaluate_editor,
     train_editor,
 )
+from core.toy_flux.instruction_training import (
+    DEFAULT_BASE,
+    InstructionTrainConfig,
+    evaluate_instruction_editor,
+    train_instruction_editor,
+)
+from core.toy_flux.instruction_training import RANGES as INSTRUCTION_RANGES
 from core.toy_flux.vae_training import RANGES as VAE_RANGES
 from core.toy_flux.vae_training import VAETrainConfig, train_vae
-from core.world import SyntheticWorld
 
 QUALITY_FILE = "quality.json"
 GRID_FILE = "samples.png"
@@ -230,7 +234,7 @@ def instruction_grid(world, edited: dict[str, torch.Tensor], per_task: int = 3) 
 
 def _main_instruction(args, cfg: PretrainConfig) -> None:
     """--instruction: train (or resume) the instruction editor, then write --out with quality.json."""
-    from core.instruction_world import InstructionWorld
+    from core.synthetic.instruction_world import InstructionWorld
 
     if not (Path(args.base) / SPEC_FILE).is_file():
         sys.exit(f"python -m rl.pretrain: --base {args.base} holds no toy Fill pipeline ({SPEC_FILE} missing)")

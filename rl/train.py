@@ -31,7 +31,7 @@ from typing import Any
 
 import torch
 
-from core.config_io import ConfigError, to_dict
+from core.config.loading import ConfigError, to_dict
 from reward.judge import JudgeError
 from rl.evaluation.model_card import write_model_card
 from rl.evaluation.monitor import HackingMonitor, reconcile_best
@@ -356,7 +356,7 @@ def _save(trainer, run_dir: Path, step: int, cfg: RunConfig, ctx: DistContext) -
 
 def _cached_base_eval(trainer, run_dir: Path):
     """Evaluate the initial weights once per run (a resumed run reuses the stored result)."""
-    from core.tensor_store import has_tree
+    from core.io.tensor_store import has_tree
     from rl.evaluation.run_summary import (
         eval_fingerprint,
         evaluate_weights,
@@ -422,7 +422,7 @@ def _progress(cfg: RunConfig, ctx: DistContext, start: int):
 
 def main(argv: list[str] | None = None) -> int:
     """The command line (see the module docstring); returns the exit status."""
-    from core.config_cli import config_parser
+    from core.config.cli import config_parser
     from rl.plumbing.config_checks import NUMERIC_RANGES
 
     parser = config_parser("python -m rl.train", __doc__, RunConfig, ranges=NUMERIC_RANGES, example="optim.lr=1e-4",

@@ -149,7 +149,7 @@ MUTANTS = [
     Mutant("the judges' final score check disabled", "reward/judge.py", "    if bool(bad.any()):\n",
            "    if False:\n", ("tests/reward",)),
     # samplers and kernels
-    Mutant("blend skipped on the last step", "core/samplers.py", "        if blend is not None:\n            v_step",
+    Mutant("blend skipped on the last step", "core/sampling/samplers.py", "        if blend is not None:\n            v_step",
            "        if blend is not None and t_next > 0:\n            v_step", ("tests/core/test_samplers.py",)),
     Mutant("group std with ddof 1 (reference)", "kernels/reference.py",
            "sigma_g = ((s - mu[:, None]) ** 2).mean(1).sqrt()",

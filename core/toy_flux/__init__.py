@@ -10,11 +10,11 @@
 
 The built-in editor is the pipeline directory shipped in `SHIPPED_DIR` (`python -m rl.pretrain`
 builds it): load it with `FluxFillPipeline.from_pretrained(shipped_model_dir())` or
-`core.flux_fill.FluxFillPolicy.from_pretrained(...)`.
+`core.policies.flux_fill.FluxFillPolicy.from_pretrained(...)`.
 """
 from pathlib import Path
 
-from .build import (
+from core.toy_flux.build import (
                     ClipSpec,
                     SchedulerSpec,
                     T5Spec,

@@ -4,7 +4,7 @@ Every component is the class FLUX.1 Fill [dev] uses, only smaller: AutoencoderKL
 CLIPTokenizer, T5EncoderModel + T5TokenizerFast, FluxTransformer2DModel (Fill's channel-concat
 conditioning, guidance-distilled like Fill [dev]) and FlowMatchEulerDiscreteScheduler with FLUX's
 dynamic shifting. So `FluxFillPipeline.from_pretrained(dir)` loads it and diffusers' own call
-runs it, and `core.flux_fill.FluxFillPolicy` trains it like the real model.
+runs it, and `core.policies.flux_fill.FluxFillPolicy` trains it like the real model.
 
 Shapes tie together as in FLUX: with VAE scale factor f (2 ** (levels - 1)) and c latent
 channels, a token packs 2x2 latents (4c channels) and the Fill transformer reads
@@ -39,9 +39,13 @@ from diffusers import (
 )
 from transformers import CLIPTextConfig, CLIPTextModel, T5Config, T5EncoderModel
 
-from ..config_schema import opt
-from ..world import VOCABULARY
-from .tokenizers import DEFAULT_MAX_LENGTH, build_clip_tokenizer, build_t5_tokenizer
+from core.config.schema import opt
+from core.synthetic.world import VOCABULARY
+from core.toy_flux.tokenizers import (
+    DEFAULT_MAX_LENGTH,
+    build_clip_tokenizer,
+    build_t5_tokenizer,
+)
 
 SPEC_FILE = "toy_flux.json"
 #: the pipeline classes a toy can be, by ToyFluxSpec.pipeline
@@ -158,7 +162,7 @@ class ToyFluxSpec:
     def vocabulary(self) -> list[str]:
         """The words its tokenizers keep whole and its text encoders were trained on."""
         if self.pipeline == "kontext":
-            from ..instruction_world import INSTRUCTION_VOCABULARY
+            from core.synthetic.instruction_world import INSTRUCTION_VOCABULARY
 
             return INSTRUCTION_VOCABULARY
         return VOCABULARY
@@ -292,7 +296,7 @@ def build_toy_pipeline(spec: ToyFluxSpec = ToyFluxSpec(), *, vae: AutoencoderKL 
 def save_toy_pipeline(pipe, directory: str | os.PathLike, spec: ToyFluxSpec) -> Path:
     """`pipe.save_pretrained(directory)` plus the spec as toy_flux.json (the pipeline's loader
     ignores that file; it records how the directory was built)."""
-    from ..flux_fill import quiet_weights_io
+    from core.policies.flux_base import quiet_weights_io
 
     root = Path(directory)
     with quiet_weights_io():

@@ -1,5 +1,5 @@
 """Train the toy FLUX.1 Fill's editor (transformer + both text encoders) on the synthetic world,
-through `core.flux_fill.FluxFillPolicy`, resumably and exactly.
+through `core.policies.flux_fill.FluxFillPolicy`, resumably and exactly.
 
     python -m core.toy_flux.editor_training OUT --vae VAE_DIR [--set steps=N] [--stop-after N]
 
@@ -23,8 +23,8 @@ x_t = (1 - t) x0 + t eps, loss = weighted MSE(v_pred, eps - x0).
   a core.toy_flux.state checkpoint in OUT/checkpoint.
 
 Held-out evaluation (EMA weights, the world's "heldout" split) samples edits with FluxFillPolicy
-and core.samplers exactly as RL will (dpm2, 8 steps, mask blend, the scheduler's shift) and
-reports core.metrics' ground truth per task. At the last step, OUT/model is a FluxFillPipeline
+and core.sampling.samplers exactly as RL will (dpm2, 8 steps, mask blend, the scheduler's shift) and
+reports core.synthetic.metrics' ground truth per task. At the last step, OUT/model is a FluxFillPipeline
 directory with the EMA weights (`FluxFillPipeline.from_pretrained` loads it).
 """
 from __future__ import annotations
@@ -43,24 +43,24 @@ import torch
 from diffusers import AutoencoderKL
 from torch import Tensor
 
-from .. import packing
-from ..config_cli import config_parser, parse_config
-from ..config_io import ConfigError, from_dict
-from ..config_schema import UNIT, Range, at_least, check_ranges, opt, section
-from ..flux_fill import FluxFillPolicy
-from ..metrics import ground_truth_metrics, summarize
-from ..samplers import sample_policy
-from ..tasks import TASKS
-from ..world import SyntheticWorld, collate
-from .build import (
+from core.config.cli import config_parser, parse_config
+from core.config.loading import ConfigError, from_dict
+from core.config.schema import UNIT, Range, at_least, check_ranges, opt, section
+from core.policies import packing
+from core.policies.flux_fill import FluxFillPolicy
+from core.sampling.samplers import sample_policy
+from core.synthetic.metrics import ground_truth_metrics, summarize
+from core.synthetic.world import SyntheticWorld, collate
+from core.tasks import TASKS
+from core.toy_flux.build import (
     ToyFluxSpec,
     TransformerSpec,
     VAESpec,
     build_toy_pipeline,
     save_toy_pipeline,
 )
-from .state import find_checkpoint, load_state, save_checkpoint
-from .steps import step_seed, warmup_cosine
+from core.toy_flux.state import find_checkpoint, load_state, save_checkpoint
+from core.toy_flux.steps import step_seed, warmup_cosine
 
 CHECKPOINT = "checkpoint"
 HISTORY = "history.json"
@@ -101,7 +101,7 @@ class EditorTrainConfig:
 
 
 
-#: allowed values of every number (core.config_schema.check_ranges names the key on a violation)
+#: allowed values of every number (core.config.schema.check_ranges names the key on a violation)
 RANGES: dict[str, Range] = {
     "transformer.num_layers": at_least(0), "transformer.num_single_layers": at_least(0),
     "transformer.num_attention_heads": at_least(1), "transformer.attention_head_dim": at_least(12),

@@ -8,7 +8,7 @@ that its recipe can be run and checked against ground truth on a laptop. What is
 it starts from the Fill toy rather than from noise:
 
 - the VAE is the Fill toy's, frozen (latents, scale and shift unchanged);
-- the tokenizers are rebuilt over core.instruction_world.INSTRUCTION_VOCABULARY (the world's words
+- the tokenizers are rebuilt over core.synthetic.instruction_world.INSTRUCTION_VOCABULARY (the world's words
   plus "make", "remove", "add", "top", ...). Every token both vocabularies share (the world's words,
   bytes, characters) keeps its trained embedding row in CLIP and T5, found by the token's string;
   the new words start from the fresh model's random rows;
@@ -23,9 +23,9 @@ it starts from the Fill toy rather than from noise:
 
 Runs are resumable and exact (core.toy_flux.editor_training.run_training, the same loop). At the
 last step OUT/model is a FluxKontextPipeline directory (`FluxKontextPipeline.from_pretrained` and
-core.flux_kontext.FluxKontextPolicy load it), with toy_flux.json saying pipeline "kontext".
+core.policies.flux_kontext.FluxKontextPolicy load it), with toy_flux.json saying pipeline "kontext".
 Held-out evaluation samples as RL does (dpm2, `eval_steps`, the scheduler's shift) and reports
-core.metrics' instruction metrics per task.
+core.synthetic.metrics' instruction metrics per task.
 """
 from __future__ import annotations
 
@@ -42,23 +42,34 @@ import torch.nn.functional as F
 from diffusers import FluxFillPipeline
 from torch import Tensor
 
-from .. import packing
-from ..config_cli import config_parser, parse_config
-from ..config_io import ConfigError
-from ..config_schema import Range, at_least, check_ranges, opt
-from ..flux_base import quiet_weights_io
-from ..flux_kontext import FluxKontextPolicy
-from ..instruction_world import InstructionWorld
-from ..metrics import ground_truth_metrics, summarize
-from ..samplers import sample_policy
-from ..tasks import INSTRUCTION_TASKS
-from ..world import collate
-from .build import SPEC_FILE, ToyFluxSpec, build_toy_pipeline, save_toy_pipeline
-from .editor_training import MODEL, TRAINED, Recipe, run_training, sample_times
-from .editor_training import RANGES as EDITOR_RANGES
-from .steps import step_seed
+from core.config.cli import config_parser, parse_config
+from core.config.loading import ConfigError
+from core.config.schema import Range, at_least, check_ranges, opt
+from core.policies import packing
+from core.policies.flux_base import quiet_weights_io
+from core.policies.flux_kontext import FluxKontextPolicy
+from core.sampling.samplers import sample_policy
+from core.synthetic.instruction_world import InstructionWorld
+from core.synthetic.metrics import ground_truth_metrics, summarize
+from core.synthetic.world import collate
+from core.tasks import INSTRUCTION_TASKS
+from core.toy_flux.build import (
+    SPEC_FILE,
+    ToyFluxSpec,
+    build_toy_pipeline,
+    save_toy_pipeline,
+)
+from core.toy_flux.editor_training import (
+    MODEL,
+    TRAINED,
+    Recipe,
+    run_training,
+    sample_times,
+)
+from core.toy_flux.editor_training import RANGES as EDITOR_RANGES
+from core.toy_flux.steps import step_seed
 
-#: what each task's evaluation line shows (core.metrics' instruction metrics)
+#: what each task's evaluation line shows (core.synthetic.metrics' instruction metrics)
 SHOWN = {"recolour": ("colour_acc", "psnr_keep"), "remove_named": ("residue", "psnr_mask", "psnr_keep"),
          "add": ("shape_acc", "colour_acc", "position_acc", "psnr_keep"), "retext": ("glyph_acc", "psnr_keep"),
          "restyle": ("style_acc", "psnr_keep")}

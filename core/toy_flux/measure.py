@@ -16,7 +16,13 @@ from collections.abc import Callable, Sequence
 
 import torch
 
-from .build import ToyFluxSpec, TransformerSpec, VAESpec, build_vae, rope_axes
+from core.toy_flux.build import (
+    ToyFluxSpec,
+    TransformerSpec,
+    VAESpec,
+    build_vae,
+    rope_axes,
+)
 
 #: VAE candidates: (name, spec). Scale factor 4 needs 3 levels, 8 needs 4.
 VAE_CANDIDATES: tuple[tuple[str, VAESpec], ...] = (
@@ -101,7 +107,7 @@ def measure_transformer(spec: TransformerSpec, *, vae: VAESpec = VAESpec(), batc
         num_single_layers=spec.num_single_layers, attention_head_dim=spec.attention_head_dim,
         num_attention_heads=spec.num_attention_heads, joint_attention_dim=text_dim, pooled_projection_dim=text_dim,
         guidance_embeds=True, axes_dims_rope=tuple(spec.axes_dims_rope or rope_axes(spec.attention_head_dim)))
-    from .. import packing
+    from core.policies import packing
 
     L = toy.image_seq_len
     side = size // vae.scale_factor
@@ -126,8 +132,8 @@ def measure_transformer(spec: TransformerSpec, *, vae: VAESpec = VAESpec(), batc
 def measure_text_encoders(spec: ToyFluxSpec = ToyFluxSpec(), *, batch: int = 48, reps: int = 5) -> dict[str, float]:
     """FluxFillPipeline.encode_prompt (CLIP pooled + T5 sequence) for `batch` world prompts:
     FluxFillPolicy runs it in every `encode` (it keeps no prompt cache)."""
-    from ..world import SyntheticWorld
-    from .build import build_toy_pipeline
+    from core.synthetic.world import SyntheticWorld
+    from core.toy_flux.build import build_toy_pipeline
 
     pipe = build_toy_pipeline(spec)
     world = SyntheticWorld()

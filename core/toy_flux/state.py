@@ -1,4 +1,4 @@
-"""Training state of the toy model's pretraining on disk: core.tensor_store's format (tensors in
+"""Training state of the toy model's pretraining on disk: core.io.tensor_store's format (tensors in
 safetensors, the rest in JSON; loading never runs code), in a checkpoint directory that is replaced
 only once the new state is complete, so an interrupted write leaves the previous one readable."""
 from __future__ import annotations
@@ -7,7 +7,7 @@ import shutil
 from pathlib import Path
 from typing import Any
 
-from core.tensor_store import has_tree, load_tree, save_tree
+from core.io.tensor_store import has_tree, load_tree, save_tree
 
 STATE = "state"
 

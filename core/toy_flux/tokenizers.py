@@ -33,10 +33,10 @@ from itertools import pairwise
 from tokenizers import pre_tokenizers
 from transformers import CLIPTokenizer, T5TokenizerFast
 
-from ..world import VOCABULARY
+from core.synthetic.world import VOCABULARY
 
-# The instruction tasks' prompts (core/instruction_world.py) also need its INSTRUCTION_WORDS: a toy for
-# instruction editing would build its tokenizers over core.instruction_world.INSTRUCTION_VOCABULARY.
+# The instruction tasks' prompts (core/synthetic/instruction_world.py) also need its INSTRUCTION_WORDS: a toy for
+# instruction editing would build its tokenizers over core.synthetic.instruction_world.INSTRUCTION_VOCABULARY.
 
 CLIP_BOS, CLIP_EOS = "<|startoftext|>", "<|endoftext|>"
 T5_PAD, T5_EOS, T5_UNK = "<pad>", "</s>", "<unk>"

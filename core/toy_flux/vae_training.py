@@ -15,7 +15,7 @@ posterior sample, as in VAE training; evaluation and the policy use the posterio
 
 Held-out evaluation (the world's "heldout" split, `eval_per_task` samples per task): PSNR of
 the reconstructed ground-truth target over the whole image and inside the edit mask, and for the
-text task core.metrics' glyph accuracy of the reconstructed target (it must stay ~1.0: the VAE is
+text task core.synthetic.metrics' glyph accuracy of the reconstructed target (it must stay ~1.0: the VAE is
 the ceiling of every text edit the policy can make).
 
 Resumption: OUT/checkpoint holds weights, AdamW state, the posterior-noise generator, the step,
@@ -38,15 +38,15 @@ import torch
 from diffusers import AutoencoderKL
 from torch import Tensor
 
-from ..config_cli import config_parser, parse_config
-from ..config_io import ConfigError, from_dict
-from ..config_schema import POSITIVE, Range, at_least, check_ranges, opt, section
-from ..metrics import sample_metrics
-from ..tasks import TASKS
-from ..world import EditSample, SyntheticWorld
-from .build import VAESpec, build_vae
-from .state import find_checkpoint, load_state, save_checkpoint
-from .steps import step_seed, warmup_cosine
+from core.config.cli import config_parser, parse_config
+from core.config.loading import ConfigError, from_dict
+from core.config.schema import POSITIVE, Range, at_least, check_ranges, opt, section
+from core.synthetic.metrics import sample_metrics
+from core.synthetic.world import EditSample, SyntheticWorld
+from core.tasks import TASKS
+from core.toy_flux.build import VAESpec, build_vae
+from core.toy_flux.state import find_checkpoint, load_state, save_checkpoint
+from core.toy_flux.steps import step_seed, warmup_cosine
 
 CHECKPOINT = "checkpoint"
 HISTORY = "history.json"
@@ -159,7 +159,7 @@ def held_out_samples(world: SyntheticWorld, per_task: int) -> dict[str, list[Edi
 
 
 def evaluate_vae(vae: AutoencoderKL, samples: dict[str, list[EditSample]]) -> dict[str, dict[str, float]]:
-    """Per task: PSNR of reconstructed targets (whole image and inside the mask) and core.metrics'
+    """Per task: PSNR of reconstructed targets (whole image and inside the mask) and core.synthetic.metrics'
     scores of the reconstructed ground truth, the ceiling of any edit decoded by this VAE: fill's
     shape and colour accuracy, text's glyph accuracy / exact text / ink IoU."""
     was_training = vae.training
@@ -272,7 +272,7 @@ def _eval_line(entry: dict[str, Any]) -> str:
     return f"step {entry['step']}: PSNR image/mask {psnr}" + "".join(f"; {e}" for e in extra)
 
 
-#: allowed values of every number (core.config_schema.check_ranges names the key on a violation)
+#: allowed values of every number (core.config.schema.check_ranges names the key on a violation)
 RANGES: dict[str, Range] = {
     "vae.block_out_channels": at_least(1), "vae.latent_channels": at_least(1), "vae.layers_per_block": at_least(1),
     "vae.norm_num_groups": at_least(1), "vae.scaling_factor": POSITIVE, "vae.shift_factor": Range(),

@@ -4,7 +4,7 @@
 The soft-IoU content terms the rule judge (reward/judges/rule_judge.py) had before these paid a
 filled box |truth| / |box|: RL learned to paint solid blocks of ink and blobs of the right colour,
 and the judge's score rose while glyph and shape accuracy fell. The term here reads the edit the
-way core/metrics.py does — classify the drawn shape — but softly, so it stays differentiable in
+way core/synthetic/metrics.py does — classify the drawn shape — but softly, so it stays differentiable in
 the edited image:
 
 - `fill_alignment_term`: the pixels that newly took the requested colour (colour), softly classified
@@ -27,9 +27,9 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from core.world import COLOURS, SHAPES, EditSample
+from core.synthetic.world import COLOURS, SHAPES, EditSample
 
-#: area of each world shape in units of r^2 (core.world.shape_mask), to fit r from a region's area
+#: area of each world shape in units of r^2 (core.synthetic.world.shape_mask), to fit r from a region's area
 _AREA = {"circle": math.pi, "square": 1.7**2, "triangle": 2.0, "diamond": 2 * 1.1**2}
 #: how far a shape's centroid lies below its centre, in units of r (the triangle is apex up)
 _CENTROID_DROP = {"circle": 0.0, "square": 0.0, "triangle": 1.0 / 3.0, "diamond": 0.0}
@@ -63,7 +63,7 @@ def stack_truth(samples: list[EditSample], get: Callable[[EditSample], Tensor], 
 def colour_probability(pixels: Tensor, colour: Sequence[str] | str | Tensor, reference: Tensor | None = None, *,
                        sigma: float = 0.12, reject_distance: float = 0.3) -> Tensor:
     """[N]: P(pixel is the named colour) for pixels [N,3] (one colour name, one per pixel, or their
-    indices in core.world.COLOURS as a long tensor [N]) under a soft nearest-colour classifier.
+    indices in core.synthetic.world.COLOURS as a long tensor [N]) under a soft nearest-colour classifier.
 
     Classes: the world's named colours, "none" at RGB distance `reject_distance` and, with a
     `reference` [N,3], "unchanged" (distance to the reference pixel). Named colours lie >= 0.31
@@ -100,7 +100,7 @@ def soft_iou(p: Tensor, m: Tensor) -> Tensor:
 def shape_masks(h: int, w: int, cy: Tensor, cx: Tensor, r: Tensor) -> Tensor:
     """[B, len(SHAPES), h, w] binary masks of every world shape, shape i at (cy, cx, r)[:, i] ([B, S]).
 
-    The same geometry as core.world.shape_mask, batched.
+    The same geometry as core.synthetic.world.shape_mask, batched.
     """
     ys = torch.arange(h, dtype=cy.dtype, device=cy.device)[:, None] + 0.5 - cy[..., None, None]
     xs = torch.arange(w, dtype=cy.dtype, device=cy.device)[None, :] + 0.5 - cx[..., None, None]

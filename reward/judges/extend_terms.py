@@ -36,7 +36,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from core.masks import dilate
-from core.world import COLOURS, SHAPES, EditSample
+from core.synthetic.world import COLOURS, SHAPES, EditSample
 from reward.judges.content_terms import (
     as_batch,
     colour_probability,

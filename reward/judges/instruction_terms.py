@@ -1,6 +1,6 @@
-"""The rule judge's instruction-following terms for the instruction tasks (core/instruction_world.py).
+"""The rule judge's instruction-following terms for the instruction tasks (core/synthetic/instruction_world.py).
 
-Each term reads what the edit did the way core.metrics reads it, softly (differentiable in the
+Each term reads what the edit did the way core.synthetic.metrics reads it, softly (differentiable in the
 edited image), and pays for identity: the right colour on the right object, the right object
 gone, the right shape in the right place, the right glyphs, the right kind of background. As
 for the mask-guided terms (content_terms, text_terms), a wrong but well-formed edit keeps partial
@@ -26,7 +26,7 @@ right one.
 - retext:       the glyph reading of text_terms, of the ink against the text-free scene: the new
                 digit pays 1, another digit `wrong_credit`, the old digit (no edit), a solid block
                 and a blank 0;
-- restyle:      the background's kind read by core.backgrounds: the requested kind pays 1, the
+- restyle:      the background's kind read by core.synthetic.backgrounds: the requested kind pays 1, the
                 third kind `wrong_credit`, the old kind and "none" (flat fills, noise) 0; times
                 exp(-grain / grain_scale), grain being its noise level.
 
@@ -39,10 +39,10 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from core import backgrounds
-from core.glyphs import GLYPHS
 from core.masks import dilate
-from core.world import BACKGROUNDS, COLOURS, SHAPES, EditSample
+from core.synthetic import backgrounds
+from core.synthetic.glyphs import GLYPHS
+from core.synthetic.world import BACKGROUNDS, COLOURS, SHAPES, EditSample
 from reward.judges.content_terms import (
     _AREA,
     _CENTROID_DROP,
@@ -74,7 +74,7 @@ def _at(image: Tensor, where: Tensor) -> Tensor:
 
 def _change(edited: Tensor, source: Tensor, sharpness: float, threshold: float = INK_THRESHOLD) -> Tensor:
     """[1,H,W]: the soft "visibly changed" map: sigmoid((max_c |edited - source| - threshold) /
-    sharpness), at core.metrics' change threshold by default (text_terms' ink)."""
+    sharpness), at core.synthetic.metrics' change threshold by default (text_terms' ink)."""
     return torch.sigmoid(((edited - source).abs().amax(0, keepdim=True) - threshold) / sharpness)
 
 

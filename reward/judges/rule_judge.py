@@ -4,13 +4,13 @@ Each (task, dimension) gets a quality q in [0, 1] computed in torch from the edi
 world's truth (differentiable in the edited image, so reward feedback learning can use it):
 
 - content terms read identity (which glyph, which shape, of which colour, where), softly so that
-  they stay differentiable, as core/metrics.py reads it for the ground-truth metrics. Soft
+  they stay differentiable, as core/synthetic/metrics.py reads it for the ground-truth metrics. Soft
   overlaps of "pixels of the requested colour" with the truth, the terms before them, paid a solid
   block |truth| / |box|, and RL learned to paint blocks of ink and blobs of colour while glyph and
   shape accuracy fell. A wrong but well-formed answer keeps partial credit, above every hack
   (a block, an empty region, noise: about 0), so RL has a slope from junk to form to the right form:
   text_accuracy    text: a soft per-cell glyph reading over the font, solid and blank, as
-                   core.metrics reads glyphs (text_terms);
+                   core.synthetic.metrics reads glyphs (text_terms);
   text_alignment   fill: colour x soft shape reading x placement of the drawn region
                    (content_terms); extend with an object described in the new area: the same
                    read at the object's true pose, since the kept canvas fixes where it continues,
@@ -24,7 +24,7 @@ world's truth (differentiable in the edited image, so reward feedback learning c
                    of range) times realism: the blurred edit against the blurred ground truth, so
                    a clean but empty region is not "beautiful" when something was asked for.
 
-Instruction tasks (core/instruction_world.py: no mask for the editor; the sample's mask is the
+Instruction tasks (core/synthetic/instruction_world.py: no mask for the editor; the sample's mask is the
 region that should change) have three dimensions, scored the same way:
   instruction_following  the task's identity term (reward/judges/instruction_terms.py: the right
                    colour on the right object, the right object gone, the right shape at the
@@ -46,8 +46,8 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from core.masks import dilate, erode
+from core.synthetic.world import EditSample
 from core.tasks import INSTRUCTION_TASKS
-from core.world import EditSample
 from reward.judge import (
     Judge,
     JudgeError,
@@ -106,7 +106,7 @@ def seam_band(mask: Tensor, width: int = 3) -> Tensor:
 
 
 class RuleJudge(Judge):
-    """Ground-truth judge for `core.world` samples (pass the EditSample as `JudgeRequest.truth`)."""
+    """Ground-truth judge for `core.synthetic.world` samples (pass the EditSample as `JudgeRequest.truth`)."""
 
     differentiable = True
 
@@ -202,7 +202,7 @@ class RuleJudge(Judge):
         for req in requests:
             if not isinstance(req.truth, EditSample):
                 raise JudgeError(
-                    "the rule judge needs the world's ground truth: pass the core.world.EditSample as "
+                    "the rule judge needs the world's ground truth: pass the core.synthetic.world.EditSample as "
                     "JudgeRequest.truth (it only judges synthetic-world edits)"
                 )
             q = self.quality(req.task, req.dimension, req.edited, req.truth, memo)

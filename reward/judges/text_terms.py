@@ -1,7 +1,7 @@
-"""The rule judge's text-accuracy term: a soft reading of every glyph cell, as core.metrics reads it
+"""The rule judge's text-accuracy term: a soft reading of every glyph cell, as core.synthetic.metrics reads it
 (`read_cells`, the reading itself, serves the retext term of instruction_terms too).
 
-core.metrics' glyph accuracy thresholds the change from the source (> 0.25 in some channel inside
+core.synthetic.metrics' glyph accuracy thresholds the change from the source (> 0.25 in some channel inside
 the mask) into ink and reads each true cell as the glyph whose template overlaps that ink best
 (IoU). This term is the same reading made soft and hack-proof:
 
@@ -35,10 +35,10 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from core.glyphs import GLYPH_H, GLYPH_W, GLYPHS, glyph
-from core.world import EditSample
+from core.synthetic.glyphs import GLYPH_H, GLYPH_W, GLYPHS, glyph
+from core.synthetic.world import EditSample
 
-#: the change from the source that counts as ink (core.metrics.CHANGE_THRESHOLD)
+#: the change from the source that counts as ink (core.synthetic.metrics.CHANGE_THRESHOLD)
 INK_THRESHOLD = 0.25
 
 
@@ -50,7 +50,7 @@ def _templates(scale: int) -> Tensor:
 
 
 def soft_ink(edited: Tensor, source: Tensor, mask: Tensor, sharpness: float = 0.05) -> Tensor:
-    """[B,H,W] in (0, 1): the soft version of core.metrics' ink (change > 0.25 inside the mask)."""
+    """[B,H,W] in (0, 1): the soft version of core.synthetic.metrics' ink (change > 0.25 inside the mask)."""
     change = (edited - source).abs().amax(1)
     return torch.sigmoid((change - INK_THRESHOLD) / sharpness) * mask[:, 0]
 

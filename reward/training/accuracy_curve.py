@@ -12,7 +12,7 @@ import json
 from pathlib import Path
 from typing import Any
 
-from core.config_cli import config_parser, parse_config
+from core.config.cli import config_parser, parse_config
 from reward.train import RewardTrainConfig, demo_data, train_reward_model
 from reward.training.preference_data import read_preferences
 

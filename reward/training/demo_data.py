@@ -16,10 +16,10 @@ from typing import NamedTuple
 
 import torch
 
-from core.image_io import save_image
-from core.samplers import sample_policy
+from core.io.image_io import save_image
+from core.sampling.samplers import sample_policy
+from core.synthetic.world import SyntheticWorld, collate
 from core.tasks import dimensions_for
-from core.world import SyntheticWorld, collate
 from reward.judge import JudgeRequest
 from reward.judges.rule_judge import RuleJudge
 
@@ -28,7 +28,7 @@ class Candidate(NamedTuple):
     """One sampler setting of the editor."""
 
     steps: int
-    method: str                 # core.samplers.METHODS
+    method: str                 # core.sampling.samplers.METHODS
     noise_level: float = 0.0    # "sde" only
     cfg_scale: float = 1.0      # true CFG against the empty prompt; 1 = off, 0 = unconditional
 
@@ -102,7 +102,7 @@ def build_demo_data(out_dir: str | Path, *, n_pairs: int = 240, seed: int = 0, l
                     settings=CANDIDATE_SETTINGS, min_gap: float = MIN_GAP, failures: bool = False) -> Path:
     """Write images and `preferences.jsonl` (reward/training/preference_data.py format) into `out_dir`.
     `failures`: also pair the best candidate with the worst spoilt edit (`failure_candidates`)."""
-    from core.flux_fill import FluxFillPolicy
+    from core.policies.flux_fill import FluxFillPolicy
     from core.toy_flux import shipped_model_dir
 
     settings = tuple(Candidate(*c) for c in settings)

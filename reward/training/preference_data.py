@@ -29,7 +29,7 @@ from typing import Any
 
 from torch import Tensor
 
-from core.image_io import load_image, load_mask
+from core.io.image_io import load_image, load_mask
 from core.tasks import TASK_DIMENSIONS, TASKS
 
 SPLITS = ("train", "heldout")

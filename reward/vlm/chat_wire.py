@@ -16,7 +16,7 @@ import torch
 from PIL import Image
 from torch import Tensor
 
-from core.image_io import to_pil
+from core.io.image_io import to_pil
 from reward.vlm.prompts import ChatMessage, Conversation
 
 _ROLES = ("system", "user", "assistant")

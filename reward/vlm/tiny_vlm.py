@@ -90,12 +90,12 @@ PRESETS: dict[str, TinyVLMSpec] = {
 
 
 def _corpus() -> list[str]:
-    from core.world import VOCABULARY
+    from core.synthetic.world import VOCABULARY
 
     # The mask-guided tasks' wording only: the tokenizer's merges (and so every tiny judge built from
     # a seed) stay as they were before core.tasks gained the instruction tasks. A tiny judge of
     # instruction edits would add INSTRUCTION_TASKS' descriptions, their dimensions and
-    # core.instruction_world.INSTRUCTION_WORDS here (byte-level BPE encodes them anyway, in more pieces).
+    # core.synthetic.instruction_world.INSTRUCTION_WORDS here (byte-level BPE encodes them anyway, in more pieces).
     dims = [d for d in DIMENSIONS if any(d in TASK_DIMENSIONS[t] for t in TASKS)]
     texts = JudgeTemplates().texts() + [TASK_DESCRIPTIONS[t] for t in TASKS] + [DIMENSIONS[d] for d in dims]
     texts += [d.replace("_", " ") for d in dims] + [REMOVAL_PROMPT, EXTEND_NO_PROMPT]

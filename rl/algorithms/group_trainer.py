@@ -18,7 +18,7 @@ from typing import Any
 import torch
 
 import kernels
-from core.policy import Condition
+from core.policies.policy import Condition
 from rl.algorithms.nft import NFTTrainer
 from rl.algorithms.trainer import Trainer, timed
 

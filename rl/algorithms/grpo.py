@@ -31,10 +31,15 @@ from typing import Any
 import torch
 
 import kernels
-from core.policy import Condition
+from core.policies.policy import Condition
 from rl.algorithms.group_trainer import SDE, STEPS, GroupAdvantages, GroupTrainer
 from rl.algorithms.judge_pipeline import ChunkJudging
-from rl.algorithms.sde_rollout import SDETrajectory, sde_rollout, step_tensors, trained_steps
+from rl.algorithms.sde_rollout import (
+    SDETrajectory,
+    sde_rollout,
+    step_tensors,
+    trained_steps,
+)
 from rl.algorithms.trainer import step_generator
 
 

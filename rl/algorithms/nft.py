@@ -30,7 +30,7 @@ from typing import Any
 import torch
 
 import kernels
-from core.policy import Condition
+from core.policies.policy import Condition
 from rl.algorithms.judge_pipeline import ChunkJudging
 from rl.algorithms.trainer import Trainer, step_generator, timed
 from rl.algorithms.weight_copies import always_on_policy, lerp_, old_policy_decay

@@ -18,7 +18,7 @@ from typing import Any
 
 import torch
 
-from core.policy import Condition
+from core.policies.policy import Condition
 from rl.algorithms.reward_scoring import judge_images
 from rl.algorithms.trainer import Trainer, step_generator, timed
 

@@ -12,8 +12,8 @@ from collections import defaultdict
 import torch
 from torch import Tensor
 
+from core.synthetic.world import EditSample
 from core.tasks import dimensions_for
-from core.world import EditSample
 from reward.judge import Judge, JudgeRequest
 
 

@@ -8,11 +8,11 @@ stops at the last stochastic step (MixGRPO's sliding window as we read it: its e
 and its higher-order ODE solver outside the window, were not checked; outside the window this takes
 Euler steps).
 
-The rollout (`sde_rollout`) samples with `core.samplers.sample(method="sde")` and the mask blend,
+The rollout (`sde_rollout`) samples with `core.sampling.samplers.sample(method="sde")` and the mask blend,
 noise level `noise_level` at the trained steps and, with `sde_only_trained`, 0 (an Euler step, no
 noise drawn) elsewhere (Flow-GRPO-Fast, MixGRPO: fewer random steps, the same trained ones). At each
 trained step k it keeps x_{t_k}, x_{t_k+1} and the sampling policy's log-probability of that step,
-`kernels.sde_step_logprob` with the step's Gaussian (`core.samplers.sde_step_moments`) over the
+`kernels.sde_step_logprob` with the step's Gaussian (`core.sampling.samplers.sde_step_moments`) over the
 generated latents (`cond.blend_mask`; the known region is blended, not sampled). Each stochastic
 step's noise is drawn for the whole step's batch and sliced to the process's share, so a rollout does
 not depend on the number of processes.
@@ -25,8 +25,8 @@ import torch
 from torch import Tensor
 
 import kernels
-from core.policy import Condition, Policy
-from core.samplers import Blend, sample, sde_step_moments
+from core.policies.policy import Condition, Policy
+from core.sampling.samplers import Blend, sample, sde_step_moments
 
 
 def stochastic_steps(sigmas: Tensor) -> list[int]:

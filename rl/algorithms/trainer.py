@@ -21,9 +21,9 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from core.policy import Condition, Policy, swapped_weights
-from core.samplers import sample_policy
-from core.world import EditSample, collate
+from core.policies.policy import Condition, Policy, swapped_weights
+from core.sampling.samplers import sample_policy
+from core.synthetic.world import EditSample, collate
 from reward.judge import Judge
 from rl.algorithms.judge_pipeline import ChunkJudging, rollout_chunks
 from rl.algorithms.lr_schedule import lr_factor

@@ -15,7 +15,7 @@ from typing import Any
 
 import matplotlib
 
-from core.metrics import MAIN_METRICS
+from core.synthetic.metrics import MAIN_METRICS
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt

@@ -12,10 +12,10 @@ from collections import defaultdict
 import torch
 from torch import Tensor
 
-from core.metrics import sample_metrics
-from core.policy import Policy
-from core.samplers import sample_policy
-from core.world import EditSample, collate
+from core.policies.policy import Policy
+from core.sampling.samplers import sample_policy
+from core.synthetic.metrics import sample_metrics
+from core.synthetic.world import EditSample, collate
 from reward.judge import Judge
 from rl.algorithms.reward_scoring import judge_images
 from rl.algorithms.trainer import keyed_generator

@@ -186,7 +186,7 @@ def _usage_section(cfg: RunConfig, run_dir: Path) -> str:
                   f'pipe = FluxFillPipeline.from_pretrained("{run_dir / "final"}")',
                   'image = pipe(prompt="a red circle", image=image, mask_image=mask, height=64, width=64,',
                   "             max_sequence_length=16, num_inference_steps=8, guidance_scale=30.0).images[0]",
-                  "```", "", "Inside the library: `core.flux_fill.FluxFillPolicy.from_pretrained(final)`.\n"]
+                  "```", "", "Inside the library: `core.policies.flux_fill.FluxFillPolicy.from_pretrained(final)`.\n"]
     elif cfg.model.lora is not None:
         base = "core/assets/toy_flux" if cfg.model.kind == "tiny" and cfg.model.path is None else cfg.model.path
         lines += ["A LoRA adapter in diffusers' format:", "", "```python", "import torch",
@@ -211,7 +211,7 @@ def _usage_section(cfg: RunConfig, run_dir: Path) -> str:
               "`--seed` and `--keep-size` change that, and `--jsonl RECORDS --out-dir DIR` edits a batch. "
               "From Python: `rl.edit.load_editor(run_dir).edit(images, masks, prompts)`."
               + (" The toy's text encoders were trained only on the synthetic world's words "
-                 "(`core.world.VOCABULARY`)." if cfg.model.kind == "tiny" else "") + "\n"]
+                 "(`core.synthetic.world.VOCABULARY`)." if cfg.model.kind == "tiny" else "") + "\n"]
     return "\n".join(lines)
 
 
@@ -223,7 +223,7 @@ def _kontext_guidance(cfg: RunConfig) -> float:
     """The distilled guidance the policy ran with: model.guidance, else FluxKontextPolicy's default."""
     if cfg.model.guidance is not None:
         return cfg.model.guidance
-    from core.flux_kontext import DEFAULT_GUIDANCE
+    from core.policies.flux_kontext import DEFAULT_GUIDANCE
 
     return DEFAULT_GUIDANCE
 
@@ -245,8 +245,8 @@ def _instruction_usage_section(cfg: RunConfig, run_dir: Path) -> str:
     m, final = cfg.model, run_dir / "final"
     pipe_class = _pipeline_class(cfg)
     prompt = "make the red circle blue"
-    policy = ("core.qwen_image_edit.QwenImageEditPolicy" if m.kind == "qwen_image_edit"
-              else "core.flux_kontext.FluxKontextPolicy")
+    policy = ("core.policies.qwen_image_edit.QwenImageEditPolicy" if m.kind == "qwen_image_edit"
+              else "core.policies.flux_kontext.FluxKontextPolicy")
     lines = ["## Loading\n"]
     if m.lora is not None:
         base = "core/assets/toy_kontext" if m.kind == "tiny_kontext" and m.path is None else m.path
@@ -270,7 +270,7 @@ def _instruction_usage_section(cfg: RunConfig, run_dir: Path) -> str:
     shift = "" if s.shift is None else f", shift {s.shift:g}"
     method = "euler" if s.method == "sde" else s.method
     vocabulary = (" The toy's text encoders were trained only on the instruction world's words "
-                  "(`core.instruction_world.INSTRUCTION_VOCABULARY`)." if m.kind == "tiny_kontext" else "")
+                  "(`core.synthetic.instruction_world.INSTRUCTION_VOCABULARY`)." if m.kind == "tiny_kontext" else "")
     lines += ["## Editing\n", "```bash",
               f'python -m rl.edit --model {run_dir} --image in.png --prompt "{prompt}" --out out.png',
               "```", "",
@@ -302,7 +302,7 @@ def _instruction_diffusers_section(cfg: RunConfig) -> str:
                 + (", max_sequence_length=16" if cfg.model.kind == "tiny_kontext" else "") + ")`")
         resize = ("- resizing: without `max_area=S*S` the pipeline scales the output to about 1 MP, and without "
                   "`_auto_resize=False` it resizes the source to the nearest Kontext training resolution "
-                  "(`core.flux_kontext.preferred_resolution`); the guidance is the distilled guidance the policy "
+                  "(`core.policies.flux_kontext.preferred_resolution`); the guidance is the distilled guidance the policy "
                   "ran with (the pipeline's argument defaults to 3.5);")
         extra = (["- the toy was trained with 16 T5 tokens: pass `max_sequence_length=16` (FLUX's joint attention "
                   "has no text mask, so other padding changes the edit);"] if cfg.model.kind == "tiny_kontext" else [])

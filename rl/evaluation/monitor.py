@@ -32,11 +32,11 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-from core.metrics import MAIN_METRICS as TRUTH_METRICS
+from core.synthetic.metrics import MAIN_METRICS as TRUTH_METRICS
 from reward.judge import Judge
 from rl.evaluation.heldout import EvalResult, score_images
 
-#: the ground-truth metrics (core.metrics.sample_metrics) the `truth` signal watches, per task
+#: the ground-truth metrics (core.synthetic.metrics.sample_metrics) the `truth` signal watches, per task
 MAIN_METRICS: dict[str, tuple[str, ...]] = TRUTH_METRICS
 #: the signal name of the second judge's reward (`monitor.signal: judge`)
 JUDGE_SIGNAL = "judge"
@@ -194,7 +194,7 @@ class HackingMonitor:
     def check_data(data) -> None:
         """Refuse (ConfigError) data without held-out conditions, before any work rather than at the
         first evaluation."""
-        from core.config_io import ConfigError
+        from core.config.loading import ConfigError
 
         if not any(data.held_out(task, 1) for task in data.tasks):
             raise ConfigError("monitor.every needs held-out conditions, and the data has none: add records with "

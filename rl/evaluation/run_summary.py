@@ -12,7 +12,7 @@ from typing import Any
 
 from torch import Tensor
 
-from core.tensor_store import load_tree, save_tree
+from core.io.tensor_store import load_tree, save_tree
 from rl.evaluation.heldout import EvalResult, evaluate, held_out_samples
 from rl.evaluation.plots import plot_reward_curves, plot_time_split
 from rl.evaluation.stats import bootstrap_mean
@@ -79,7 +79,7 @@ def base_edits(trainer, samples) -> Tensor:
 
 def eval_fingerprint(cfg) -> dict[str, Any]:
     """What a held-out evaluation depends on: the base model, the data, the judge and the sampler."""
-    from core.config_io import to_dict
+    from core.config.loading import to_dict
 
     return {"model": to_dict(cfg.model), "data": to_dict(cfg.data), "judge_kind": cfg.judge.kind, "judge_eval_mode": cfg.judge.eval_mode,
             "judge_model": cfg.judge.model, "sampler": to_dict(cfg.sampler), "seed": cfg.train.seed,
@@ -107,7 +107,7 @@ def grid_columns(trainer, base) -> tuple[Tensor, Tensor, dict[str, Tensor], list
     """Rows for the sample grid: a few held-out conditions per task, base vs current (EMA).
 
     Returns sources, masks, the named image columns, and the samples of the rows (for their labels)."""
-    from core.world import collate
+    from core.synthetic.world import collate
     from rl.evaluation.heldout import generate_images
 
     cfg = trainer.cfg

@@ -12,9 +12,9 @@ import json
 from pathlib import Path
 from typing import Any
 
-from core.config_io import to_dict
+from core.config.loading import to_dict
+from core.io.tensor_store import load_tree
 from core.tasks import ALL_TASKS
-from core.tensor_store import load_tree
 from rl.evaluation.compare_report import PointResult
 from rl.plumbing.config import RunConfig
 

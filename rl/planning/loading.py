@@ -12,7 +12,7 @@ from pathlib import Path
 
 import torch
 
-from core.config_io import load_yaml
+from core.config.loading import load_yaml
 from rl.plumbing.config import RunConfig
 from rl.plumbing.config_checks import validate
 

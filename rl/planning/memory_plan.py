@@ -1,9 +1,9 @@
 """The per-GPU memory of a run config, row by row, as the code keeps it today.
 
 - FluxFillPolicy moves the whole pipeline to the GPU in model.dtype: transformer, both text
-  encoders and the VAE (core/flux_fill.py);
+  encoders and the VAE (core/policies/flux_fill.py);
 - a full fine-tune trains the transformer in model.dtype; LoRA trains only peft adapters, kept in
-  float32 (core/policy.py `add_lora`);
+  float32 (core/policies/policy.py `add_lora`);
 - the Trainer clones the trainable weights three times, old, EMA and reference, for both
   algorithms (rl/algorithms/trainer.py), in the trainable weights' dtype;
 - torch.optim.AdamW keeps exp_avg and exp_avg_sq in the parameters' dtype; gradients too;
@@ -54,7 +54,7 @@ RUNTIME_OVERHEAD = 1 * GIB
 #: a plan "fits" below this share of the GPU (allocator fragmentation needs the rest)
 HEADROOM = 0.9
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
-#: policies whose sequence holds the source image's tokens after the generated ones (core/flux_kontext.py)
+#: policies whose sequence holds the source image's tokens after the generated ones (core/policies/flux_kontext.py)
 _KONTEXT_KINDS = ("flux_kontext", "tiny_kontext")
 _PART_LABELS = {"transformer": "transformer", "text_encoder": "text encoder",
                 "text_encoder_2": "text encoder 2", "vae": "VAE"}

@@ -119,7 +119,7 @@ def count_vlm(arch: VLMArchitecture, dtype: torch.dtype) -> ParamCount:
 @functools.cache
 def count_lora(transformer: Component, r: int, alpha: float, targets: Sequence[str], init: str) -> LoraCount:
     """What `Policy.add_lora` adds: peft adapters on `targets`, built on the meta transformer."""
-    from core.lora import lora_config, lora_layers
+    from core.policies.lora import lora_config, lora_layers
 
     model = build_on_meta(transformer)
     try:

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import torch
 
-from core.policy import Policy
+from core.policies.policy import Policy
 from reward.judge import Judge
 from rl.plumbing.config import BUILTIN_KINDS, DataConfig, JudgeConfig, ModelConfig
 from rl.plumbing.data import JsonlData, WorldData
@@ -20,16 +20,16 @@ _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torc
 
 def build_policy(cfg: ModelConfig, device: torch.device, image_size: int | None = None) -> Policy:
     """The policy of `cfg`: the built-in toy FLUX.1 Fill (kind tiny) or FLUX.1 Fill [dev], both
-    through core.flux_fill.FluxFillPolicy, or the built-in toy instruction editor (tiny_kontext) or
-    FLUX.1 Kontext [dev] (kind flux_kontext), both through core.flux_kontext.FluxKontextPolicy, or Qwen-Image-Edit (kind qwen_image_edit,
-    core.qwen_image_edit.QwenImageEditPolicy). `image_size`: the resolution FLUX's shift is computed
+    through core.policies.flux_fill.FluxFillPolicy, or the built-in toy instruction editor (tiny_kontext) or
+    FLUX.1 Kontext [dev] (kind flux_kontext), both through core.policies.flux_kontext.FluxKontextPolicy, or Qwen-Image-Edit (kind qwen_image_edit,
+    core.policies.qwen_image_edit.QwenImageEditPolicy). `image_size`: the resolution FLUX's shift is computed
     for (None: the VAE's native size, 64 for the toy)."""
     if cfg.kind in ("flux_kontext", "tiny_kontext"):
-        from core.flux_kontext import FluxKontextPolicy as policy_class
+        from core.policies.flux_kontext import FluxKontextPolicy as policy_class
     elif cfg.kind == "qwen_image_edit":
-        from core.qwen_image_edit import QwenImageEditPolicy as policy_class
+        from core.policies.qwen_image_edit import QwenImageEditPolicy as policy_class
     else:
-        from core.flux_fill import FluxFillPolicy as policy_class
+        from core.policies.flux_fill import FluxFillPolicy as policy_class
 
     path = cfg.path
     if cfg.kind in BUILTIN_KINDS:
@@ -95,7 +95,7 @@ def build_data(cfg: DataConfig):
 def rollout_sigmas(policy: Policy, steps: int, shift: float | None) -> torch.Tensor:
     """The sampler's step times for this policy: its default shift unless the config sets one."""
     if shift is not None:
-        from core.schedules import flux_sigmas
+        from core.sampling.schedules import flux_sigmas
 
         return flux_sigmas(steps, shift=shift)
     return policy.schedule(steps)

@@ -1,7 +1,7 @@
 """Atomic checkpoints: written to a temporary directory, then renamed into place.
 
 A checkpoint directory `ckpt-<step>` holds `state.safetensors` + `state.json` (trainable weights,
-old policy, EMA, reference, optimiser, RNG states, step, run id; no pickle, see core/tensor_store.py)
+old policy, EMA, reference, optimiser, RNG states, step, run id; no pickle, see core/io/tensor_store.py)
 and `config.yaml`. `latest` names the newest complete checkpoint; it is itself replaced
 atomically, so a crash at any moment leaves the previous checkpoint usable. A resumed run restores
 everything and continues at the next step. A checkpoint is never written with a non-finite weight
@@ -25,7 +25,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from core.tensor_store import has_tree, load_tree, save_tree
+from core.io.tensor_store import has_tree, load_tree, save_tree
 
 _COPIES = ("weights", "old", "ema", "ref")
 

@@ -1,17 +1,17 @@
 """The run configuration of `python -m rl.train`. Defaults are the built-in CPU job.
 
 Sections: model, data, judge, sampler, nft, refl, grpo, awm, optim, train, dist, monitor. Load with `load_config(path,
-overrides)`; every key is typed and checked (core/config_io.py), and `validate` (rl/plumbing/config_checks.py)
+overrides)`; every key is typed and checked (core/config/loading.py), and `validate` (rl/plumbing/config_checks.py)
 checks every value's range and the paths before any work starts. Each key's one-line meaning is
-the second argument of `opt` (core/config_schema.py): `python -m rl.train --help` prints it.
+the second argument of `opt` (core/config/schema.py): `python -m rl.train --help` prints it.
 """
 from __future__ import annotations
 
 import dataclasses
 from typing import Literal
 
-from core.config_io import ConfigError, load_yaml  # noqa: F401  (ConfigError re-exported)
-from core.config_schema import opt, section
+from core.config.loading import ConfigError, load_yaml  # noqa: F401  (ConfigError re-exported)
+from core.config.schema import opt, section
 from rl.plumbing.config_checks import BUILTIN_KINDS, INSTRUCTION_KINDS, validate  # noqa: F401  (re-exported)
 
 
@@ -22,7 +22,7 @@ class LoraConfig:
     r: int = opt(32, "adapter rank")
     alpha: int = opt(64, "adapter scale numerator: the update is (alpha / r) B A")
     init: str = opt("gaussian", "adapter initialisation: gaussian (A ~ N(0, 1/r), B = 0; DiffusionNFT's), "
-                                "default (peft's), true or false (core/lora.py)")
+                                "default (peft's), true or false (core/policies/lora.py)")
     targets: list[str] = opt(["to_q", "to_k", "to_v", "to_out.0", "add_q_proj", "add_k_proj", "add_v_proj",
                               "to_add_out"], "names of the Linear layers that get adapters")
 
@@ -121,7 +121,7 @@ class SamplerConfig:
     rollout_chunk: int = opt(0, "nft, grpo, awm: images per rollout batch on each process (0 = its whole share at "
                                 "once); each chunk is scored as one judge call, overlapped with judge.overlap")
     # (no true-CFG keys: FLUX.1 Fill [dev] is guidance-distilled and the toy trained with its
-    # constant guidance 30; core.samplers.sample_policy(cfg_scale=, uncond=) offers true CFG to callers)
+    # constant guidance 30; core.sampling.samplers.sample_policy(cfg_scale=, uncond=) offers true CFG to callers)
 
 
 @dataclasses.dataclass

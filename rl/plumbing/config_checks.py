@@ -2,7 +2,7 @@
 
 `NUMERIC_RANGES` gives the allowed range of every number in `RunConfig` (a test asserts that no
 numeric key is missing from it, so a new key must declare its range; `Range` is shared with the
-other entry points, core/config_schema.py); `validate` applies them and then the checks that relate
+other entry points, core/config/schema.py); `validate` applies them and then the checks that relate
 several keys (paths, algorithm / judge combinations). Each error names the key, the allowed range
 and the value.
 """
@@ -11,12 +11,12 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from core.config_io import ConfigError
-from core.config_schema import POSITIVE as _POSITIVE
-from core.config_schema import UNIT as _UNIT
-from core.config_schema import Range, numeric_values  # noqa: F401  (re-exported)
-from core.config_schema import at_least as _at_least
-from core.config_schema import check_ranges as _check_ranges
+from core.config.loading import ConfigError
+from core.config.schema import POSITIVE as _POSITIVE
+from core.config.schema import UNIT as _UNIT
+from core.config.schema import Range, numeric_values  # noqa: F401  (re-exported)
+from core.config.schema import at_least as _at_least
+from core.config.schema import check_ranges as _check_ranges
 from core.tasks import ALL_TASKS, INSTRUCTION_TASKS, TASKS
 
 _DECAY = Range(0, 1, open_hi=True, note="1 would freeze the copy")
@@ -227,7 +227,9 @@ def _check_monitor(cfg) -> None:
     if m.judge.overlap:
         raise ConfigError("monitor.judge.overlap is not used: the monitor scores a finished evaluation, there is no "
                           "rollout to overlap (judge.overlap is the training judge's); leave it unset")
-    from rl.plumbing.config import JudgeConfig  # (config imports this module: a late import)
+    from rl.plumbing.config import (
+        JudgeConfig,  # (config imports this module: a late import)
+    )
 
     if m.judge.mode != JudgeConfig().mode:  # set by the user (the default is the training judge's default)
         # its question is monitor.judge.eval_mode, as for every held-out score; a second key would contradict it

@@ -1,6 +1,6 @@
 """Where training conditions come from: the synthetic world, or a user's JSONL of real edits.
 
-Both give `core.world.EditSample`s. Conditions for step s are a pure function of (seed, step), so a
+Both give `core.synthetic.world.EditSample`s. Conditions for step s are a pure function of (seed, step), so a
 resumed run and a run split over several processes see exactly the same conditions.
 
 JSONL records (one per line; paths relative to the file):
@@ -23,10 +23,17 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
-from core.image_io import load_image, load_mask, resize_image, resize_mask
-from core.tasks import ALL_TASKS, EXTEND_NO_PROMPT, INSTRUCTION_TASKS, REMOVAL_PROMPT, TaskMixture, check_task
-from core.instruction_world import InstructionWorld
-from core.world import EditSample
+from core.io.image_io import load_image, load_mask, resize_image, resize_mask
+from core.synthetic.instruction_world import InstructionWorld
+from core.synthetic.world import EditSample
+from core.tasks import (
+    ALL_TASKS,
+    EXTEND_NO_PROMPT,
+    INSTRUCTION_TASKS,
+    REMOVAL_PROMPT,
+    TaskMixture,
+    check_task,
+)
 
 # tasks that may come without a prompt, and the prompt they then get
 _DEFAULT_PROMPTS = {"removal": REMOVAL_PROMPT, "extend": EXTEND_NO_PROMPT}
@@ -39,8 +46,8 @@ def step_rng(seed: int, step: int, stream: str) -> random.Random:
 
 class WorldData:
     """Conditions from the synthetic world (with ground truth, for the rule judge and metrics): its
-    mask-guided tasks and its instruction tasks (core.instruction_world.InstructionWorld, whose
-    mask-guided samples are core.world.SyntheticWorld's bit for bit)."""
+    mask-guided tasks and its instruction tasks (core.synthetic.instruction_world.InstructionWorld, whose
+    mask-guided samples are core.synthetic.world.SyntheticWorld's bit for bit)."""
 
     has_truth = True
 
@@ -87,7 +94,7 @@ class JsonlData:
     - the mask is not binary: a pixel > 0.5 (grey 128 of 255) marks the region to generate, and
       the mask is refused when more than 2% of its pixels are strictly between 0.02 and 0.98
       (a soft or photographic mask; anti-aliased edges pass). This is `core.masks.validate_mask`
-      as `core.image_io.load_mask` calls it. RGBA and LA masks are read from their alpha channel;
+      as `core.io.image_io.load_mask` calls it. RGBA and LA masks are read from their alpha channel;
     - the mask is empty, at its own size or after the nearest-neighbour resize to the training
       size (a thin stroke can vanish). A mask of all ones is legal: "generate everything".
 

@@ -20,7 +20,7 @@ import torch
 from PIL import Image
 from torch import Tensor
 
-from core.image_io import load_image, load_mask, resize_image, resize_mask, to_tensor
+from core.io.image_io import load_image, load_mask, resize_image, resize_mask, to_tensor
 from core.masks import validate_mask
 from core.tasks import EXTEND_NO_PROMPT, INSTRUCTION_TASKS, REMOVAL_PROMPT, TASKS
 
@@ -96,7 +96,7 @@ def _image_tensor(obj: ImageLike, name: str) -> Tensor:
 
 
 def _mask_tensor(obj: ImageLike, name: str) -> Tensor:
-    """A binary [1, H, W] mask (1 = generate), read the way core.image_io.load_mask reads files."""
+    """A binary [1, H, W] mask (1 = generate), read the way core.io.image_io.load_mask reads files."""
     if isinstance(obj, (str, os.PathLike)):
         if not Path(obj).is_file():
             raise EditError(f"{name} file not found: {obj}; check the path")

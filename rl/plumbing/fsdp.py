@@ -6,7 +6,7 @@
   sharded on dim 0; a block's weights are gathered for its forward and again for its backward, and
   gradients are reduce-scattered as averages, so (as with DDP) N processes on their shares of a step
   make the update of one process on the whole step. The root reshards after every forward, so a
-  forward with a weight copy (core.policy.swapped_weights, which swaps sharded weights by value)
+  forward with a weight copy (core.policies.policy.swapped_weights, which swaps sharded weights by value)
   always gathers what is in the shards now.
 - The old / EMA / reference copies are DTensor clones of the weights' shards (rl/algorithms/weight_copies.py:
   `dist.copies` device or cpu); their update is elementwise on local shards, with no communication.
@@ -82,7 +82,7 @@ def shard_model(model: nn.Module, dist_cfg, device: torch.device) -> int:
 
 def memory_line(trainer) -> str:
     """This process's share of the training state, for the start-up log."""
-    from core.config_io import to_dict
+    from core.config.loading import to_dict
     from rl.algorithms.weight_copies import local_bytes
     from rl.planning.memory_plan import human_bytes
 
@@ -195,7 +195,7 @@ def export_sharded(trainer, out_dir) -> None:
     """Every process: gather the EMA's full weights to rank 0's CPU; rank 0 writes what Trainer.export writes."""
     from torch.distributed.checkpoint.state_dict import get_model_state_dict
 
-    from core.policy import swapped_weights
+    from core.policies.policy import swapped_weights
 
     policy, ctx = trainer.policy, trainer.ctx
     lora = bool(getattr(policy, "has_lora", False))

@@ -12,8 +12,8 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
-from core.policy import Policy
-from core.tensor_store import has_tree
+from core.io.tensor_store import has_tree
+from core.policies.policy import Policy
 from rl.plumbing.builders import build_policy
 from rl.plumbing.checkpoint import latest_checkpoint, load_checkpoint
 from rl.plumbing.config import ModelConfig, RunConfig, load_config
@@ -22,7 +22,7 @@ from rl.plumbing.config import ModelConfig, RunConfig, load_config
 _PIPELINE_KINDS = {"FluxKontextPipeline": ("tiny_kontext", "flux_kontext"),
                    "QwenImageEditPipeline": ("qwen_image_edit", "qwen_image_edit"),
                    "FluxFillPipeline": ("tiny", "flux_fill")}
-#: the policy class each model.kind loads (core.flux_fill, core.flux_kontext, core.qwen_image_edit)
+#: the policy class each model.kind loads (core.policies.flux_fill, core.policies.flux_kontext, core.policies.qwen_image_edit)
 _FAMILIES = {"tiny": "fill", "flux_fill": "fill", "tiny_kontext": "kontext", "flux_kontext": "kontext",
              "qwen_image_edit": "qwen"}
 

@@ -14,7 +14,7 @@ import uuid
 from pathlib import Path
 from typing import Any
 
-from core.config_io import ConfigError, to_dict
+from core.config.loading import ConfigError, to_dict
 
 RUN_FILE = "run.json"
 

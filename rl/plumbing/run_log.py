@@ -12,7 +12,7 @@ from typing import Any
 import numpy as np
 from torch import Tensor
 
-from core.image_io import labeled_grid, save_image
+from core.io.image_io import labeled_grid, save_image
 
 #: Weights & Biases project of every run (the run is named after its directory)
 WANDB_PROJECT = "onejudge"

@@ -3,7 +3,7 @@ VAE's pretraining (core.toy_flux.vae_training).
 
 Each takes --config FILE.yaml and --set KEY=VALUE, names a bad key in its error, and lists every
 key of its config dataclass (default, type, meaning) in --help. The expected keys and defaults are
-walked from the dataclasses here, independently of core/config_schema.py's own walker.
+walked from the dataclasses here, independently of core/config/schema.py's own walker.
 """
 import dataclasses
 import re
@@ -16,9 +16,9 @@ import reward.train
 import rl.plan
 import rl.pretrain
 import rl.train
-from core.config_cli import parse_config, show_value, type_text
-from core.config_io import ConfigError, load_yaml, to_dict
-from core.config_schema import opt
+from core.config.cli import parse_config, show_value, type_text
+from core.config.loading import ConfigError, load_yaml, to_dict
+from core.config.schema import opt
 from core.toy_flux import vae_training
 from rl.plumbing.config import RunConfig
 from rl.plumbing.config_checks import NUMERIC_RANGES

@@ -8,10 +8,10 @@ import torch
 from diffusers import FluxFillPipeline, FluxTransformer2DModel
 from tiny_flux_parts import tiny_flux_parts
 
-from core import packing
-from core.flux_fill import FluxFillPolicy, check_attention_backend
-from core.policy import swapped_weights
-from core.samplers import sample_policy
+from core.policies import packing
+from core.policies.flux_fill import FluxFillPolicy, check_attention_backend
+from core.policies.policy import swapped_weights
+from core.sampling.samplers import sample_policy
 
 SIZE, TEXT_LEN = 32, 8
 LORA = dict(r=4, alpha=8, init="gaussian")

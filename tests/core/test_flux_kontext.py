@@ -6,10 +6,10 @@ import torch
 from diffusers import FluxKontextPipeline, FluxTransformer2DModel
 from tiny_flux_parts import tiny_flux_parts
 
-from core import packing
-from core.flux_kontext import FluxKontextPolicy, preferred_resolution
-from core.lora import FLUX_ATTENTION_TARGETS
-from core.samplers import sample_policy
+from core.policies import packing
+from core.policies.flux_kontext import FluxKontextPolicy, preferred_resolution
+from core.policies.lora import FLUX_ATTENTION_TARGETS
+from core.sampling.samplers import sample_policy
 
 SIZE, TEXT_LEN, STEPS = 32, 8, 4
 LORA = dict(r=4, alpha=8, init="gaussian")   # targets: FLUX's attention projections (Edit-R1's)

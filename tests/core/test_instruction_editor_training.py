@@ -8,10 +8,16 @@ import torch
 from diffusers import FluxFillPipeline, FluxKontextPipeline
 
 import rl.pretrain
-from core.flux_kontext import FluxKontextPolicy
-from core.instruction_world import INSTRUCTION_WORDS
+from core.policies.flux_kontext import FluxKontextPolicy
+from core.synthetic.instruction_world import INSTRUCTION_WORDS
 from core.tasks import INSTRUCTION_TASKS
-from core.toy_flux.build import ToyFluxSpec, TransformerSpec, VAESpec, build_toy_pipeline, save_toy_pipeline
+from core.toy_flux.build import (
+    ToyFluxSpec,
+    TransformerSpec,
+    VAESpec,
+    build_toy_pipeline,
+    save_toy_pipeline,
+)
 from core.toy_flux.editor_training import CHECKPOINT, MODEL
 from core.toy_flux.instruction_training import (
     InstructionTrainConfig,

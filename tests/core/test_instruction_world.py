@@ -1,5 +1,5 @@
-"""The instruction world (core/instruction_world.py): well-formed, deterministic samples with exact
-targets; its metrics (core.metrics) and background reader (core.backgrounds); and the mask-guided
+"""The instruction world (core/synthetic/instruction_world.py): well-formed, deterministic samples with exact
+targets; its metrics (core.synthetic.metrics) and background reader (core.synthetic.backgrounds); and the mask-guided
 world's outputs unchanged by the refactor that lets both share the scene helpers."""
 import hashlib
 import re
@@ -7,15 +7,16 @@ import re
 import pytest
 import torch
 
-from core.backgrounds import KINDS, kind_probabilities, read_kind
-from core.instruction_world import (
+from core.synthetic.backgrounds import KINDS, kind_probabilities, read_kind
+from core.synthetic.instruction_world import (
     INSTRUCTION_VOCABULARY,
     INSTRUCTION_WORDS,
     POSITIONS,
     InstructionWorld,
     cell_of,
 )
-from core.metrics import ground_truth_metrics, summarize
+from core.synthetic.metrics import ground_truth_metrics, summarize
+from core.synthetic.world import COLOURS, VOCABULARY, SyntheticWorld, collate
 from core.tasks import (
     ALL_TASKS,
     DIMENSIONS,
@@ -26,7 +27,6 @@ from core.tasks import (
     check_task,
     dimensions_for,
 )
-from core.world import COLOURS, VOCABULARY, SyntheticWorld, collate
 
 N = 10
 
@@ -47,7 +47,7 @@ def _digest(samples):
     return h.hexdigest()[:16]
 
 
-# recorded with core/world.py as it was before the instruction world (git HEAD d8de306)
+# recorded with core/synthetic/world.py as it was before the instruction world (git HEAD d8de306)
 GOLDEN = {
     (64, 0, "fill"): "a763587c515f2fa1", (64, 0, "extend"): "ffd654b8e67bbe65",
     (64, 0, "removal"): "ac3ef4091777561c", (64, 0, "text"): "ca1118928a864a77",
@@ -72,7 +72,7 @@ def test_task_registry():
         assert check_task(t) == t and t in TASK_DESCRIPTIONS
         assert dimensions_for(t) == TASK_DIMENSIONS[t] == ("instruction_following", "preservation", "aesthetics")
         assert all(d in DIMENSIONS for d in TASK_DIMENSIONS[t])
-    with pytest.raises(ValueError, match="instruction tasks come from core.instruction_world"):
+    with pytest.raises(ValueError, match="instruction tasks come from core.synthetic.instruction_world"):
         SyntheticWorld().sample("recolour", 0)
 
 
@@ -172,7 +172,7 @@ def test_metrics_perfect_on_target_low_on_no_edit(world):
 
 
 def test_metrics_see_wrong_edits(world):
-    from core.metrics import sample_metrics
+    from core.synthetic.metrics import sample_metrics
 
     s = world.sample("recolour", 1, "heldout")
     o = s.truth["object"]

@@ -2,7 +2,7 @@ import pytest
 import torch
 
 from core import masks as M
-from core.image_io import (
+from core.io.image_io import (
     image_grid,
     load_image,
     load_mask,

@@ -5,17 +5,21 @@ The stock Qwen2VLProcessor needs torchvision for its video processor: the tests 
 subclass in memory and pass it as a component (model_index.json names the stock class)."""
 import json
 
+import diffusers.pipelines.qwenimage.pipeline_qwenimage_edit as edit_module
 import numpy as np
 import pytest
 import torch
-from diffusers import (AutoencoderKLQwenImage, FlowMatchEulerDiscreteScheduler, QwenImageEditPipeline,
-                       QwenImageTransformer2DModel)
+from diffusers import (
+    AutoencoderKLQwenImage,
+    FlowMatchEulerDiscreteScheduler,
+    QwenImageEditPipeline,
+    QwenImageTransformer2DModel,
+)
 from PIL import Image
 from transformers import Qwen2VLProcessor
 
-import diffusers.pipelines.qwenimage.pipeline_qwenimage_edit as edit_module
-from core.qwen_image_edit import QwenImageEditPolicy
-from core.samplers import sample_policy
+from core.policies.qwen_image_edit import QwenImageEditPolicy
+from core.sampling.samplers import sample_policy
 
 SIZE, STEPS = 32, 3
 LORA = dict(r=4, alpha=8, init="gaussian")

@@ -12,10 +12,10 @@ from hypothesis import given
 from hypothesis import strategies as st
 from torch import nn
 
-import core.samplers as samplers
-from core.policy import Condition, Policy
-from core.samplers import Blend, cfg_velocity, sample, sample_policy
-from core.schedules import flux_sigmas
+import core.sampling.samplers as samplers
+from core.policies.policy import Condition, Policy
+from core.sampling.samplers import Blend, cfg_velocity, sample, sample_policy
+from core.sampling.schedules import flux_sigmas
 
 M, S = 0.3, 0.5
 

@@ -8,7 +8,12 @@ from diffusers.pipelines.flux.pipeline_flux_fill import (
 from hypothesis import given
 from hypothesis import strategies as st
 
-from core.schedules import calculate_shift, check_sigmas, flux_sigmas, image_seq_len
+from core.sampling.schedules import (
+    calculate_shift,
+    check_sigmas,
+    flux_sigmas,
+    image_seq_len,
+)
 
 # the scheduler config shipped with FLUX.1 Fill [dev]
 FLUX_SCHEDULER = dict(num_train_timesteps=1000, shift=3.0, use_dynamic_shifting=True, base_shift=0.5,

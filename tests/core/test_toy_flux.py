@@ -14,11 +14,12 @@ from diffusers.pipelines.flux.pipeline_flux_fill import calculate_shift
 from PIL import Image
 from transformers import CLIPTokenizer, T5TokenizerFast
 
-from core.flux_fill import FluxFillPolicy
-from core.glyphs import GLYPHS
-from core.schedules import flux_sigmas
+from core.io.tensor_store import StoreError
+from core.policies.flux_fill import FluxFillPolicy
+from core.sampling.schedules import flux_sigmas
+from core.synthetic.glyphs import GLYPHS
+from core.synthetic.world import BACKGROUNDS, COLOURS, SHAPES, SyntheticWorld, collate
 from core.tasks import EXTEND_NO_PROMPT, REMOVAL_PROMPT, TASKS
-from core.tensor_store import StoreError
 from core.toy_flux.build import (
     ClipSpec,
     T5Spec,
@@ -38,7 +39,6 @@ from core.toy_flux.tokenizers import (
     world_words,
 )
 from core.toy_flux.vae_training import CHECKPOINT, VAETrainConfig, train_vae
-from core.world import BACKGROUNDS, COLOURS, SHAPES, SyntheticWorld, collate
 
 SIZE, TEXT_LEN = 64, 16
 TINY_VAE = VAESpec(block_out_channels=(8, 8, 8), latent_channels=4, norm_num_groups=4)
@@ -49,7 +49,7 @@ TINY = ToyFluxSpec(
 
 
 def world_prompts() -> list[str]:
-    """Every prompt the world can write (core/world.py's templates over its words)."""
+    """Every prompt the world can write (core/synthetic/world.py's templates over its words)."""
     objects = [f"{c} {s}" for c, s in itertools.product(COLOURS, SHAPES)]
     prompts = [f"a {o}" for o in objects] + [REMOVAL_PROMPT, EXTEND_NO_PROMPT]
     for bg in BACKGROUNDS.values():
@@ -231,8 +231,8 @@ def test_vae_training_resumes_exactly(tmp_path):
 
 def test_the_shipped_toy_runs_with_diffusers_own_pipeline_and_edits_inside_the_mask():
     """core/assets/toy_flux as a user loads it: FluxFillPipeline.from_pretrained and diffusers' call."""
+    from core.synthetic.world import SyntheticWorld
     from core.toy_flux import shipped_model_dir
-    from core.world import SyntheticWorld
 
     pipe = FluxFillPipeline.from_pretrained(shipped_model_dir())
     pipe.set_progress_bar_config(disable=True)

@@ -9,7 +9,7 @@ from diffusers import FluxFillPipeline
 from PIL import Image
 
 import rl.pretrain
-from core.flux_fill import FluxFillPolicy
+from core.policies.flux_fill import FluxFillPolicy
 from core.toy_flux.build import TransformerSpec, VAESpec
 from core.toy_flux.editor_training import (
     CHECKPOINT,

@@ -3,9 +3,9 @@ import random
 import pytest
 import torch
 
-from core.metrics import ground_truth_metrics, summarize
+from core.synthetic.metrics import ground_truth_metrics, summarize
+from core.synthetic.world import VOCABULARY, SyntheticWorld, collate
 from core.tasks import TASKS
-from core.world import VOCABULARY, SyntheticWorld, collate
 
 
 @pytest.fixture(scope="module")

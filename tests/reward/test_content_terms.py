@@ -15,8 +15,8 @@ import random
 import pytest
 import torch
 
-from core.glyphs import GLYPHS, render_text
-from core.world import COLOURS, SHAPES, SyntheticWorld, shape_mask
+from core.synthetic.glyphs import GLYPHS, render_text
+from core.synthetic.world import COLOURS, SHAPES, SyntheticWorld, shape_mask
 from reward.judges.content_terms import (
     fill_alignment_term,
     shape_masks,

@@ -8,7 +8,7 @@ import torch
 from test_content_terms import _paint
 from test_judge_not_gameable import _scene, conditions
 
-from core.world import COLOURS, SHAPES, SyntheticWorld, shape_mask
+from core.synthetic.world import COLOURS, SHAPES, SyntheticWorld, shape_mask
 from reward.judges.extend_terms import extend_alignment_term
 
 SEED, N = 13, 32

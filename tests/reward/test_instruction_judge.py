@@ -22,12 +22,18 @@ import random
 import pytest
 import torch
 
-from core.backgrounds import MIN_CONTRAST, contrast
-from core.glyphs import GLYPHS, render_text
-from core.instruction_world import POSITIONS, InstructionWorld
 from core.masks import bbox, box_mask, dilate
+from core.synthetic.backgrounds import MIN_CONTRAST, contrast
+from core.synthetic.glyphs import GLYPHS, render_text
+from core.synthetic.instruction_world import POSITIONS, InstructionWorld
+from core.synthetic.world import (
+    BACKGROUNDS,
+    COLOURS,
+    SHAPES,
+    SyntheticWorld,
+    shape_mask,
+)
 from core.tasks import INSTRUCTION_TASKS, TASK_DIMENSIONS, dimensions_for
-from core.world import BACKGROUNDS, COLOURS, SHAPES, SyntheticWorld, shape_mask
 from reward.judge import JudgeRequest
 from reward.judges.instruction_terms import instruction_following_term
 from reward.judges.rule_judge import RuleJudge

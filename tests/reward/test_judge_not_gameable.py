@@ -17,7 +17,7 @@ import pytest
 import torch
 from test_content_terms import _common, _paint, fill_variants, text_variants
 
-from core.world import COLOURS, SHAPES, SyntheticWorld, shape_mask
+from core.synthetic.world import COLOURS, SHAPES, SyntheticWorld, shape_mask
 from reward.judge import JudgeRequest
 from reward.judges.rule_judge import RuleJudge
 

@@ -3,7 +3,7 @@ import json
 import pytest
 import torch
 
-from core.image_io import load_image, save_image
+from core.io.image_io import load_image, save_image
 from reward.training.preference_data import (
     load_pair,
     read_preferences,
@@ -86,7 +86,7 @@ def test_bad_files_and_sizes(files):
 
 
 def test_failure_candidates_spoil_only_the_mask():
-    from core.world import SyntheticWorld
+    from core.synthetic.world import SyntheticWorld
     from reward.training.demo_data import FAILURES, failure_candidates
 
     samples = [SyntheticWorld(seed=3).sample(t, i) for i, t in enumerate(("removal", "extend"))]
@@ -103,7 +103,10 @@ def test_failure_candidates_spoil_only_the_mask():
 
 def test_demo_data_with_failures_pairs_real_winners_with_spoilt_losers(tmp_path):
     from reward.judges.rule_judge import RuleJudge
-    from reward.training.demo_data import CANDIDATE_SETTINGS, build_demo_data_with_failures
+    from reward.training.demo_data import (
+        CANDIDATE_SETTINGS,
+        build_demo_data_with_failures,
+    )
 
     path = build_demo_data_with_failures(tmp_path, n_pairs=16, batch=8, seed=0, label_noise=0.0)
     records = [json.loads(line) for line in path.read_text().splitlines()]
@@ -112,7 +115,7 @@ def test_demo_data_with_failures_pairs_real_winners_with_spoilt_losers(tmp_path)
     spoilt = [r for r in records if index(r["loser"]) >= k]
     assert spoilt and all(index(r["winner"]) < k for r in spoilt)
     judge = RuleJudge()
-    from core.world import SyntheticWorld
+    from core.synthetic.world import SyntheticWorld
 
     world = SyntheticWorld(seed=101)
     for r in spoilt[:6]:   # without label noise every label is the rule judge's own

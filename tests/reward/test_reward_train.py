@@ -5,7 +5,7 @@ import types
 import pytest
 import torch
 
-from core.image_io import save_image
+from core.io.image_io import save_image
 from reward.judges.vlm_judge import TransformersJudge
 from reward.train import (
     RewardTrainConfig,

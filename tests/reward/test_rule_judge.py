@@ -1,8 +1,8 @@
 import pytest
 import torch
 
+from core.synthetic.world import COLOURS, SyntheticWorld
 from core.tasks import TASKS, dimensions_for
-from core.world import COLOURS, SyntheticWorld
 from reward.judge import JudgeError, JudgeRequest
 from reward.judges.rule_judge import RuleJudge
 

@@ -9,7 +9,7 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 import pytest
 import torch
 
-from core.world import SyntheticWorld
+from core.synthetic.world import SyntheticWorld
 from reward.judge import JudgeError, JudgeRequest, check_scores
 from reward.judges.api_judge import OpenAIJudge
 from reward.judges.rule_judge import RuleJudge

@@ -1,7 +1,7 @@
 """One process of tests/rl/test_fsdp2.py's swap test (torch.multiprocessing.spawn; light imports only).
 
 A small model sharded by fully_shard over 2 gloo processes, its copies made by weight_copies.clone
-(on the device and in host memory), updated by lerp_ and swapped in by core.policy.swapped_weights:
+(on the device and in host memory), updated by lerp_ and swapped in by core.policies.policy.swapped_weights:
 every forward is compared with an unsharded model holding the same values.
 """
 import json
@@ -20,7 +20,7 @@ def _model() -> nn.Module:
 def work(rank: int, world: int, port: int, out: str) -> None:
     from torch.distributed.fsdp import fully_shard
 
-    from core.policy import swapped_weights
+    from core.policies.policy import swapped_weights
     from rl.algorithms.weight_copies import clone, lerp_, local_bytes
 
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))

@@ -12,10 +12,10 @@ import torch
 from PIL import Image
 
 import rl.train
-from core.flux_fill import FluxFillPolicy
-from core.image_io import to_pil
+from core.io.image_io import to_pil
 from core.masks import dilate
-from core.world import SyntheticWorld
+from core.policies.flux_fill import FluxFillPolicy
+from core.synthetic.world import SyntheticWorld
 from rl.edit import NOISE_KEY, EditError, edit, load_editor, main
 from rl.evaluation.heldout import generate_images
 from rl.evaluation.model_card import model_card
@@ -113,7 +113,7 @@ def test_run_directory_defaults_match_evaluation_and_card(quick, tmp_path):
                  "--seed", "7", "--out", str(out)]) == 0
     policy, weights, _ = resolve_model(str(run_dir), torch.device("cpu"), cfg.model, cfg.data.image_size)
     [prepared] = ed.prepare([image], [mask], ["a blue square"])
-    from core.world import EditSample
+    from core.synthetic.world import EditSample
 
     sample = EditSample(NOISE_KEY, "fill", prepared.image, prepared.mask, "a blue square", None, {})
     expected = generate_images(policy, [sample], weights=weights, sigmas=rollout_sigmas(policy, 4, None),

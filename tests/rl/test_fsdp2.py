@@ -20,7 +20,7 @@ import pytest
 import torch
 
 import rl.train
-from core.config_io import ConfigError
+from core.config.loading import ConfigError
 from rl.plumbing.checkpoint import load_checkpoint
 from rl.plumbing.config import load_config
 from tests.rl.conftest import quick_overrides
@@ -168,7 +168,7 @@ def test_mixed_precision_trains_near_float32(runs):
 def test_export_writes_what_ddp_writes_and_loads(runs):
     from diffusers import FluxFillPipeline
 
-    from core.flux_fill import FluxFillPolicy
+    from core.policies.flux_fill import FluxFillPolicy
 
     tmp, _ = runs
     one, two = tmp / "one" / "final", tmp / "two" / "final"
@@ -188,7 +188,7 @@ def test_export_writes_what_ddp_writes_and_loads(runs):
 
 
 def test_copies_of_a_sharded_model_update_and_swap_in(tmp_path):
-    """weight_copies.clone / lerp_ on DTensor shards (device and host memory) and core.policy.swapped_weights
+    """weight_copies.clone / lerp_ on DTensor shards (device and host memory) and core.policies.policy.swapped_weights
     on a fully_shard-ed model: the forward uses the copy, and the trained weights are back afterwards.
     (Replacing the Parameter objects, the swap for unsharded models, is ignored by FSDP2: the forward
     would silently use the trained weights.)"""

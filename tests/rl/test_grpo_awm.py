@@ -9,8 +9,8 @@ import torch
 import kernels
 import rl.algorithms.grpo
 import rl.train
-from core.config_io import ConfigError
-from core.samplers import sample, sde_step_moments
+from core.config.loading import ConfigError
+from core.sampling.samplers import sample, sde_step_moments
 from rl.algorithms.awm import awm_loss, awm_times
 from rl.algorithms.grpo import GRPOTrainer
 from rl.algorithms.sde_rollout import sde_rollout, stochastic_steps, trained_steps

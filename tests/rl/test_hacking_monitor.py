@@ -8,7 +8,7 @@ from toy_judges import RedJudge
 
 import rl.evaluation.monitor as monitor_mod
 import rl.train
-from core.config_io import ConfigError
+from core.config.loading import ConfigError
 from rl.evaluation.monitor import (
     BEST_DIR,
     BEST_FILE,
@@ -200,7 +200,7 @@ def _records(run_dir):
 def test_divergence_warns_keeps_the_best_model_and_stops_resumably(quick, tmp_path, monkeypatch, capsys):
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-    from core.flux_fill import FluxFillPolicy
+    from core.policies.flux_fill import FluxFillPolicy
 
     monkeypatch.setattr(monitor_mod, "evaluate_point", _diverging(monitor_mod.evaluate_point))
     settings = {"train.steps": 6, "monitor.every": 1, "monitor.per_task": 1, "monitor.window": 3,

@@ -5,10 +5,10 @@ import re
 import pytest
 import torch
 
-from core.config_io import ConfigError
-from core.instruction_world import InstructionWorld
+from core.config.loading import ConfigError
+from core.synthetic.instruction_world import InstructionWorld
+from core.synthetic.world import SyntheticWorld
 from core.tasks import INSTRUCTION_TASKS
-from core.world import SyntheticWorld
 from rl.plumbing.config import load_config
 from rl.plumbing.data import WorldData
 

@@ -9,8 +9,8 @@ import torch
 from PIL import Image
 
 import rl.train
-from core.image_io import to_pil
-from core.instruction_world import InstructionWorld
+from core.io.image_io import to_pil
+from core.synthetic.instruction_world import InstructionWorld
 from rl.edit import EditError, edit, load_editor, main
 from rl.evaluation.model_card import model_card
 from rl.plumbing.config import ModelConfig, RunConfig, load_config

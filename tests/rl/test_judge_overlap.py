@@ -13,7 +13,7 @@ import pytest
 import torch
 
 import rl.train
-from core.config_io import ConfigError
+from core.config.loading import ConfigError
 from reward.judge import Judge, JudgeError, check_scores
 from rl.algorithms.judge_pipeline import ChunkJudging, rollout_chunks
 from rl.plumbing.checkpoint import load_checkpoint

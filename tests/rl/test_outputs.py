@@ -8,8 +8,8 @@ import pytest
 import torch
 
 import rl.train
-from core.config_io import ConfigError
-from core.image_io import _font, labeled_grid, wrap_text
+from core.config.loading import ConfigError
+from core.io.image_io import _font, labeled_grid, wrap_text
 from rl.evaluation.plots import (
     OVERALL,
     moving_average,
@@ -216,7 +216,7 @@ class _Recorder(logging.Handler):
 def test_loading_the_tiny_model_prints_no_noise(tiny_model_dir, capfd, dtype):
     from transformers.utils import logging as hf_logging
 
-    from core.flux_fill import FluxFillPolicy
+    from core.policies.flux_fill import FluxFillPolicy
 
     # the libraries log through their own handlers, which pytest's capture may not see: listen directly
     recorder = _Recorder()

@@ -19,7 +19,7 @@ from diffusers import FluxTransformer2DModel
 from torch.multiprocessing.reductions import StorageWeakRef
 from torch.utils._python_dispatch import TorchDispatchMode
 
-from core.lora import FLUX_ATTENTION_TARGETS, lora_config
+from core.policies.lora import FLUX_ATTENTION_TARGETS, lora_config
 from rl import plan as plan_cli
 from rl.planning.architectures import PlanError, pipeline_architecture
 from rl.planning.flux_activations import (

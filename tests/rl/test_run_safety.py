@@ -7,7 +7,7 @@ import torch
 
 import rl.plumbing.checkpoint
 import rl.train
-from core.tensor_store import load_tree, save_tree
+from core.io.tensor_store import load_tree, save_tree
 from reward.judge import JudgeError
 from reward.judges.rule_judge import RuleJudge
 from rl.plumbing.checkpoint import (

@@ -14,7 +14,7 @@ from rl.plumbing.config import load_config
 def test_small_run_leaves_everything_a_user_expects(quick, tmp_path):
     from diffusers import FluxFillPipeline, FluxTransformer2DModel
 
-    from core.flux_fill import FluxFillPolicy
+    from core.policies.flux_fill import FluxFillPolicy
 
     cfg = load_config(None, quick(**{
         "train.eval_per_task": 2, "train.sample_every": 1, "train.tensorboard": True}))

@@ -18,7 +18,7 @@ ratio and, with `_auto_resize` (its default), resizes the source to the nearest 
 PREFERRED_KONTEXT_RESOLUTIONS (Kontext's training resolutions, about 1 MP). This policy resizes
 nothing: the output has the source's size, whatever size `encode` is given (sides divisible by 16
 for FLUX.1; `preferred_resolution` names the size the pipeline would pick, to prepare data with
-core.image_io.resize_image). `pipe(image=x, height=H, width=W, max_area=H * W, _auto_resize=False)`
+core.io.image_io.resize_image). `pipe(image=x, height=H, width=W, max_area=H * W, _auto_resize=False)`
 is the pipeline call this policy equals.
 
 How the Condition carries an instruction edit (Kontext has no mask):
@@ -27,7 +27,7 @@ How the Condition carries an instruction edit (Kontext has no mask):
   first, then source tokens (the pipeline's `latent_ids`); the generated tokens are the first
   `x0_known.shape[1]` of them;
 - `blend_mask` [B, L, 1] of ones: everything is generated. The library's samplers still run the
-  mask-aware blend step (core.samplers, kernels.masked_blend_step); with m = 1 it is exactly the
+  mask-aware blend step (core.sampling.samplers, kernels.masked_blend_step); with m = 1 it is exactly the
   plain solver step (1 * x + 0 * kept = x), so blending on or off gives the same rollout, and the
   trainers' masked losses (NFT's mask_loss, GRPO/AWM's weights, ReFL's x0 blend) cover every token;
 - `x0_known` [B, L, 64]: the packed source latents again (nothing is kept from it with a blend
@@ -40,7 +40,7 @@ accepted and checked for shape but does not reach the model, and `masks=None` is
 Loading (a local directory, `resolve_model_path`), the schedule (FLUX's resolution-dependent shift
 from the number of generated tokens, as the pipeline computes it), dtypes, attention backends,
 gradient checkpointing, LoRA in diffusers' format (FluxKontextPipeline.load_lora_weights reads
-`save_lora_weights`) and `save_pretrained` are core.flux_base.FluxPolicyBase's, shared with FLUX.1 Fill.
+`save_lora_weights`) and `save_pretrained` are core.policies.flux_base.FluxPolicyBase's, shared with FLUX.1 Fill.
 """
 from __future__ import annotations
 
@@ -49,8 +49,8 @@ from diffusers import FluxKontextPipeline
 from diffusers.pipelines.flux.pipeline_flux_kontext import PREFERRED_KONTEXT_RESOLUTIONS
 from torch import Tensor
 
-from .flux_base import FluxPolicyBase
-from .policy import Condition, check_edit_batch
+from core.policies.flux_base import FluxPolicyBase
+from core.policies.policy import Condition, check_edit_batch
 
 DEFAULT_GUIDANCE = 2.5   # FLUX.1 Kontext [dev]'s model card and FluxKontextPipeline's example
 

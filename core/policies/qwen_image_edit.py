@@ -13,7 +13,7 @@ What the pipeline does, and what `encode` / `_velocity` / `decode` reproduce (te
 - the transformer gets t in [0, 1] (no guidance embedding) and predicts v = eps - x0;
 - true CFG (`true_cfg_scale` > 1, with `negative_prompt`, default " ") as the pipeline does it,
   including its norm rescale (the guided velocity is scaled to the conditional one's norm per
-  token); core.samplers.cfg_velocity has no rescale, so this policy's `velocity` applies it itself
+  token); core.sampling.samplers.cfg_velocity has no rescale, so this policy's `velocity` applies it itself
   when `true_cfg_scale` > 1 (default 1: off, one transformer call).
 Differences, on purpose: the pipeline runs under no_grad, our velocity and decode keep gradients;
 the pipeline takes PIL images and resizes the source to about 1 MP (`calculate_dimensions`); this
@@ -38,9 +38,9 @@ from diffusers import QwenImageEditPipeline, QwenImageTransformer2DModel
 from diffusers.pipelines.qwenimage.pipeline_qwenimage_edit import calculate_shift
 from torch import Tensor
 
-from . import packing
-from .flux_base import FluxPolicyBase
-from .policy import Condition, check_edit_batch
+from core.policies import packing
+from core.policies.flux_base import FluxPolicyBase
+from core.policies.policy import Condition, check_edit_batch
 
 
 class QwenImageEditPolicy(FluxPolicyBase):
@@ -91,7 +91,7 @@ class QwenImageEditPolicy(FluxPolicyBase):
         scheduler's dynamic shift for the generated token count (its exponential time shift and
         shift_terminal included); a static `shift` gives FLUX's plain shifted schedule instead."""
         if shift is not None:
-            from .schedules import flux_sigmas
+            from core.sampling.schedules import flux_sigmas
 
             return flux_sigmas(steps, shift=shift)
         h, w = self.image_size if image_hw is None else image_hw

@@ -15,7 +15,7 @@ For the mask-guided blend, `x0_known` holds the packed latents of the whole sour
 `blend_mask` marks every latent whose 8x8 pixel block touches the mask (a VAE latent is not
 pixel-exact), expanded to all channels: [B, L, 64].
 
-LoRA (core/lora.py): only adapter tensors are trainable (kept in float32 when the model runs in
+LoRA (core/policies/lora.py): only adapter tensors are trainable (kept in float32 when the model runs in
 bf16/fp16); `base()` evaluates the frozen base model; `save_lora_weights` writes diffusers' LoRA
 format (FluxFillPipeline.load_lora_weights reads it) and `save_pretrained` a loadable pipeline
 directory with the adapter merged into the transformer.
@@ -26,8 +26,9 @@ import torch
 from diffusers import FluxFillPipeline
 from torch import Tensor
 
-from . import packing
-from .flux_base import (  # noqa: F401  (re-exported: the library's older import sites)
+from core.masks import validate_mask
+from core.policies import packing
+from core.policies.flux_base import (  # noqa: F401  (re-exported: the library's older import sites)
     ADAPTER,
     CPU_ATTENTION_BACKENDS,
     FRAME_COMPONENTS,
@@ -36,15 +37,14 @@ from .flux_base import (  # noqa: F401  (re-exported: the library's older import
     quiet_weights_io,
     resolve_model_path,
 )
-from .masks import validate_mask
-from .policy import Condition, check_edit_batch
+from core.policies.policy import Condition, check_edit_batch
 
 DEFAULT_GUIDANCE = 30.0   # FluxFillPipeline's default guidance_scale for Fill [dev]
 
 
 class FluxFillPolicy(FluxPolicyBase):
     """FLUX.1 Fill as a mask-guided flow-matching editor (see the module docstring; loading, the
-    schedule, prompts, decoding, LoRA and saving are core.flux_base.FluxPolicyBase's)."""
+    schedule, prompts, decoding, LoRA and saving are core.policies.flux_base.FluxPolicyBase's)."""
 
     PIPELINE_CLASS = FluxFillPipeline
     MODEL_NAME = "FLUX Fill"

@@ -2,7 +2,7 @@
 
 Every entry point's config is a dataclass tree whose fields are declared with `opt(default,
 "meaning")` (sections with `section(cls, "meaning")`): the meaning sits in the field's metadata, so
-the source file and `--help` (core/config_cli.py) read the same text. `Range` and `check_ranges`
+the source file and `--help` (core/config/cli.py) read the same text. `Range` and `check_ranges`
 give each numeric key its allowed values, with errors that name the key.
 """
 from __future__ import annotations
@@ -14,7 +14,7 @@ import typing
 from collections.abc import Iterator, Mapping
 from typing import Any
 
-from .config_io import ConfigError
+from core.config.loading import ConfigError
 
 HELP = "help"
 

@@ -134,7 +134,7 @@ class Policy(abc.ABC):
     def schedule(self, steps: int) -> Tensor:
         """The model's default sampling times (steps + 1 values, 1 -> 0); plain linear here, models
         override it (FLUX's resolution-dependent dynamic shift)."""
-        from .schedules import flux_sigmas
+        from core.sampling.schedules import flux_sigmas
 
         return flux_sigmas(steps)
 
@@ -154,7 +154,7 @@ class Policy(abc.ABC):
         """Put a LoRA adapter (peft) on `model`'s `targets` (default: FLUX's attention projections,
         Edit-R1's choice); from then on only its tensors are trainable, kept in float32 even when the
         model runs in reduced precision (small updates vanish in bf16)."""
-        from .lora import FLUX_ATTENTION_TARGETS, lora_config
+        from core.policies.lora import FLUX_ATTENTION_TARGETS, lora_config
 
         if self.has_lora:
             raise ValueError(f"this {type(self).__name__} already has a LoRA adapter; add_lora once per policy")

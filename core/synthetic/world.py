@@ -9,7 +9,7 @@ Each sample is a pure function of (world seed, split, task, index); the "heldout
 a seed space disjoint from "train", so a fixed held-out set is simply indices 0..n-1.
 
 The instruction tasks (recolour, remove_named, add, retext, restyle) are made by
-core.instruction_world.InstructionWorld, a subclass that reuses the scene parts here.
+core.synthetic.instruction_world.InstructionWorld, a subclass that reuses the scene parts here.
 """
 from __future__ import annotations
 
@@ -21,9 +21,9 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from . import masks as M
-from .glyphs import GLYPHS, render_text, text_size
-from .tasks import EXTEND_NO_PROMPT, REMOVAL_PROMPT, TASKS, check_task
+from core import masks as M
+from core.synthetic.glyphs import GLYPHS, render_text, text_size
+from core.tasks import EXTEND_NO_PROMPT, REMOVAL_PROMPT, TASKS, check_task
 
 COLOURS: dict[str, tuple[float, float, float]] = {
     "red": (0.87, 0.15, 0.15),
@@ -112,14 +112,14 @@ class SyntheticWorld:
         self.seed = seed
 
     # -- public API ---------------------------------------------------------------------------
-    #: the tasks this world makes (core.instruction_world.InstructionWorld adds the instruction tasks)
+    #: the tasks this world makes (core.synthetic.instruction_world.InstructionWorld adds the instruction tasks)
     TASKS: tuple[str, ...] = TASKS
 
     def sample(self, task: str, index: int, split: str = "train") -> EditSample:
         check_task(task)
         if task not in self.TASKS:
             raise ValueError(f"{type(self).__name__} makes the tasks {list(self.TASKS)}, not {task!r}: "
-                             "instruction tasks come from core.instruction_world.InstructionWorld")
+                             "instruction tasks come from core.synthetic.instruction_world.InstructionWorld")
         if split not in SPLITS:
             raise ValueError(f"unknown split {split!r}; expected one of {SPLITS}")
         rng, gen = self._streams(split, task, index)

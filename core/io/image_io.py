@@ -13,7 +13,7 @@ import torch.nn.functional as F
 from PIL import Image
 from torch import Tensor
 
-from .masks import validate_mask
+from core.masks import validate_mask
 
 
 def _open(path: str | os.PathLike, what: str) -> Image.Image:

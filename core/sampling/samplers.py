@@ -1,7 +1,7 @@
 """ODE/SDE samplers for rectified flow, with mask-guided blending of the known region.
 
 Convention: x_t = (1 - t) x0 + t eps, v = eps - x0, and sampling runs over a schedule
-t_0 > t_1 > ... > t_n (core.schedules), normally from 1 to 0. A velocity function maps
+t_0 > t_1 > ... > t_n (core.sampling.schedules), normally from 1 to 0. A velocity function maps
 (x [B, ...], t [B] float32) to v with x's shape; the packed layout [B, L, C] is the usual one.
 From (x, v) the model's predictions are x0_hat = x - t v and eps_hat = x + (1 - t) v.
 
@@ -42,10 +42,9 @@ from collections.abc import Callable, Sequence
 import torch
 from torch import Tensor
 
+from core.policies.policy import Condition, Policy
+from core.sampling.schedules import check_sigmas
 from kernels import masked_blend_step
-
-from .policy import Condition, Policy
-from .schedules import check_sigmas
 
 VelocityFn = Callable[[Tensor, Tensor], Tensor]
 METHODS = ("euler", "dpm2", "sde")

@@ -1,7 +1,7 @@
-"""Reading a background's kind (gradient, stripes, texture: core.world.BACKGROUNDS) from pixels.
+"""Reading a background's kind (gradient, stripes, texture: core.synthetic.world.BACKGROUNDS) from pixels.
 
 The restyle task ("change the background to stripes") names a kind, not one picture: any striped
-background is an answer, whatever its period or colours. core.metrics (style accuracy) and the
+background is an answer, whatever its period or colours. core.synthetic.metrics (style accuracy) and the
 rule judge (reward/judges/instruction_terms.py) both read the kind with this module, the judge
 softly: every step is differentiable in the image.
 
@@ -21,14 +21,14 @@ backgrounds slowly along both) estimates twice the per-pixel noise variance, `gr
 taken off every variance. A background with little variance above that floor (`contrast`), or
 whose variance is mostly grain (`pattern`, the share of the variance above the floor: noise and
 flat fills, not kinds at all), reads as "none". The thresholds hold for backgrounds of contrast
->= MIN_CONTRAST, which the restyle task's targets have (see core/instruction_world.py).
+>= MIN_CONTRAST, which the restyle task's targets have (see core/synthetic/instruction_world.py).
 """
 from __future__ import annotations
 
 import torch
 from torch import Tensor
 
-from .world import BACKGROUNDS
+from core.synthetic.world import BACKGROUNDS
 
 #: the kinds, then "none" (the order of `kind_probabilities`' columns)
 KINDS: tuple[str, ...] = (*BACKGROUNDS, "none")

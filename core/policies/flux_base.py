@@ -23,10 +23,10 @@ import torch
 from diffusers import FluxTransformer2DModel
 from torch import Tensor
 
-from . import packing
-from .lora import merged_state_dict
-from .policy import Condition, Policy, swapped_weights
-from .schedules import flux_sigmas, image_seq_len
+from core.policies import packing
+from core.policies.lora import merged_state_dict
+from core.policies.policy import Condition, Policy, swapped_weights
+from core.sampling.schedules import flux_sigmas, image_seq_len
 
 ADAPTER = Policy.LORA_ADAPTER
 FRAME_COMPONENTS = ("vae", "text_encoder", "tokenizer", "text_encoder_2", "tokenizer_2", "scheduler")
@@ -145,7 +145,7 @@ class FluxPolicyBase(Policy):
         cfg = self.model.config
         if guidance is not None and not cfg.guidance_embeds:
             raise ValueError(f"guidance={guidance} given, but this transformer has no guidance embedding "
-                             "(leave model.guidance unset; true CFG is core.samplers.sample_policy(cfg_scale=, uncond=))")
+                             "(leave model.guidance unset; true CFG is core.sampling.samplers.sample_policy(cfg_scale=, uncond=))")
         self.guidance = ((self.DEFAULT_GUIDANCE if guidance is None else float(guidance))
                          if cfg.guidance_embeds else None)
         # FLUX's joint attention has no text mask: T5 padding changes the output, so a model must run
@@ -213,7 +213,7 @@ class FluxPolicyBase(Policy):
                      **options)
         spec_file = Path(resolved, "toy_flux.json")
         if spec_file.is_file():  # a toy: its encoders know only the world's words
-            from .toy_flux.build import ToyFluxSpec
+            from core.toy_flux.build import ToyFluxSpec
 
             policy.known_words = frozenset(ToyFluxSpec.from_dict(json.loads(spec_file.read_text())).vocabulary)
             policy.toy_spec = spec_file.read_text()  # save_pretrained writes it along, so exports stay toys
@@ -297,8 +297,8 @@ class FluxPolicyBase(Policy):
             unknown = [w for w in re.findall(r"\d|[^\W\d_]+|[^\w\s]", prompt.lower()) if w not in self.known_words]
             if unknown:
                 return (f"prompt {prompt!r} has words outside the toy model's vocabulary: {unknown}. The toy was "
-                        "trained only on the synthetic world's words (core.world.VOCABULARY; an instruction toy "
-                        "also on core.instruction_world.INSTRUCTION_WORDS)")
+                        "trained only on the synthetic world's words (core.synthetic.world.VOCABULARY; an instruction toy "
+                        "also on core.synthetic.instruction_world.INSTRUCTION_WORDS)")
         return None
 
     def _check_images(self, images: Tensor) -> None:
@@ -308,7 +308,7 @@ class FluxPolicyBase(Policy):
         H, W = images.shape[2:]
         if H % m or W % m:
             raise ValueError(f"{self.MODEL_NAME} needs image sides divisible by {m} (VAE factor x 2x2 packing), got "
-                             f"{H}x{W}: resize with core.image_io.resize_to_multiple(image, {m}) (and the mask alike)")
+                             f"{H}x{W}: resize with core.io.image_io.resize_to_multiple(image, {m}) (and the mask alike)")
         lo, hi = float(images.min()), float(images.max())
         if not (lo >= -1e-3 and hi <= 1 + 1e-3):
             raise ValueError(f"images must be floats in [0, 1], got values in [{lo:.3g}, {hi:.3g}]")

@@ -9,7 +9,7 @@ Per task:
 - text:    glyph_acc (share of characters recognised by template matching), text_exact, ink_iou.
 Shared: psnr_mask for every task, so one number compares across tasks.
 
-Instruction tasks (core/instruction_world.py; their mask is the region that should change) add
+Instruction tasks (core/synthetic/instruction_world.py; their mask is the region that should change) add
 psnr_keep, PSNR over what must stay as in the source (truth["keep"]: consistency), and per task
 what instruction following means there:
 - recolour:     colour_acc (the object's footprint reads as the requested colour);
@@ -19,7 +19,7 @@ what instruction following means there:
                 image), position_acc (that region's centre lies in the named cell);
 - retext:       glyph_acc, text_exact (the ink against the text-free scene, read at the cells as
                 the new text);
-- restyle:      style_acc (the background reads as the requested kind: core.backgrounds).
+- restyle:      style_acc (the background reads as the requested kind: core.synthetic.backgrounds).
 """
 from __future__ import annotations
 
@@ -29,12 +29,12 @@ from collections import defaultdict
 import torch
 from torch import Tensor
 
-from .backgrounds import read_kind
-from .glyphs import GLYPHS, glyph
-from .instruction_world import cell_of
-from .masks import bbox
-from .tasks import INSTRUCTION_TASKS
-from .world import COLOURS, SHAPES, EditSample, shape_mask
+from core.masks import bbox
+from core.synthetic.backgrounds import read_kind
+from core.synthetic.glyphs import GLYPHS, glyph
+from core.synthetic.instruction_world import cell_of
+from core.synthetic.world import COLOURS, SHAPES, EditSample, shape_mask
+from core.tasks import INSTRUCTION_TASKS
 
 #: the metrics that say whether a task's edits got better, per task: the first is the task's main
 #: metric (what it asks for); instruction tasks add psnr_keep (consistency: what must stay did)

@@ -5,7 +5,7 @@
     args, cfg = parse_config(parser, PretrainConfig, argv)
 
 --help ends with every key of the config (dotted, grouped by section): its default, type or
-choices, allowed range and one-line meaning, all read from the dataclass (core/config_schema.py).
+choices, allowed range and one-line meaning, all read from the dataclass (core/config/schema.py).
 """
 from __future__ import annotations
 
@@ -19,8 +19,8 @@ from typing import Any, TypeVar
 
 import yaml
 
-from .config_io import ConfigError, load_yaml, to_dict
-from .config_schema import Range, config_keys, meaning_of, nested_dataclass
+from core.config.loading import ConfigError, load_yaml, to_dict
+from core.config.schema import Range, config_keys, meaning_of, nested_dataclass
 
 T = TypeVar("T")
 

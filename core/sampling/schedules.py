@@ -93,7 +93,7 @@ def check_sigmas(sigmas: Tensor) -> Tensor:
     """Validate a schedule for the samplers: 1-D, finite, within [0, 1], strictly decreasing."""
     if not isinstance(sigmas, Tensor) or sigmas.dim() != 1 or sigmas.numel() < 1:
         raise ValueError("sigmas must be a 1-D tensor of times from 1 (noise) towards 0 (data), "
-                         "e.g. core.schedules.flux_sigmas(num_steps)")
+                         "e.g. core.sampling.schedules.flux_sigmas(num_steps)")
     s = sigmas.detach().to("cpu", torch.float64)
     if not torch.isfinite(s).all() or float(s.min()) < 0 or float(s.max()) > 1:
         raise ValueError(f"sigmas must lie in [0, 1], got values in [{float(s.min())}, {float(s.max())}]")

@@ -1,6 +1,6 @@
 """Instruction edits with ground truth: Edit-R1's setting (an instruction, no mask) in the synthetic world.
 
-The mask-guided world (core.world.SyntheticWorld) hands the editor a mask and a prompt. Edit-R1 /
+The mask-guided world (core.synthetic.world.SyntheticWorld) hands the editor a mask and a prompt. Edit-R1 /
 UniWorld-V2 post-train *instruction* editors: the user says what to do ("make the red circle
 blue") and the editor must find where. The same scenes (backgrounds, coloured shapes, digits in
 the world's font) give five such tasks with exact answers:
@@ -14,7 +14,7 @@ the world's font) give five such tasks with exact answers:
 - retext        'replace the text "42" with "17"': the same place, size and ink, other digits
                 (every character changes, so leaving the text as it was reads as 0% right);
 - restyle       "change the background to stripes": the same objects on a background of another
-                kind (gradient, stripes, texture: the kinds core.world renders), new colours drawn
+                kind (gradient, stripes, texture: the kinds core.synthetic.world renders), new colours drawn
                 by the world's own background generator.
 
 Objects of a scene have distinct (colour, shape) names, so every instruction names exactly one.
@@ -28,7 +28,7 @@ EditSample fields for an instruction task:
 - `mask`: the region that should change (recolour, remove_named: the object's footprint; add: the
   added object's; retext: the text's box; restyle: the background, every pixel off the objects).
   It is ground truth for metrics and judges, NOT an input of the editor: an instruction editor is
-  given source and prompt only. (core.world.collate still stacks it into EditBatch.masks; a
+  given source and prompt only. (core.synthetic.world.collate still stacks it into EditBatch.masks; a
   mask-guided policy fed these batches would be told where to edit, which is why no trainer takes
   instruction tasks yet: rl.plumbing refuses them.)
 - `truth`: the scene (background, bg_kind, objects: each with its own mask, shape, colour, centre
@@ -40,7 +40,7 @@ EditSample fields for an instruction task:
 The instructions need words the mask-guided prompts never use ("make", "remove", "add", "top",
 ...): INSTRUCTION_WORDS lists them in one place, and INSTRUCTION_VOCABULARY is the world's
 VOCABULARY plus them. The toy FLUX's tokenizers (core/toy_flux/tokenizers.py) are built over
-core.world.VOCABULARY only, and FluxFillPolicy.prompt_problem refuses prompts with words outside
+core.synthetic.world.VOCABULARY only, and FluxFillPolicy.prompt_problem refuses prompts with words outside
 it; a tokenizer (and toy) built for instruction editing should be built over
 INSTRUCTION_VOCABULARY (world_words(INSTRUCTION_VOCABULARY)). VOCABULARY itself is unchanged, so
 the shipped toy and its tokenizers stay as they are.
@@ -54,11 +54,10 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from . import masks as M
-from .backgrounds import MIN_CONTRAST, contrast
-from .glyphs import GLYPHS, render_text
-from .tasks import INSTRUCTION_TASKS, TASKS
-from .world import (
+from core import masks as M
+from core.synthetic.backgrounds import MIN_CONTRAST, contrast
+from core.synthetic.glyphs import GLYPHS, render_text
+from core.synthetic.world import (
     BACKGROUNDS,
     COLOURS,
     SHAPES,
@@ -67,6 +66,7 @@ from .world import (
     SyntheticWorld,
     shape_mask,
 )
+from core.tasks import INSTRUCTION_TASKS, TASKS
 
 #: grid positions of the add task: (row, column) of a 3 x 3 grid -> the words of the instruction
 POSITIONS: dict[tuple[int, int], str] = {
@@ -75,11 +75,11 @@ POSITIONS: dict[tuple[int, int], str] = {
     (2, 0): "at the bottom left", (2, 1): "at the bottom", (2, 2): "at the bottom right",
 }
 GRID = 3
-#: the background kinds (core.world.BACKGROUNDS' keys) as the restyle instruction names them
+#: the background kinds (core.synthetic.world.BACKGROUNDS' keys) as the restyle instruction names them
 STYLES: dict[str, str] = {"gradient": "a gradient", "stripes": "stripes", "texture": "a texture"}
 #: an object's reach beyond its centre in units of r (the diamond's 1.1), for add's allowed area
 _REACH = 1.1
-#: the world's largest object radius (core.world.SyntheticWorld._objects draws r in [5, 8])
+#: the world's largest object radius (core.synthetic.world.SyntheticWorld._objects draws r in [5, 8])
 _R_MAX = 8.0
 
 
@@ -99,7 +99,7 @@ def _instruction_words() -> list[str]:
     return sorted(words - set(VOCABULARY))
 
 
-#: the words instruction prompts use that mask-guided prompts (core.world.VOCABULARY) do not;
+#: the words instruction prompts use that mask-guided prompts (core.synthetic.world.VOCABULARY) do not;
 #: a tokenizer built for instruction editing must include them (see the module docstring)
 INSTRUCTION_WORDS: list[str] = _instruction_words()
 #: every token an instruction prompt (or a mask-guided prompt) of this world can contain
