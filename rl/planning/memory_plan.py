@@ -47,6 +47,7 @@ from rl.planning.meta_models import (
     count_vlm,
 )
 from rl.plumbing.config import RunConfig
+from rl.plumbing.model_kinds import KINDS
 
 GIB = 1024**3
 #: CUDA context, cuBLAS / NCCL workspaces and caching-allocator slack: a typical value, not computed
@@ -54,8 +55,6 @@ RUNTIME_OVERHEAD = 1 * GIB
 #: a plan "fits" below this share of the GPU (allocator fragmentation needs the rest)
 HEADROOM = 0.9
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
-#: policies whose sequence holds the source image's tokens after the generated ones (core/policies/flux_kontext.py)
-_KONTEXT_KINDS = ("flux_kontext", "tiny_kontext")
 _PART_LABELS = {"transformer": "transformer", "text_encoder": "text encoder",
                 "text_encoder_2": "text encoder 2", "vae": "VAE"}
 
@@ -147,7 +146,7 @@ def step_shape(cfg: RunConfig, arch: PipelineArchitecture, gpus: int) -> tuple[S
     side = cfg.data.image_size // (2 ** (len(vae["block_out_channels"]) - 1) * 2)  # VAE factor, then 2x2 packing
     rollout = min(cfg.sampler.rollout_chunk or per_gpu, per_gpu) if cfg.train.algorithm != "refl" else per_gpu
     # Kontext appends the source image's tokens to the generated ones: every block sees both
-    streams = 2 if cfg.model.kind in _KONTEXT_KINDS else 1
+    streams = 2 if KINDS[cfg.model.kind].appends_source else 1
     return StepShape(images, per_gpu, micro, streams * side * side, arch.text_tokens, rollout), warnings
 
 
@@ -296,7 +295,7 @@ def _header(cfg: RunConfig, arch: PipelineArchitecture, shape: StepShape, gpus: 
     fsdp = "" if shards(cfg, gpus) == 1 else (
         f", FSDP2 over {gpus} GPUs (compute {str(compute_dtype(cfg)).removeprefix('torch.')}"
         f"{', CPU offload' if d.cpu_offload else ''}{', copies in host memory' if d.copies == 'cpu' else ''})")
-    name = "FLUX.1 Kontext" if m.kind in _KONTEXT_KINDS else "FLUX.1 Fill"
+    name = "FLUX.1 Kontext" if KINDS[m.kind].family == "kontext" else "FLUX.1 Fill"
     return [(f"policy   {name}, {m.dtype}, {lora}, gradient checkpointing {checkpointing}{fsdp}; "
              f"architecture from {arch.source}"),
             (f"step     {algo}: {split}; backward on {shape.micro_batch} x ({shape.image_tokens} image + "
@@ -335,7 +334,7 @@ def make_plan(cfg: RunConfig, gpus: int = 1, gpu_memory_gib: float = 80.0) -> Me
     if gpus < 1 or gpu_memory_gib <= 0:
         raise PlanError(f"need at least one GPU with some memory, got {gpus} x {gpu_memory_gib} GiB")
     m = cfg.model
-    if m.kind == "qwen_image_edit":
+    if KINDS[m.kind].family == "qwen":
         raise PlanError("rl.plan models FLUX pipelines (FluxTransformer2DModel, CLIP + T5) only; Qwen-Image-Edit "
                         "(QwenImageTransformer2DModel, ~20 B, with a Qwen2.5-VL-7B text encoder) is not modelled yet")
     dtype = _DTYPES[m.dtype]

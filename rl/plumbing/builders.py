@@ -14,6 +14,7 @@ from reward.judge import Judge
 from rl.plumbing.config import BUILTIN_KINDS, DataConfig, JudgeConfig, ModelConfig
 from rl.plumbing.data import JsonlData, WorldData
 from rl.plumbing.distributed import resolve_device
+from rl.plumbing.model_kinds import KINDS
 
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -24,9 +25,10 @@ def build_policy(cfg: ModelConfig, device: torch.device, image_size: int | None 
     FLUX.1 Kontext [dev] (kind flux_kontext), both through core.policies.flux_kontext.FluxKontextPolicy, or Qwen-Image-Edit (kind qwen_image_edit,
     core.policies.qwen_image_edit.QwenImageEditPolicy). `image_size`: the resolution FLUX's shift is computed
     for (None: the VAE's native size, 64 for the toy)."""
-    if cfg.kind in ("flux_kontext", "tiny_kontext"):
+    family = KINDS[cfg.kind].family
+    if family == "kontext":
         from core.policies.flux_kontext import FluxKontextPolicy as policy_class
-    elif cfg.kind == "qwen_image_edit":
+    elif family == "qwen":
         from core.policies.qwen_image_edit import QwenImageEditPolicy as policy_class
     else:
         from core.policies.flux_fill import FluxFillPolicy as policy_class
@@ -45,7 +47,7 @@ def build_policy(cfg: ModelConfig, device: torch.device, image_size: int | None 
         path, device=device, dtype=_DTYPES[cfg.dtype], lora=lora, gradient_checkpointing=cfg.gradient_checkpointing,
         attention_backend=cfg.attention_backend, guidance=cfg.guidance,
         local_files_only=cfg.kind in BUILTIN_KINDS or not cfg.allow_download, image_size=image_size,
-        **({"true_cfg_scale": cfg.true_cfg_scale} if cfg.kind == "qwen_image_edit" else {}))
+        **({"true_cfg_scale": cfg.true_cfg_scale} if family == "qwen" else {}))
 
 
 def build_judge(cfg: JudgeConfig, device: torch.device) -> Judge:

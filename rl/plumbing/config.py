@@ -12,7 +12,8 @@ from typing import Literal
 
 from core.config.loading import ConfigError, load_yaml  # noqa: F401  (ConfigError re-exported)
 from core.config.schema import opt, section
-from rl.plumbing.config_checks import BUILTIN_KINDS, INSTRUCTION_KINDS, validate  # noqa: F401  (re-exported)
+from rl.plumbing.config_checks import validate
+from rl.plumbing.model_kinds import BUILTIN_KINDS, INSTRUCTION_KINDS  # noqa: F401  (re-exported)
 
 
 @dataclasses.dataclass

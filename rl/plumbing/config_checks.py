@@ -18,6 +18,7 @@ from core.config.schema import Range, numeric_values  # noqa: F401  (re-exported
 from core.config.schema import at_least as _at_least
 from core.config.schema import check_ranges as _check_ranges
 from core.tasks import ALL_TASKS, INSTRUCTION_TASKS, TASKS
+from rl.plumbing.model_kinds import BUILTIN_KINDS, INSTRUCTION_KINDS
 
 _DECAY = Range(0, 1, open_hi=True, note="1 would freeze the copy")
 
@@ -100,10 +101,6 @@ NUMERIC_RANGES: dict[str, Range] = {
 NUMERIC_RANGES.update({f"monitor.{k}": r for k, r in list(NUMERIC_RANGES.items()) if k.startswith("judge.")})
 
 
-#: model kinds that edit from an instruction alone (no mask): they train on core.tasks.INSTRUCTION_TASKS
-INSTRUCTION_KINDS: tuple[str, ...] = ("tiny_kontext", "flux_kontext", "qwen_image_edit")
-#: the kinds with a built-in toy (model.path null)
-BUILTIN_KINDS: tuple[str, ...] = ("tiny", "tiny_kontext")
 
 
 def check_ranges(cfg: Any) -> None:

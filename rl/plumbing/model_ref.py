@@ -17,14 +17,7 @@ from core.policies.policy import Policy
 from rl.plumbing.builders import build_policy
 from rl.plumbing.checkpoint import latest_checkpoint, load_checkpoint
 from rl.plumbing.config import ModelConfig, RunConfig, load_config
-
-#: the model kinds of a pipeline class (model_index.json's _class_name): (a toy's, any other's)
-_PIPELINE_KINDS = {"FluxKontextPipeline": ("tiny_kontext", "flux_kontext"),
-                   "QwenImageEditPipeline": ("qwen_image_edit", "qwen_image_edit"),
-                   "FluxFillPipeline": ("tiny", "flux_fill")}
-#: the policy class each model.kind loads (core.policies.flux_fill, core.policies.flux_kontext, core.policies.qwen_image_edit)
-_FAMILIES = {"tiny": "fill", "flux_fill": "fill", "tiny_kontext": "kontext", "flux_kontext": "kontext",
-             "qwen_image_edit": "qwen"}
+from rl.plumbing.model_kinds import KINDS, kind_of_pipeline
 
 
 def resolve_model(spec: str, device: torch.device, default: ModelConfig | None = None,
@@ -80,17 +73,14 @@ def pipeline_kind(directory: Path) -> str | None:
         name = json.loads((directory / "model_index.json").read_text()).get("_class_name")
     except (OSError, ValueError, AttributeError):
         return None
-    kinds = _PIPELINE_KINDS.get(name)
-    if kinds is None:
-        return None
-    return kinds[0] if (directory / "toy_flux.json").is_file() else kinds[1]
+    return kind_of_pipeline(name, toy=(directory / "toy_flux.json").is_file())
 
 
 def model_config_for(directory: Path, cfg: ModelConfig) -> ModelConfig:
     """`cfg` with the kind of the pipeline in `directory` when the configured kind would load it with
     another policy class (a Kontext directory is an instruction editor whatever the default says)."""
     kind = pipeline_kind(directory)
-    if kind is None or _FAMILIES[kind] == _FAMILIES.get(cfg.kind):
+    if kind is None or KINDS[kind].family == KINDS[cfg.kind].family:
         return cfg
     return dataclasses.replace(cfg, kind=kind)
 

@@ -56,3 +56,18 @@ def test_world_data_serves_instruction_tasks_and_the_same_mask_guided_ones():
     plain = SyntheticWorld(size=64, seed=3)
     for a, b in zip(fill.held_out("text", 3), plain.held_out("text", 3)):
         assert a.prompt == b.prompt and torch.equal(a.source, b.source) and torch.equal(a.mask, b.mask)
+
+
+def test_the_kinds_table_covers_every_configurable_kind_and_pipeline_directory():
+    import typing
+
+    from rl.plumbing.config import ModelConfig
+    from rl.plumbing.model_kinds import KINDS, kind_of_pipeline
+
+    configurable = set(typing.get_args(typing.get_type_hints(ModelConfig)["kind"]))
+    assert configurable == set(KINDS)
+    assert kind_of_pipeline("FluxKontextPipeline", toy=True) == "tiny_kontext"
+    assert kind_of_pipeline("FluxKontextPipeline", toy=False) == "flux_kontext"
+    assert kind_of_pipeline("FluxFillPipeline", toy=True) == "tiny"
+    assert kind_of_pipeline("QwenImageEditPipeline", toy=True) == "qwen_image_edit"  # no toy: the real one
+    assert kind_of_pipeline("StableDiffusionPipeline", toy=False) is None
