@@ -195,7 +195,7 @@ def plan_run(cfg, gpu_memory_gib: float) -> dict[str, Any]:
     seconds = time.perf_counter() - tic
     arch = pipeline_architecture(cfg.model.path, cfg.model.kind)
     shape, _ = step_shape(cfg, arch, 1)
-    dims = FluxDims.from_config(arch.part("transformer").config)
+    dims = FluxDims.from_config(arch.part("transformer").config, arch.part("transformer").class_name)
     lora = cfg.model.lora
     training = Training() if lora is None else Training(frozenset(lora.targets), lora.r, torch.float32)
     dtype = compute_dtype(cfg)

@@ -15,8 +15,17 @@ from typing import Any
 from rl.planning.known_models import KNOWN_PIPELINES, KNOWN_VLMS
 from rl.plumbing.config_checks import BUILTIN_KINDS
 
-#: the FluxFillPipeline parts a plan builds (tokenizers and scheduler hold no GPU memory)
+#: the parts a plan builds per pipeline class (tokenizers, processor and scheduler hold no GPU memory)
 PIPELINE_PARTS = ("transformer", "text_encoder", "text_encoder_2", "vae")
+_PARTS_OF = {"QwenImageEditPipeline": ("transformer", "text_encoder", "vae")}
+#: Qwen-Image-Edit's text sequence past its image tokens: the prompt template's tail after the
+#: 64 tokens the pipeline drops (user turn, vision start / end, assistant turn) and an instruction
+#: of up to ~50 tokens. An assumption, said in the plan; instructions are rarely longer.
+QWEN_TEXT_OVERHEAD = 64
+#: Qwen2.5-VL's processor: 14-pixel patches merged 2 x 2, sides rounded to multiples of 28
+_QWEN_VL_FACTOR = 28
+#: the longest text sequence core.policies.qwen_image_edit.QwenImageEditPolicy accepts (the pipeline's cap)
+QWEN_MAX_SEQUENCE = 1024
 _HUB_ID = re.compile(r"[A-Za-z0-9][\w.-]*/[\w.-]+")
 _KNOWN_TABLE = "rl/planning/known_models.py"
 
@@ -45,10 +54,28 @@ class PipelineArchitecture:
 
     source: str
     components: tuple[Component, ...]
-    text_tokens: int      # T5 tokens per prompt: min(512, tokenizer_2's model_max_length), as FluxFillPolicy
+    #: FLUX: T5 tokens per prompt, min(512, tokenizer_2's model_max_length), as FluxFillPolicy;
+    #: Qwen-Image-Edit: the cap of its text sequence (the policy's max_sequence_length)
+    text_tokens: int
+    pipeline: str = "FluxFillPipeline"
 
     def part(self, name: str) -> Component:
         return next(c for c in self.components if c.name == name)
+
+    def text_tokens_at(self, image_size: int) -> int:
+        """Text tokens per prompt for images of `image_size` px: FLUX's are fixed; Qwen-Image-Edit's
+        Qwen2.5-VL reads the source image with the instruction, (side / 28)^2 image tokens (its
+        processor's rounding) plus QWEN_TEXT_OVERHEAD."""
+        if self.pipeline != "QwenImageEditPipeline":
+            return self.text_tokens
+        side = max(1, round(image_size / _QWEN_VL_FACTOR))
+        return min(self.text_tokens, side * side + QWEN_TEXT_OVERHEAD)
+
+    def latent_factor(self) -> int:
+        """Pixels per side of one transformer token: the VAE's downsampling times the 2 x 2 packing."""
+        vae = self.part("vae").config
+        levels = len(vae["dim_mult"]) if "dim_mult" in vae else len(vae["block_out_channels"])
+        return 2 ** (levels - 1) * 2
 
 
 @dataclasses.dataclass(frozen=True)
@@ -92,16 +119,20 @@ def _pipeline_from_files(source: str, find) -> PipelineArchitecture:
     if index_path is None:
         raise PlanError(f"{source} has no model_index.json: give a FluxFillPipeline directory")
     index = _read_json(index_path)
+    pipeline = index.get("_class_name", "FluxFillPipeline")
+    wanted = _PARTS_OF.get(pipeline, PIPELINE_PARTS)
     parts = []
-    for name in PIPELINE_PARTS:
+    for name in wanted:
         entry = index.get(name)
         config_path = find(f"{name}/config.json")
         if not entry or config_path is None:
-            raise PlanError(f"{source} lacks {name}/config.json (a FluxFillPipeline needs {', '.join(PIPELINE_PARTS)})")
+            raise PlanError(f"{source} lacks {name}/config.json (a {pipeline} needs {', '.join(wanted)})")
         parts.append(_component(name, entry[0], entry[1], _read_json(config_path)))
+    if pipeline == "QwenImageEditPipeline":
+        return PipelineArchitecture(source, tuple(parts), QWEN_MAX_SEQUENCE, pipeline)
     tokenizer = find("tokenizer_2/tokenizer_config.json")
     max_length = _read_json(tokenizer).get("model_max_length", 512) if tokenizer is not None else 512
-    return PipelineArchitecture(source, tuple(parts), min(512, int(max_length)))
+    return PipelineArchitecture(source, tuple(parts), min(512, int(max_length)), pipeline)
 
 
 def _unknown(key: str, name: str, known: dict, local_files: str, json_glob: str) -> PlanError:
@@ -134,9 +165,12 @@ def pipeline_architecture(path: str | None, kind: str = "flux_fill") -> Pipeline
         return _pipeline_from_files(f"Hugging Face cache ({path})", lambda rel: _cached(path, rel))
     if path in KNOWN_PIPELINES:
         known = KNOWN_PIPELINES[path]
-        parts = tuple(_component(name, *known[name]) for name in PIPELINE_PARTS)
+        pipeline = known["pipeline"]
+        parts = tuple(_component(name, *known[name]) for name in _PARTS_OF.get(pipeline, PIPELINE_PARTS))
+        if pipeline == "QwenImageEditPipeline":
+            return PipelineArchitecture(f"{_KNOWN_TABLE} ({path})", parts, QWEN_MAX_SEQUENCE, pipeline)
         max_length = known["tokenizer_2"][2]["model_max_length"]
-        return PipelineArchitecture(f"{_KNOWN_TABLE} ({path})", parts, min(512, int(max_length)))
+        return PipelineArchitecture(f"{_KNOWN_TABLE} ({path})", parts, min(512, int(max_length)), pipeline)
     raise _unknown("model.path", path, KNOWN_PIPELINES,
                    "model_index.json and transformer/, text_encoder/, text_encoder_2/, vae/ config.json", "*.json")
 

@@ -1,4 +1,5 @@
-"""Activation memory of one FluxTransformer2DModel forward with gradients, as a formula.
+"""Activation memory of one FluxTransformer2DModel (or QwenImageTransformer2DModel) forward with
+gradients, as a formula.
 
 The formula counts the tensors autograd keeps for the backward pass, read op by op from diffusers'
 FluxTransformerBlock / FluxSingleTransformerBlock / FluxAttnProcessor (diffusers 0.42):
@@ -17,7 +18,8 @@ FluxTransformerBlock / FluxSingleTransformerBlock / FluxAttnProcessor (diffusers
 With gradient checkpointing (diffusers: torch.utils.checkpoint, non-reentrant) each block keeps
 only its inputs, and the backward recomputes one block at a time. Per-sample tensors (time and
 guidance embeddings, modulation vectors: B x 6 x width) are left out: they are ~1/tokens of the rest.
-tests/rl/test_plan.py checks `saved_bytes` against the bytes a real forward keeps.
+tests/rl/test_plan.py checks `saved_bytes` against the bytes a real forward keeps, and
+tests/rl/test_plan_qwen.py for Qwen-Image's blocks (FluxDims.from_config says what differs).
 """
 from __future__ import annotations
 
@@ -41,15 +43,32 @@ class FluxDims:
     double_blocks: int
     single_blocks: int
     in_channels: int
-    text_width: int            # joint_attention_dim: T5's output width
+    text_width: int            # joint_attention_dim: the text encoder's output width
+    #: the double blocks' MLP modules (image stream, text stream): FLUX's ff / ff_context,
+    #: Qwen-Image's img_mlp / txt_mlp (LoRA targets are matched against these names)
+    mlp_names: tuple[str, str] = ("ff", "ff_context")
+    #: rotary tables per token: FLUX keeps float32 cos and sin (2 x head_dim x 4 B), Qwen-Image one
+    #: complex64 table of head_dim / 2 entries (head_dim x 4 B)
+    rope_bytes_per_token: int = 0
+    #: rotary tables of fixed size: Qwen-Image's positive and negative frequencies for 4096 positions
+    rope_fixed_bytes: int = 0
 
     @classmethod
-    def from_config(cls, config: Mapping[str, Any]) -> FluxDims:
+    def from_config(cls, config: Mapping[str, Any], class_name: str = "FluxTransformer2DModel") -> FluxDims:
+        """The sizes of a FluxTransformer2DModel, or of a QwenImageTransformer2DModel: the same
+        dual-stream block op for op (LayerNorm, AdaLN modulation, joint attention with q/k RMSNorm,
+        gate, LayerNorm, modulation, GELU-tanh MLP of 4 x width, gate; diffusers 0.42), all of them
+        dual-stream (no single blocks), an RMSNorm on the text input and complex rotary tables."""
         heads, head_dim = int(config["num_attention_heads"]), int(config["attention_head_dim"])
         width = heads * head_dim
-        return cls(width=width, heads=heads, head_dim=head_dim, mlp_hidden=int(width * 4.0),
-                   double_blocks=int(config["num_layers"]), single_blocks=int(config["num_single_layers"]),
-                   in_channels=int(config["in_channels"]), text_width=int(config["joint_attention_dim"]))
+        common = dict(width=width, heads=heads, head_dim=head_dim, mlp_hidden=int(width * 4.0),
+                      double_blocks=int(config["num_layers"]), in_channels=int(config["in_channels"]),
+                      text_width=int(config["joint_attention_dim"]))
+        if class_name == "QwenImageTransformer2DModel":
+            axes = sum(config.get("axes_dims_rope", (16, 56, 56)))
+            return cls(**common, single_blocks=0, mlp_names=("img_mlp", "txt_mlp"),
+                       rope_bytes_per_token=head_dim * 4, rope_fixed_bytes=2 * 4096 * (axes // 2) * 8)
+        return cls(**common, single_blocks=int(config["num_single_layers"]), rope_bytes_per_token=2 * head_dim * _FP32)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -120,7 +139,7 @@ def double_stream_bytes(dims: FluxDims, training: Training, batch: Batch, text: 
     D, F, full = dims.width, dims.mlp_hidden, training.full
     qkv = ("attn.add_q_proj", "attn.add_k_proj", "attn.add_v_proj") if text else ("attn.to_q", "attn.to_k", "attn.to_v")
     out = "attn.to_add_out" if text else "attn.to_out.0"
-    ff = "ff_context" if text else "ff"
+    ff = dims.mlp_names[1] if text else dims.mlp_names[0]
     total = D * e + 2 * _FP32                                   # norm1: LayerNorm input and statistics
     total += D * e if full else 0                               # modulation keeps the normalised x
     total += _linear_inputs(D, qkv, training, e, batch.dtype)   # q, k, v projections
@@ -174,11 +193,12 @@ def outside_block_bytes(dims: FluxDims, training: Training, batch: Batch) -> int
     B, Li, Lt, D = batch.batch, batch.image_tokens, batch.text_tokens, dims.width
     total = B * Li * _linear_inputs(dims.in_channels, ["x_embedder"], training, e, batch.dtype)
     total += B * Lt * _linear_inputs(dims.text_width, ["context_embedder"], training, e, batch.dtype)
-    # norm_out reads the image tokens as a slice of the last block's joint output: the whole stays kept
-    total += B * batch.tokens * D * e + B * Li * 2 * _FP32
+    # norm_out reads the image tokens: in FLUX a slice of the last single block's joint output (the
+    # whole stays kept), in Qwen-Image (no single blocks) the image stream alone
+    total += B * (batch.tokens if dims.single_blocks else Li) * D * e + B * Li * 2 * _FP32
     total += B * Li * D * e if training.full else 0            # its modulation
     total += B * Li * _linear_inputs(D, ["proj_out"], training, e, batch.dtype)
-    total += 2 * batch.tokens * dims.head_dim * _FP32          # rotary cos / sin, shared by every block
+    total += batch.tokens * dims.rope_bytes_per_token + dims.rope_fixed_bytes  # rotary tables, shared by every block
     return total
 
 
@@ -213,7 +233,8 @@ def no_grad_peak_bytes(dims: FluxDims, n_images: int, image_tokens: int, text_to
     reference policies' velocities): the tensors alive at once inside one single-stream block
     (residual input, modulated input, q/k/v and attention output, the MLP branch and the
     concatenation: ~6 x width + 2 x MLP width per token, plus the float32 rotary temporaries of q
-    and k). The test checks it within 25% of a measured peak."""
+    and k), and the rotary tables of fixed size (Qwen-Image's). A Qwen-Image dual-stream block holds
+    about as much per token. The tests check it within 25% of a measured peak."""
     e = dtype.itemsize
     D, F = dims.width, dims.mlp_hidden
-    return n_images * (image_tokens + text_tokens) * ((6 * D + 2 * F) * e + 2 * D * _FP32)
+    return n_images * (image_tokens + text_tokens) * ((6 * D + 2 * F) * e + 2 * D * _FP32) + dims.rope_fixed_bytes

@@ -17,6 +17,10 @@ Sources (architecture keys as published on the Hugging Face Hub):
   parameters, as FLUX.1 [dev].
 - Qwen/Qwen2.5-VL-7B-Instruct and Qwen/Qwen2.5-VL-3B-Instruct: config.json (text decoder and
   vision_config). Cross-check: they give 8.29 B and 3.75 B parameters, the sizes the Hub lists.
+- Qwen/Qwen-Image-Edit: transformer/ (QwenImageTransformer2DModel: 60 dual-stream blocks of 24 x 128,
+  Qwen2.5-VL's 3584-wide states in, patch 2) and vae/ (AutoencoderKLQwenImage, z_dim 16, 8x down)
+  config.json; its text_encoder is Qwen2.5-VL-7B-Instruct's model. Cross-check: 20.43 B transformer
+  parameters ("20B") and a 127 M VAE.
 """
 from __future__ import annotations
 
@@ -43,10 +47,12 @@ _T5_V1_1_XXL_ENCODER: dict[str, Any] = {
     "layer_norm_epsilon": 1e-6,
 }
 
-#: FluxFillPipeline components: name -> (library, class name, config); "tokenizer_2" holds only
-#: model_max_length (the T5 tokens the policy reads: min(512, it))
-KNOWN_PIPELINES: dict[str, dict[str, tuple[str, str, dict[str, Any]]]] = {
+#: pipelines: "pipeline" (model_index.json's class) and components: name -> (library, class name,
+#: config); a FLUX pipeline's "tokenizer_2" holds only model_max_length (the T5 tokens the policy
+#: reads: min(512, it))
+KNOWN_PIPELINES: dict[str, dict[str, Any]] = {
     "black-forest-labs/FLUX.1-Fill-dev": {
+        "pipeline": "FluxFillPipeline",
         "transformer": ("diffusers", "FluxTransformer2DModel", {
             "attention_head_dim": 128, "num_attention_heads": 24, "num_layers": 19, "num_single_layers": 38,
             "in_channels": 384, "out_channels": 64, "joint_attention_dim": 4096, "pooled_projection_dim": 768,
@@ -57,6 +63,7 @@ KNOWN_PIPELINES: dict[str, dict[str, tuple[str, str, dict[str, Any]]]] = {
         "tokenizer_2": ("transformers", "T5TokenizerFast", {"model_max_length": 512}),
     },
     "black-forest-labs/FLUX.1-Kontext-dev": {
+        "pipeline": "FluxKontextPipeline",
         "transformer": ("diffusers", "FluxTransformer2DModel", {
             "attention_head_dim": 128, "num_attention_heads": 24, "num_layers": 19, "num_single_layers": 38,
             "in_channels": 64, "out_channels": None, "joint_attention_dim": 4096, "pooled_projection_dim": 768,
@@ -91,4 +98,17 @@ KNOWN_VLMS: dict[str, dict[str, Any]] = {
         **_QWEN25_VL_COMMON, "hidden_size": 2048, "intermediate_size": 11008, "num_hidden_layers": 36,
         "num_attention_heads": 16, "num_key_value_heads": 2, "vocab_size": 151936, "tie_word_embeddings": True,
         "vision_config": {**_QWEN25_VL_VISION, "out_hidden_size": 2048}},
+}
+
+#: Qwen/Qwen-Image-Edit (QwenImageEditPipeline): its text encoder is Qwen2.5-VL-7B-Instruct's model
+KNOWN_PIPELINES["Qwen/Qwen-Image-Edit"] = {
+    "pipeline": "QwenImageEditPipeline",
+    "transformer": ("diffusers", "QwenImageTransformer2DModel", {
+        "patch_size": 2, "in_channels": 64, "out_channels": 16, "num_layers": 60, "attention_head_dim": 128,
+        "num_attention_heads": 24, "joint_attention_dim": 3584, "guidance_embeds": False,
+        "axes_dims_rope": [16, 56, 56]}),
+    "text_encoder": ("transformers", "Qwen2_5_VLForConditionalGeneration", KNOWN_VLMS["Qwen/Qwen2.5-VL-7B-Instruct"]),
+    "vae": ("diffusers", "AutoencoderKLQwenImage", {
+        "base_dim": 96, "z_dim": 16, "dim_mult": [1, 2, 4, 4], "num_res_blocks": 2, "attn_scales": [],
+        "temperal_downsample": [False, True, True], "dropout": 0.0}),
 }

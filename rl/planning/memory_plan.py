@@ -27,6 +27,7 @@ import math
 import torch
 
 from rl.planning.architectures import (
+    QWEN_TEXT_OVERHEAD,
     PipelineArchitecture,
     PlanError,
     pipeline_architecture,
@@ -142,12 +143,12 @@ def step_shape(cfg: RunConfig, arch: PipelineArchitecture, gpus: int) -> tuple[S
                         "processes (the plan rounds the share up)")
     per_gpu = math.ceil(images / gpus)
     micro = min(cfg.optim.micro_batch or per_gpu, per_gpu) if cfg.train.algorithm != "refl" else per_gpu
-    vae = arch.part("vae").config
-    side = cfg.data.image_size // (2 ** (len(vae["block_out_channels"]) - 1) * 2)  # VAE factor, then 2x2 packing
+    side = cfg.data.image_size // arch.latent_factor()
     rollout = min(cfg.sampler.rollout_chunk or per_gpu, per_gpu) if cfg.train.algorithm != "refl" else per_gpu
-    # Kontext appends the source image's tokens to the generated ones: every block sees both
+    # Kontext and Qwen-Image-Edit append the source image's tokens to the generated ones: every block sees both
     streams = 2 if KINDS[cfg.model.kind].appends_source else 1
-    return StepShape(images, per_gpu, micro, streams * side * side, arch.text_tokens, rollout), warnings
+    return (StepShape(images, per_gpu, micro, streams * side * side, arch.text_tokens_at(cfg.data.image_size), rollout),
+            warnings)
 
 
 def shards(cfg: RunConfig, gpus: int) -> int:
@@ -295,7 +296,7 @@ def _header(cfg: RunConfig, arch: PipelineArchitecture, shape: StepShape, gpus: 
     fsdp = "" if shards(cfg, gpus) == 1 else (
         f", FSDP2 over {gpus} GPUs (compute {str(compute_dtype(cfg)).removeprefix('torch.')}"
         f"{', CPU offload' if d.cpu_offload else ''}{', copies in host memory' if d.copies == 'cpu' else ''})")
-    name = "FLUX.1 Kontext" if KINDS[m.kind].family == "kontext" else "FLUX.1 Fill"
+    name = {"kontext": "FLUX.1 Kontext", "qwen": "Qwen-Image-Edit"}.get(KINDS[m.kind].family, "FLUX.1 Fill")
     return [(f"policy   {name}, {m.dtype}, {lora}, gradient checkpointing {checkpointing}{fsdp}; "
              f"architecture from {arch.source}"),
             (f"step     {algo}: {split}; backward on {shape.micro_batch} x ({shape.image_tokens} image + "
@@ -323,6 +324,10 @@ def _notes(cfg: RunConfig, gpus: int, step_note: str) -> list[str]:
         ("not counted: VAE encode / decode and the judge's forward (judge.batch_size queries), "
          "optimiser-step temporaries."),
     ]
+    if KINDS[cfg.model.kind].family == "qwen":
+        notes.append(f"Qwen-Image-Edit's text tokens: Qwen2.5-VL reads the source image ((side / 28)^2 tokens at "
+                     f"data.image_size) with the instruction; {QWEN_TEXT_OVERHEAD} more are assumed for the template's "
+                     "tail and an instruction of up to ~50 tokens. The text encoder's own forward is not counted.")
     if cfg.train.algorithm == "refl":
         notes.append("ReFL back-propagates through the VAE decoder and the judge: their activations are "
                      "not counted, so this total is a lower bound.")
@@ -334,15 +339,12 @@ def make_plan(cfg: RunConfig, gpus: int = 1, gpu_memory_gib: float = 80.0) -> Me
     if gpus < 1 or gpu_memory_gib <= 0:
         raise PlanError(f"need at least one GPU with some memory, got {gpus} x {gpu_memory_gib} GiB")
     m = cfg.model
-    if KINDS[m.kind].family == "qwen":
-        raise PlanError("rl.plan models FLUX pipelines (FluxTransformer2DModel, CLIP + T5) only; Qwen-Image-Edit "
-                        "(QwenImageTransformer2DModel, ~20 B, with a Qwen2.5-VL-7B text encoder) is not modelled yet")
     dtype = _DTYPES[m.dtype]
     arch = pipeline_architecture(m.path, m.kind)
     shape, warnings = step_shape(cfg, arch, gpus)
     rows, trainable, train_dtype = _weights_and_training_rows(cfg, arch, dtype, gpus)
     judge_rows, judge_header, judge_warnings = _judge_rows(cfg, gpus)
-    dims = FluxDims.from_config(arch.part("transformer").config)
+    dims = FluxDims.from_config(arch.part("transformer").config, arch.part("transformer").class_name)
     step_rows, step_note = _step_rows(cfg, dims, shape, compute_dtype(cfg), trainable, train_dtype, arch, gpus)
     rows += judge_rows + step_rows
     rows.append(Row("runtime", "CUDA context, cuBLAS / NCCL workspaces (typical)", RUNTIME_OVERHEAD))

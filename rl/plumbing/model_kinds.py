@@ -30,8 +30,9 @@ class ModelKind:
 
     @property
     def appends_source(self) -> bool:
-        """Its transformer's sequence holds the source image's tokens after the generated ones."""
-        return self.family == "kontext"
+        """Its transformer's sequence holds the source image's tokens after the generated ones
+        (FLUX.1 Kontext and Qwen-Image-Edit; Fill takes them as channels)."""
+        return self.family in ("kontext", "qwen")
 
 
 KINDS: dict[str, ModelKind] = {k.name: k for k in (

@@ -15,9 +15,8 @@ from pathlib import Path
 
 import pytest
 import torch
+from activation_probe import Storages, measure_kept_bytes
 from diffusers import FluxTransformer2DModel
-from torch.multiprocessing.reductions import StorageWeakRef
-from torch.utils._python_dispatch import TorchDispatchMode
 
 from core.policies.lora import FLUX_ATTENTION_TARGETS, lora_config
 from rl import plan as plan_cli
@@ -50,19 +49,13 @@ def run_cli(capsys, *argv: str) -> tuple[int, str, str]:
 
 
 # -- the command ----------------------------------------------------------------------------------
-#: shipped configs whose policy rl.plan does not model yet (rl/planning/memory_plan.py make_plan says so)
-UNPLANNED = {"qwen_image_edit_nft_vllm": "rl.plan models FLUX pipelines only, not Qwen-Image-Edit yet"}
-
-
-@pytest.mark.parametrize("config", [pytest.param(c, marks=pytest.mark.xfail(reason=UNPLANNED[c.stem], strict=True,
-                                                                          raises=AssertionError))
-                                    if c.stem in UNPLANNED else c for c in CONFIGS],
-                         ids=[c.stem for c in CONFIGS])
+@pytest.mark.parametrize("config", CONFIGS, ids=[c.stem for c in CONFIGS])
 def test_plan_runs_on_every_shipped_config(capsys, config):
     gpus = "8" if config.stem.startswith(("flux", "qwen")) and "refl" not in config.stem else "1"
     rc, out, err = run_cli(capsys, "--config", str(config), "--gpus", gpus, "--gpu-memory", "80")
     assert rc == 0, err
-    for text in ("transformer (FluxTransformer2DModel)", "copies: old, EMA, reference", "AdamW", "activations",
+    transformer = "QwenImageTransformer2DModel" if config.stem.startswith("qwen") else "FluxTransformer2DModel"
+    for text in (f"transformer ({transformer})", "copies: old, EMA, reference", "AdamW", "activations",
                  "total", "verdict: fits", "DDP replicates everything"):
         assert text in out, text
     if config.stem.endswith("qwen7b"):  # the in-process judge sits on the training GPU
@@ -163,9 +156,9 @@ def test_known_flux_architecture_matches_the_published_size():
 
 def test_a_local_directory_of_config_files_is_read(tmp_path):
     """No weights needed: model_index.json and each part's config.json."""
-    known = KNOWN_PIPELINES["black-forest-labs/FLUX.1-Fill-dev"]
+    known = {k: v for k, v in KNOWN_PIPELINES["black-forest-labs/FLUX.1-Fill-dev"].items() if k != "pipeline"}
     (tmp_path / "model_index.json").write_text(json.dumps(
-        {name: [lib, cls] for name, (lib, cls, _) in known.items()}))
+        {"_class_name": "FluxFillPipeline", **{name: [lib, cls] for name, (lib, cls, _) in known.items()}}))
     for name, (_, _, config) in known.items():
         (tmp_path / name).mkdir()
         small = {**config, "num_single_layers": 2, "num_layers": 1} if name == "transformer" else config
@@ -195,31 +188,6 @@ TINY = {"patch_size": 1, "in_channels": 48, "out_channels": 16, "num_layers": 2,
         "guidance_embeds": True, "axes_dims_rope": (8, 12, 12)}
 
 
-class _Storages(TorchDispatchMode):
-    """Every storage an op outputs, held weakly: the live ones are the memory in use, and `peak`
-    their largest total after any op. `model`'s parameters are left out (ops on them, such as a
-    transpose, output views of their storage); tensors made before the mode are not seen."""
-
-    def __init__(self, model):
-        super().__init__()
-        self.params = frozenset(p.untyped_storage().data_ptr() for p in model.parameters())
-        self.live: dict[int, tuple[StorageWeakRef, int]] = {}
-        self.peak = 0
-
-    def alive(self, skip: frozenset = frozenset()) -> int:
-        self.live = {ptr: (ref, n) for ptr, (ref, n) in self.live.items() if not ref.expired()}
-        return sum(n for ptr, (_, n) in self.live.items() if ptr not in skip and ptr not in self.params)
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        out = func(*args, **(kwargs or {}))
-        for t in out if isinstance(out, (tuple, list)) else [out]:
-            if isinstance(t, torch.Tensor):
-                s = t.untyped_storage()
-                self.live[s.data_ptr()] = (StorageWeakRef(s), s.nbytes())
-        self.peak = max(self.peak, self.alive())
-        return out
-
-
 def tiny_inputs(model, batch: int, image_tokens: int, text_tokens: int, dtype) -> dict:
     c = model.config
     return {"hidden_states": torch.randn(batch, image_tokens, c.in_channels, dtype=dtype),
@@ -227,29 +195,6 @@ def tiny_inputs(model, batch: int, image_tokens: int, text_tokens: int, dtype) -
             "pooled_projections": torch.randn(batch, c.pooled_projection_dim, dtype=dtype),
             "timestep": torch.rand(batch, dtype=dtype), "guidance": torch.full((batch,), 30.0, dtype=dtype),
             "img_ids": torch.zeros(image_tokens, 3), "txt_ids": torch.zeros(text_tokens, 3), "return_dict": False}
-
-
-def measure_kept_bytes(model, batch: int, image_tokens: int, text_tokens: int, dtype) -> tuple[int, int, int]:
-    """(bytes alive after the forward, bytes saved for backward, peak bytes of forward + backward).
-
-    Alive: storages the forward created and still holds (the output excluded), which is what
-    `saved_tensors_hooks` sees (the sum of unique storages, the second number) plus what a
-    checkpoint holds by reference. The peak includes the parameters' gradients."""
-    mode = _Storages(model)
-    saved = {}
-
-    def pack(t):
-        ptr = t.untyped_storage().data_ptr()
-        if ptr not in mode.params:
-            saved[ptr] = t.untyped_storage().nbytes()
-        return t
-
-    with mode:
-        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-            out = model(**tiny_inputs(model, batch, image_tokens, text_tokens, dtype))[0]
-        alive = mode.alive(skip=frozenset({out.untyped_storage().data_ptr()}))
-        out.float().square().mean().backward()
-    return alive, sum(saved.values()), mode.peak
 
 
 def tiny_model(dtype, lora: bool, checkpointing: bool) -> tuple[FluxTransformer2DModel, Training]:
@@ -277,7 +222,8 @@ def test_activation_formula_matches_a_measured_forward(dtype, lora, checkpointin
     grads = sum(p.numel() * p.element_size() for p in model.parameters() if p.requires_grad)
     # at the small shape the toy's own gradients, not activations, make most of the peak
     for batch, image_tokens, text_tokens, check_update in ((1, 64, 16, False), (3, 144, 8, True)):
-        alive, saved, peak = measure_kept_bytes(model, batch, image_tokens, text_tokens, dtype)
+        alive, saved, peak = measure_kept_bytes(
+            model, lambda: tiny_inputs(model, batch, image_tokens, text_tokens, dtype))
         assert alive >= saved > 0
         # the CPU runs RMSNorm as a composite: fused_rms_norm=False
         shape = Batch(batch, image_tokens, text_tokens, dtype, checkpointing, fused_rms_norm=False)
@@ -296,7 +242,7 @@ def test_no_grad_estimate_is_near_a_measured_peak(dtype):
     dims = FluxDims.from_config(TINY)
     for batch, image_tokens, text_tokens in ((2, 144, 16), (4, 256, 32)):
         inputs = tiny_inputs(model, batch, image_tokens, text_tokens, dtype)  # made outside: not counted
-        mode = _Storages(model)
+        mode = Storages(model)
         with torch.no_grad(), mode:
             model(**inputs)
         estimate = no_grad_peak_bytes(dims, batch, image_tokens, text_tokens, dtype)
