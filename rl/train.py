@@ -33,6 +33,7 @@ import torch
 
 from core.config.loading import ConfigError, to_dict
 from reward.judge import JudgeError
+from rl.evaluation.in_run import cached_base_eval, periodic_eval, sample_grid
 from rl.evaluation.model_card import write_model_card
 from rl.evaluation.monitor import HackingMonitor, reconcile_best
 from rl.evaluation.run_summary import final_summary
@@ -42,7 +43,6 @@ from rl.plumbing.checkpoint import (
     disk_error,
     latest_checkpoint,
     load_checkpoint,
-    remove_stale_temporaries,
     restore_rng_states,
     save_checkpoint,
     save_sharded_checkpoint,
@@ -51,12 +51,12 @@ from rl.plumbing.config import RunConfig, load_config
 from rl.plumbing.distributed import DistContext, init_distributed, shutdown
 from rl.plumbing.run_dir import (
     RunDirError,
-    check_new_run_dir,
-    check_resume_config,
-    new_run_dir,
+    check_run_dir,
+    claim_run_dir,
+    config_yaml,
     run_id_of,
 )
-from rl.plumbing.run_log import RunLog, require_tracker, sample_label, save_sample_grid
+from rl.plumbing.run_log import RunLog, require_tracker
 
 
 class RunStopped(RuntimeError):
@@ -102,28 +102,6 @@ def _on_main(ctx: DistContext, run_dir: Path, fn):
     return result
 
 
-def _check_run_dir(cfg: RunConfig, run_dir: Path, resume: bool, fresh: bool) -> None:
-    """Before any work: may this run use the directory? (Nothing is written yet.)"""
-    if resume:
-        stored = run_dir / "config.yaml"
-        if not stored.is_file():
-            raise RunDirError(f"--resume {run_dir}: no config.yaml there; is it a run directory?")
-        check_resume_config(load_config(str(stored)), cfg)
-    else:
-        check_new_run_dir(run_dir, fresh)
-
-
-def _claim_run_dir(cfg: RunConfig, run_dir: Path, resume: bool, fresh: bool) -> str | None:
-    """Once the run's parts are built: take the directory (a failed start leaves nothing behind)."""
-    if resume:
-        remove_stale_temporaries(run_dir)
-        run_id = run_id_of(run_dir)
-    else:
-        run_id = new_run_dir(run_dir, fresh=fresh)
-    (run_dir / "config.yaml").write_text(_yaml(cfg))
-    return run_id
-
-
 def run(config: RunConfig, out_dir: str | os.PathLike | None = None, resume: str | os.PathLike | None = None,
         ctx: DistContext | None = None, fresh: bool = False) -> dict[str, Any]:
     """Train with `config`; returns the run summary (also written to summary.json).
@@ -151,7 +129,7 @@ def run(config: RunConfig, out_dir: str | os.PathLike | None = None, resume: str
         if state["step"] + 1 >= cfg.train.steps:
             raise RunDirError(f"the run in {run_dir} already finished its {state['step'] + 1} steps; to train "
                               f"longer, resume with --set train.steps=N (N > {state['step'] + 1})")
-    _on_main(ctx, run_dir, lambda: _check_run_dir(cfg, run_dir, bool(resume), fresh))
+    _on_main(ctx, run_dir, lambda: check_run_dir(cfg, run_dir, bool(resume), fresh))
     own_id = run_id_of(run_dir) if state is not None else None
     if state is not None and state.get("run_id") not in (None, own_id):
         raise RunDirError(f"{ckpt} belongs to another run ({state.get('run_id')}; this directory's is "
@@ -163,7 +141,7 @@ def run(config: RunConfig, out_dir: str | os.PathLike | None = None, resume: str
         second_judge = _monitor_judge(cfg, ctx) if cfg.monitor.signal == "judge" else None
         monitor = HackingMonitor(cfg, run_dir, second_judge)
         monitor.check_data(trainer.data)
-    run_id = _on_main(ctx, run_dir, lambda: _claim_run_dir(cfg, run_dir, bool(resume), fresh))
+    run_id = _on_main(ctx, run_dir, lambda: claim_run_dir(cfg, run_dir, bool(resume), fresh))
     trainer.run_id = run_id
     trainer.hacking_monitor = monitor  # its state goes into every checkpoint (_save)
     start = 0
@@ -183,7 +161,7 @@ def run(config: RunConfig, out_dir: str | os.PathLike | None = None, resume: str
     # (rank 0 scores the images and writes the files; the others only take part in the forwards)
     evaluates = ctx.is_main or trainer.sharded
     if evaluates and cfg.train.eval_per_task > 0:
-        base = _cached_base_eval(trainer, run_dir)
+        base = cached_base_eval(trainer, run_dir)
 
     progress = _progress(cfg, ctx, start)
     stopped_at, stop_events, stop_checkpoint = None, [], None
@@ -213,7 +191,7 @@ def run(config: RunConfig, out_dir: str | os.PathLike | None = None, resume: str
                     and step < cfg.train.steps - 1 and not trainer.weights_nonfinite):
                 # the monitor's evaluation of this step is the same evaluation when the sets are the same size
                 same = monitored if cfg.monitor.per_task == cfg.train.eval_per_task else None
-                metrics.update(_periodic_eval(trainer, step, same))
+                metrics.update(periodic_eval(trainer, step, same))
             if log is not None:
                 log.log(step, metrics)
             if progress is not None:
@@ -234,7 +212,7 @@ def run(config: RunConfig, out_dir: str | os.PathLike | None = None, resume: str
             over_budget = cfg.train.time_budget_s > 0 and ctx.broadcast_object(  # rank 0's clock decides for all
                 time.perf_counter() - t_start > cfg.train.time_budget_s)
             if evaluates and cfg.train.sample_every and (step % cfg.train.sample_every == 0 or last):
-                _sample_grid(trainer, run_dir, step, base, log)
+                sample_grid(trainer, run_dir, step, base, log)
             if ((cfg.train.checkpoint_every and (step + 1) % cfg.train.checkpoint_every == 0) or last or over_budget
                     or hacking_stop):
                 stop_checkpoint = _save(trainer, run_dir, step, cfg, ctx)
@@ -325,12 +303,6 @@ def _continue_advice(run_dir: Path, checkpoint: Path | None, fix: str = "fix the
             f"python -m rl.train --resume {run_dir}")
 
 
-def _yaml(cfg: RunConfig) -> str:
-    import yaml
-
-    return yaml.safe_dump(to_dict(cfg), sort_keys=False)
-
-
 def _save(trainer, run_dir: Path, step: int, cfg: RunConfig, ctx: DistContext) -> Path | None:
     """Checkpoint `step` (nothing before step 0); returns the checkpoint written."""
     if step < 0:
@@ -342,73 +314,16 @@ def _save(trainer, run_dir: Path, step: int, cfg: RunConfig, ctx: DistContext) -
         monitor = getattr(trainer, "hacking_monitor", None)
         rest.update(run_id=getattr(trainer, "run_id", None), **({} if monitor is None else
                                                                {"monitor": monitor.state_dict()}))
-        return save_sharded_checkpoint(run_dir, step, trees, rest, _yaml(cfg), ctx, keep=cfg.train.keep_checkpoints)
+        return save_sharded_checkpoint(run_dir, step, trees, rest, config_yaml(cfg), ctx, keep=cfg.train.keep_checkpoints)
     path = None
     if ctx.is_main:
         state = {**trainer.state_dict(), "run_id": getattr(trainer, "run_id", None)}
         monitor = getattr(trainer, "hacking_monitor", None)
         if monitor is not None:
             state["monitor"] = monitor.state_dict()
-        path = save_checkpoint(run_dir, step, state, _yaml(cfg), keep=cfg.train.keep_checkpoints)
+        path = save_checkpoint(run_dir, step, state, config_yaml(cfg), keep=cfg.train.keep_checkpoints)
     ctx.barrier()
     return path
-
-
-def _cached_base_eval(trainer, run_dir: Path):
-    """Evaluate the initial weights once per run (a resumed run reuses the stored result)."""
-    from core.io.tensor_store import has_tree
-    from rl.evaluation.run_summary import (
-        eval_fingerprint,
-        evaluate_weights,
-        load_eval,
-        save_eval,
-    )
-
-    path = run_dir / "eval_base"
-    fingerprint = eval_fingerprint(trainer.cfg)
-    stored = load_eval(path) if trainer.ctx.is_main and has_tree(path.parent, path.name) else None
-    reuse = stored is not None and stored.get("fingerprint") == fingerprint
-    if trainer.sharded:  # FSDP2: every process evaluates, or none; rank 0 knows
-        reuse = trainer.ctx.broadcast_object(reuse)
-    if reuse:
-        return stored
-    if stored is not None:
-        print("[rl.train] the stored base evaluation was made with other settings: evaluating again",
-              file=sys.stderr)
-    result = evaluate_weights(trainer, trainer.ref, "base")
-    if trainer.ctx.is_main:
-        save_eval(result, path, fingerprint)
-    return result
-
-
-def _periodic_eval(trainer, step: int, result=None) -> dict[str, Any]:
-    """Held-out judge reward (and ground truth where known) of the EMA, for train.eval_every;
-    `result`: this step's evaluation of the same held-out set, when the monitor already made it."""
-    from rl.evaluation.run_summary import evaluate_weights
-
-    if result is None:
-        result = evaluate_weights(trainer, trainer.ema, f"step {step}")
-    if result is None:  # FSDP2, not rank 0: it took part in the forwards, rank 0 has the numbers
-        return {}
-    out: dict[str, Any] = {"heldout/reward": float(result.reward.mean()),
-                           "heldout/reward_by_task": result.reward_by_task()}
-    if result.ground_truth is not None:
-        out["heldout/truth_by_task"] = result.ground_truth_means()
-    return out
-
-
-def _sample_grid(trainer, run_dir: Path, step: int, base, log: RunLog | None = None) -> None:
-    """samples/step-*.png (labelled with each row's task and prompt), also sent to the run's trackers."""
-    from rl.evaluation.run_summary import grid_columns
-
-    sources, masks, columns, rows = grid_columns(trainer, base)
-    if not trainer.ctx.is_main:  # FSDP2: the other processes only take part in the forwards
-        return
-    (run_dir / "samples").mkdir(exist_ok=True)
-    grid = save_sample_grid(run_dir / "samples" / f"step-{step:06d}.png", sources, masks, columns,
-                            row_labels=[sample_label(s.task, s.prompt) for s in rows])
-    if log is not None:
-        log.log_images(step, {"samples": grid})
 
 
 def _progress(cfg: RunConfig, ctx: DistContext, start: int):

@@ -15,6 +15,8 @@ from pathlib import Path
 from typing import Any
 
 from core.config.loading import ConfigError, to_dict
+from rl.plumbing.checkpoint import remove_stale_temporaries
+from rl.plumbing.config import load_config
 
 RUN_FILE = "run.json"
 
@@ -104,3 +106,32 @@ def check_resume_config(stored, now) -> None:
         raise ConfigError(
             f"a resume cannot change {listed}: these change what the run trained on or how it is evaluated. "
             f"Start a new run with --out NEW_DIR instead (keys a resume may change: {sorted(RESUMABLE_KEYS)})")
+
+
+def config_yaml(cfg) -> str:
+    """The resolved run config as YAML (config.yaml and every checkpoint's copy)."""
+    import yaml
+
+    return yaml.safe_dump(to_dict(cfg), sort_keys=False)
+
+
+def check_run_dir(cfg, run_dir: Path, resume: bool, fresh: bool) -> None:
+    """Before any work: may this run use the directory? (Nothing is written yet.)"""
+    if resume:
+        stored = run_dir / "config.yaml"
+        if not stored.is_file():
+            raise RunDirError(f"--resume {run_dir}: no config.yaml there; is it a run directory?")
+        check_resume_config(load_config(str(stored)), cfg)
+    else:
+        check_new_run_dir(run_dir, fresh)
+
+
+def claim_run_dir(cfg, run_dir: Path, resume: bool, fresh: bool) -> str | None:
+    """Once the run's parts are built: take the directory (a failed start leaves nothing behind)."""
+    if resume:
+        remove_stale_temporaries(run_dir)
+        run_id = run_id_of(run_dir)
+    else:
+        run_id = new_run_dir(run_dir, fresh=fresh)
+    (run_dir / "config.yaml").write_text(config_yaml(cfg))
+    return run_id

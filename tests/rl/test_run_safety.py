@@ -5,6 +5,7 @@ import json
 import pytest
 import torch
 
+import rl.evaluation.in_run
 import rl.plumbing.checkpoint
 import rl.train
 from core.io.tensor_store import load_tree, save_tree
@@ -81,10 +82,10 @@ def test_a_stored_base_evaluation_is_reused_only_for_the_same_settings(quick, tm
     real = summary.evaluate_weights
     monkeypatch.setattr(summary, "evaluate_weights", lambda *a: calls.append(a[2]) or real(*a))
     trainer = rl.train.make_trainer(cfg, rl.train.init_distributed("cpu"))
-    rl.train._cached_base_eval(trainer, tmp_path)
+    rl.evaluation.in_run.cached_base_eval(trainer, tmp_path)
     assert calls == []  # same settings: the stored result
     other = load_config(None, quick(**{"train.eval_per_task": 1, "data.world_seed": 3}))
-    rl.train._cached_base_eval(rl.train.make_trainer(other, rl.train.init_distributed("cpu")), tmp_path)
+    rl.evaluation.in_run.cached_base_eval(rl.train.make_trainer(other, rl.train.init_distributed("cpu")), tmp_path)
     assert calls == ["base"]  # another world: evaluated again, never paired across worlds
 
 
