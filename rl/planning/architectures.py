@@ -17,7 +17,8 @@ from rl.plumbing.config_checks import BUILTIN_KINDS
 
 #: the parts a plan builds per pipeline class (tokenizers, processor and scheduler hold no GPU memory)
 PIPELINE_PARTS = ("transformer", "text_encoder", "text_encoder_2", "vae")
-_PARTS_OF = {"QwenImageEditPipeline": ("transformer", "text_encoder", "vae")}
+_QWEN_PIPELINE = "QwenImageEditPipeline"
+_PARTS_OF = {_QWEN_PIPELINE: ("transformer", "text_encoder", "vae")}
 #: Qwen-Image-Edit's text sequence past its image tokens: the prompt template's tail after the
 #: 64 tokens the pipeline drops (user turn, vision start / end, assistant turn) and an instruction
 #: of up to ~50 tokens. An assumption, said in the plan; instructions are rarely longer.
@@ -54,8 +55,9 @@ class PipelineArchitecture:
 
     source: str
     components: tuple[Component, ...]
-    #: FLUX: T5 tokens per prompt, min(512, tokenizer_2's model_max_length), as FluxFillPolicy;
-    #: Qwen-Image-Edit: the cap of its text sequence (the policy's max_sequence_length)
+    #: the most text tokens a prompt takes: FLUX's T5 prompts are always padded to it (min(512,
+    #: tokenizer_2's model_max_length), as FluxFillPolicy); Qwen-Image-Edit's are cut at it (the
+    #: policy's max_sequence_length). `text_tokens_at` is what a prompt takes at an image size.
     text_tokens: int
     pipeline: str = "FluxFillPipeline"
 
@@ -66,7 +68,7 @@ class PipelineArchitecture:
         """Text tokens per prompt for images of `image_size` px: FLUX's are fixed; Qwen-Image-Edit's
         Qwen2.5-VL reads the source image with the instruction, (side / 28)^2 image tokens (its
         processor's rounding) plus QWEN_TEXT_OVERHEAD."""
-        if self.pipeline != "QwenImageEditPipeline":
+        if self.pipeline != _QWEN_PIPELINE:
             return self.text_tokens
         side = max(1, round(image_size / _QWEN_VL_FACTOR))
         return min(self.text_tokens, side * side + QWEN_TEXT_OVERHEAD)
@@ -128,11 +130,15 @@ def _pipeline_from_files(source: str, find) -> PipelineArchitecture:
         if not entry or config_path is None:
             raise PlanError(f"{source} lacks {name}/config.json (a {pipeline} needs {', '.join(wanted)})")
         parts.append(_component(name, entry[0], entry[1], _read_json(config_path)))
-    if pipeline == "QwenImageEditPipeline":
-        return PipelineArchitecture(source, tuple(parts), QWEN_MAX_SEQUENCE, pipeline)
     tokenizer = find("tokenizer_2/tokenizer_config.json")
     max_length = _read_json(tokenizer).get("model_max_length", 512) if tokenizer is not None else 512
-    return PipelineArchitecture(source, tuple(parts), min(512, int(max_length)), pipeline)
+    return _architecture(source, parts, pipeline, max_length)
+
+
+def _architecture(source: str, parts, pipeline: str, t5_max_length: int) -> PipelineArchitecture:
+    """The architecture with its text-token cap: Qwen-Image-Edit's sequence cap, or FLUX's T5 length."""
+    cap = QWEN_MAX_SEQUENCE if pipeline == _QWEN_PIPELINE else min(512, int(t5_max_length))
+    return PipelineArchitecture(source, tuple(parts), cap, pipeline)
 
 
 def _unknown(key: str, name: str, known: dict, local_files: str, json_glob: str) -> PlanError:
@@ -166,11 +172,9 @@ def pipeline_architecture(path: str | None, kind: str = "flux_fill") -> Pipeline
     if path in KNOWN_PIPELINES:
         known = KNOWN_PIPELINES[path]
         pipeline = known["pipeline"]
-        parts = tuple(_component(name, *known[name]) for name in _PARTS_OF.get(pipeline, PIPELINE_PARTS))
-        if pipeline == "QwenImageEditPipeline":
-            return PipelineArchitecture(f"{_KNOWN_TABLE} ({path})", parts, QWEN_MAX_SEQUENCE, pipeline)
-        max_length = known["tokenizer_2"][2]["model_max_length"]
-        return PipelineArchitecture(f"{_KNOWN_TABLE} ({path})", parts, min(512, int(max_length)), pipeline)
+        parts = [_component(name, *known[name]) for name in _PARTS_OF.get(pipeline, PIPELINE_PARTS)]
+        max_length = known["tokenizer_2"][2]["model_max_length"] if "tokenizer_2" in known else 512
+        return _architecture(f"{_KNOWN_TABLE} ({path})", parts, pipeline, max_length)
     raise _unknown("model.path", path, KNOWN_PIPELINES,
                    "model_index.json and transformer/, text_encoder/, text_encoder_2/, vae/ config.json", "*.json")
 
