@@ -243,6 +243,10 @@ def run(config: RunConfig, out_dir: str | os.PathLike | None = None, resume: str
         summary = final_summary(trainer, run_dir, base, steps_done=step + 1, extra=extra, final=final)
         trainer.export(run_dir / "final")
         write_model_card(run_dir / "final", cfg, summary)
+        if getattr(trainer, "judge_refresh", None) is not None:
+            trainer.judge_refresh.save(run_dir / "judge", cfg.judge, made_by=(
+                f"refreshed for {step + 1} steps of rl.train run {run_id} (refresh.*, its config.yaml) from "
+                f"{cfg.judge.model}"))
         if stopped_at is not None:  # last, so that it is the run's final word
             print(f"[rl.train] {monitor.stop_message(stopped_at, stop_events, stop_checkpoint)}", file=sys.stderr)
     ctx.barrier()

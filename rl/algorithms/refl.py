@@ -33,6 +33,15 @@ class ReFLTrainer(Trainer):
                 f"reward feedback learning back-propagates through the judge, but {type(self.judge).__name__} "
                 "is not differentiable: use the rule judge or the in-process transformers judge, or "
                 "train.algorithm=nft")
+        #: refresh.every: the judge fine-tuned on the policy's edits as labelled by an annotator
+        self.judge_refresh = None
+        if self.cfg.refresh.every:
+            from rl.algorithms.judge_refresh import JudgeRefresh
+            from rl.plumbing.builders import build_annotator
+
+            annotator, mode = build_annotator(self.cfg.refresh, self.ctx.device)
+            self.judge_refresh = JudgeRefresh(self.cfg.refresh, self.judge, annotator, mode, self.ctx,
+                                              self.cfg.train.seed)
 
     @property
     def reference_weights(self) -> dict[str, torch.Tensor]:
@@ -49,6 +58,12 @@ class ReFLTrainer(Trainer):
             loss = self.rewards(reward, metrics)
         with timed(metrics, "time_update"):
             self.update(step, loss, metrics)
+        if self.judge_refresh is not None:
+            with timed(metrics, "time_refresh"):
+                self.judge_refresh.observe(step, batch.samples, self.last_images, batch.ref_images,
+                                           self.last_table, metrics)
+                if self.judge_refresh.due(step):
+                    self.judge_refresh.update(step, metrics)
         return metrics
 
     def rollout(self, step: int) -> ReFLRollout:
@@ -80,6 +95,7 @@ class ReFLTrainer(Trainer):
         x0 = m * x0 + (1 - m) * cond.x0_known.to(x0.dtype)
         images = self.policy.decode(x0, cond)
         table = judge_images(self.judge, batch.samples, images, mode="pairwise", others=batch.ref_images)
+        self.last_images, self.last_table = images.detach(), table  # what judge_refresh labels
         metrics.update(denoise_step=k, reward_by_task=table.by_task(), reward_by_task_dim=table.by_task_dimension())
         return table.per_image
 
@@ -101,6 +117,21 @@ class ReFLTrainer(Trainer):
         if applied:
             self.update_ema(step)
         metrics.update(grad_norm=grad_norm, skipped=not applied, nonfinite=not applied)
+
+
+    def state_dict(self) -> dict[str, Any]:
+        state = super().state_dict()
+        if self.judge_refresh is not None:
+            state["judge_refresh"] = self.judge_refresh.state_dict()
+        return state
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        super().load_state_dict(state)
+        if self.judge_refresh is not None:
+            if "judge_refresh" not in state:
+                raise ValueError("this checkpoint holds no refreshed judge (it was written with refresh.every=0); "
+                                 "resume it with refresh.every=0, or start a new run")
+            self.judge_refresh.load_state_dict(state["judge_refresh"])
 
 
 @dataclasses.dataclass

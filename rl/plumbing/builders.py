@@ -11,7 +11,13 @@ import torch
 
 from core.policies.policy import Policy
 from reward.judge import Judge
-from rl.plumbing.config import BUILTIN_KINDS, DataConfig, JudgeConfig, ModelConfig
+from rl.plumbing.config import (
+    BUILTIN_KINDS,
+    DataConfig,
+    JudgeConfig,
+    ModelConfig,
+    RefreshConfig,
+)
 from rl.plumbing.data import JsonlData, WorldData
 from rl.plumbing.distributed import resolve_device
 from rl.plumbing.model_kinds import KINDS
@@ -84,6 +90,13 @@ def build_judge(cfg: JudgeConfig, device: torch.device) -> Judge:
                         templates=cfg.templates)
     judge.ping()  # an unreachable judge fails here, before any work, with the URL and the fix
     return judge
+
+
+def build_annotator(cfg: RefreshConfig, device: torch.device) -> tuple[Judge, str]:
+    """The refresh's annotator and its question: refresh.annotator, or (null) the rule judge asked for scores."""
+    if cfg.annotator is None:
+        return build_judge(JudgeConfig(kind="rule"), device), "score"
+    return build_judge(cfg.annotator, device), cfg.annotator.mode
 
 
 def build_data(cfg: DataConfig):

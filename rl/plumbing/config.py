@@ -304,6 +304,27 @@ class MonitorConfig:
 
 
 @dataclasses.dataclass
+class RefreshConfig:
+    """Fine-tuning a learned judge on the policy's own edits while RL runs (rl/algorithms/judge_refresh.py):
+    an annotator labels (policy edit, reference edit) pairs per dimension and the judge learns them."""
+
+    # measured (docs/results.md): a judge trained offline ranks the policy's later edits at chance and ReFL
+    # games it within tens of steps; OneReward's annotators labelled the model's own outputs
+    every: int = opt(0, "refl with a transformers judge: fine-tune the judge every N steps on the newest labelled "
+                        "pairs of the policy's edits against the reference's (0 = off)")
+    annotator: JudgeConfig | None = opt(None, "who labels the pairs: null = the rule judge (the built-in world's "
+                                              "ground truth); or any judge (keys refresh.annotator.*, as judge.*), "
+                                              "asked its mode question (score / yesno: both edits, pairwise: the "
+                                              "policy's against the reference's)")
+    lr: float = opt(5e-4, "AdamW learning rate of the judge's fine-tuning")
+    updates: int = opt(2, "optimiser steps of the judge per refresh")
+    batch_size: int = opt(8, "labelled pairs per optimiser step (each asked in both orders)")
+    buffer: int = opt(256, "the newest labelled pairs kept to draw from")
+    margin: float = opt(0.02, "pairs whose annotator scores differ by less than this are ties, not labelled")
+    label_noise: float = opt(0.0, "probability that a label is flipped (a simulated annotator's errors)")
+
+
+@dataclasses.dataclass
 class RunConfig:
     """Everything `python -m rl.train` reads: one YAML file, or defaults plus --set overrides."""
 
@@ -321,6 +342,8 @@ class RunConfig:
     dist: DistConfig = section(DistConfig, "many processes under torchrun: DDP or FSDP2")
     monitor: MonitorConfig = section(MonitorConfig, "watching for reward hacking: training judge vs an independent "
                                                     "signal on held-out conditions")
+    refresh: RefreshConfig = section(RefreshConfig, "fine-tuning the learned judge on the policy's own edits, labelled "
+                                                    "by an annotator, while RL runs")
 
 
 def load_config(path: str | None = None, overrides: list[str] | None = None) -> RunConfig:

@@ -96,9 +96,17 @@ NUMERIC_RANGES: dict[str, Range] = {
     "monitor.drop_fraction": _UNIT,
     "monitor.drop_db": _at_least(0),
     "monitor.drop_judge": _UNIT,
+    "refresh.every": _at_least(0, "0 = off"),
+    "refresh.lr": Range(0, 1, open_lo=True),
+    "refresh.updates": _at_least(1),
+    "refresh.batch_size": _at_least(1),
+    "refresh.buffer": _at_least(1),
+    "refresh.margin": _UNIT,
+    "refresh.label_noise": Range(0, 0.5, note="0.5 = labels carry no signal"),
 }
-# the monitor's second judge (monitor.judge.*) takes the training judge's ranges
-NUMERIC_RANGES.update({f"monitor.{k}": r for k, r in list(NUMERIC_RANGES.items()) if k.startswith("judge.")})
+# the monitor's second judge (monitor.judge.*) and the refresh's annotator take the training judge's ranges
+NUMERIC_RANGES.update({f"{section}.{k.removeprefix('judge.')}": r for k, r in list(NUMERIC_RANGES.items())
+                       if k.startswith("judge.") for section in ("monitor.judge", "refresh.annotator")})
 
 
 
@@ -144,6 +152,7 @@ def validate(cfg) -> None:
         raise ConfigError(f"model.path not found: {cfg.model.path}")
     _check_tasks(cfg)
     _check_monitor(cfg)
+    _check_refresh(cfg)
     _check_dist(cfg)
 
 
@@ -185,6 +194,44 @@ def _check_dist(cfg) -> None:
                           "exports on rank 0 alone, and every forward of a sharded model needs all processes; set "
                           "monitor.every=0 (train.eval_every still evaluates on held-out conditions), or use "
                           "dist.strategy=ddp")
+
+
+def _check_refresh(cfg) -> None:
+    """refresh.* (only when on): a judge that can learn (in-process), an algorithm that gives it pairs, an
+    annotator that can label them."""
+    r = cfg.refresh
+    if not r.every:
+        if r.annotator is not None:
+            raise ConfigError("refresh.annotator is set but refresh.every is 0, so nothing would ask it: set "
+                              "refresh.every=N, or remove refresh.annotator")
+        return
+    if cfg.judge.kind != "transformers":
+        raise ConfigError(f"refresh.every fine-tunes the judge, which must run in-process: judge.kind is "
+                          f"{cfg.judge.kind!r}; use judge.kind=transformers, or refresh.every=0")
+    if cfg.train.algorithm != "refl":
+        raise ConfigError(f"refresh.every labels the policy's edits against ReFL's reference edits: train.algorithm "
+                          f"is {cfg.train.algorithm!r}; use train.algorithm=refl, or refresh.every=0")
+    if cfg.dist.strategy == "fsdp2":
+        raise ConfigError("refresh.every is not supported with dist.strategy=fsdp2 yet: use dist.strategy=ddp, or "
+                          "refresh.every=0")
+    if r.annotator is None:
+        if cfg.data.source != "world":
+            raise ConfigError(f"refresh.annotator null means the rule judge, which needs the built-in world's ground "
+                              f"truth (data.source is {cfg.data.source!r}): name an annotator, e.g. --set "
+                              "refresh.annotator.kind=openai --set refresh.annotator.base_url=URL --set "
+                              "refresh.annotator.model=NAME")
+        return
+    _check_judge(r.annotator, "refresh.annotator", cfg.data.source)
+    if r.annotator.overlap:
+        raise ConfigError("refresh.annotator.overlap is not used: the annotator labels a finished step's edits; "
+                          "leave it unset")
+    from rl.plumbing.config import (
+        JudgeConfig,  # (config imports this module: a late import)
+    )
+
+    if r.annotator.eval_mode != JudgeConfig().eval_mode:
+        raise ConfigError(f"refresh.annotator.eval_mode is not used (got {r.annotator.eval_mode!r}): the annotator "
+                          "answers its refresh.annotator.mode question; leave eval_mode unset")
 
 
 def _check_judge(judge, key: str, data_source: str) -> None:

@@ -149,3 +149,36 @@ def test_accuracy_curve_trains_one_judge_per_count_on_one_held_out_set(tmp_path)
     assert full["accuracy"] >= 0.8
     with pytest.raises(ValueError, match="exceed the 30 training records"):
         curve_main(["--pairs", "31", "--out", str(out), "--set", f"data={data}"])
+
+
+def test_adversarial_pairs_stay_in_the_edited_region_and_raise_the_loss(tmp_path):
+    from reward.training.adversarial import adversarial_requests
+    from reward.training.pairwise_loss import pairwise_loss
+    from reward.vlm.tiny_vlm import build_tiny_vlm
+
+    data = build_bright_square_data(tmp_path / "data", 4)
+    requests = pairwise_requests([load_pair(r) for r in read_preferences(data)])[0]
+    judge = TransformersJudge(build_tiny_vlm("test", seed=0), both_orders=True, templates=SHORT)
+    eps = 0.05
+    attacked = adversarial_requests(judge, requests, eps, steps=3, generator=torch.Generator().manual_seed(0))
+    for clean, adv in zip(requests, attacked):
+        for name in ("edited", "other"):
+            moved = getattr(adv, name) - getattr(clean, name)
+            assert moved.abs().max() <= eps + 1e-6 and moved.abs().max() > 0
+            assert torch.all(moved[:, clean.mask[0] == 0] == 0)   # the known region is never touched
+            assert not getattr(adv, name).requires_grad
+        assert torch.equal(adv.source, clean.source)
+    with torch.no_grad():
+        assert float(pairwise_loss(judge, attacked)) > float(pairwise_loss(judge, requests))
+
+
+def test_adversarial_training_runs_and_is_named_in_the_card(tmp_path):
+    data = build_bright_square_data(tmp_path / "data", 12)
+    cfg = RewardTrainConfig(data=str(data), out=str(tmp_path / "run"), model="tiny", tiny_preset="test", lora=False,
+                            lr=1e-3, epochs=2, batch_size=4, templates=SHORT, show_crop=False, progress=False,
+                            adversarial_eps=0.03, adversarial_steps=1)
+    result = train_reward_model(cfg)
+    assert result.metrics["steps"] > 0
+    assert "--set adversarial_eps=0.03" in read_card(result.judge_dir).made_by
+    with pytest.raises(ValueError, match="adversarial_eps"):
+        RewardTrainConfig(adversarial_eps=1.5)
