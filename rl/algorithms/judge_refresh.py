@@ -104,6 +104,7 @@ class JudgeRefresh:
         finally:
             self.optimizer.zero_grad(set_to_none=True)
             model.requires_grad_(False)
+        self._check_in_step()
         metrics.update(refresh_loss=sum(losses) / len(losses) if losses else float("nan"),
                        refresh_buffer=len(self.buffer))
 
@@ -114,6 +115,18 @@ class JudgeRefresh:
         for p in self.params:
             g = p.grad if p.grad is not None else torch.zeros_like(p)
             p.grad = self.ctx.all_reduce_sum(g) / self.ctx.world_size
+
+    def _check_in_step(self) -> None:
+        """Every process must hold the same judge (averaged gradients, the same AdamW): refuse to go on
+        with judges that differ, which would score the same edit differently on different processes."""
+        if not self.ctx.enabled:
+            return
+        with torch.no_grad():
+            digest = torch.stack([p.detach().double().sum() for p in self.params]).sum().reshape(1)
+        every = self.ctx.all_gather_cat(digest.to(self.ctx.device))
+        if not torch.all(every == every[0]):
+            raise RuntimeError(f"refresh: the judge differs between processes after its update (weight sums "
+                               f"{every.tolist()}); this is a bug, please report it with the run's config.yaml")
 
     def _request(self, entry: dict[str, Any]) -> JudgeRequest:
         device = self.judge.device

@@ -118,3 +118,25 @@ def test_resume_continues_the_same_judge_and_the_run_saves_it(quick, tmp_path):
     saved = TransformersJudge(straight / "judge", dtype="float32", show_crop=True).model.state_dict()
     for name, w in judge_a.items():
         assert torch.equal(w, saved[name]), name
+
+
+@pytest.mark.slow  # two torchrun-style processes over gloo
+def test_two_processes_keep_one_judge(quick, tmp_path):
+    """Each process labels its own share; the averaged gradients keep the judges equal (checked after
+    every update by JudgeRefresh, which stops the run otherwise)."""
+    import os
+    import subprocess
+    import sys
+
+    overrides = quick(**LEARNED, **{"refresh.every": 1, "refresh.updates": 2, "refresh.batch_size": 4, "refresh.margin": 0.0,
+                                    "train.steps": 2})
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "-m", "rl.train",
+           "--out", str(tmp_path / "two")]
+    for o in overrides:
+        cmd += ["--set", o]
+    env = {k: v for k, v in os.environ.items() if k != "WORLD_SIZE"} | {"OMP_NUM_THREADS": "1"}
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    state = load_checkpoint(latest_checkpoint(tmp_path / "two"))
+    assert state["judge_refresh"]["buffer"]   # rank 0's own labelled pairs
+    TransformersJudge(tmp_path / "two" / "judge", dtype="float32", show_crop=True)
