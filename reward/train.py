@@ -98,6 +98,8 @@ class RewardTrainConfig:
                                       "edited region by at most this (pixel values in [0, 1]) to flip the judge's "
                                       "answer, and the judge learns the clean label on them (0 = off)")
     adversarial_steps: int = opt(2, "PGD steps per batch when adversarial_eps > 0 (each one more forward / backward)")
+    adversarial_kind: Literal["pixels", "tint"] = opt(
+        "pixels", "what PGD may change: every pixel of the edited region, or one colour offset per channel over it")
     progress: bool = opt(True, "show a progress bar")
 
     def __post_init__(self) -> None:
@@ -289,7 +291,7 @@ def train_reward_model(cfg: RewardTrainConfig) -> TrainResult:
             requests, _ = pairwise_requests([load_pair(r) for r in order[i:i + cfg.batch_size]])
             if cfg.adversarial_eps > 0:
                 requests = adversarial_requests(judge, requests, cfg.adversarial_eps, cfg.adversarial_steps,
-                                                cfg.loss_over, generator=attack_gen)
+                                                cfg.loss_over, generator=attack_gen, kind=cfg.adversarial_kind)
             loss = pairwise_loss(judge, requests, cfg.loss_over)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()

@@ -26,19 +26,27 @@ from reward.training.pairwise_loss import pairwise_loss
 
 
 def adversarial_requests(judge: TransformersJudge, requests: list[JudgeRequest], eps: float, steps: int,
-                         loss_over: str = "vocab", generator: torch.Generator | None = None) -> list[JudgeRequest]:
-    """`requests` (winner as `edited`, loser as `other`) with both images moved by PGD to raise the loss."""
+                         loss_over: str = "vocab", generator: torch.Generator | None = None,
+                         kind: str = "pixels") -> list[JudgeRequest]:
+    """`requests` (winner as `edited`, loser as `other`) with both images moved by PGD to raise the loss:
+    every pixel of the edited region on its own ("pixels"), or one colour offset per channel over the
+    whole edited region ("tint": the shortcut a judge takes when its winners were bluer or darker)."""
+    if kind not in ("pixels", "tint"):
+        raise ValueError(f"adversarial kind must be 'pixels' or 'tint', got {kind!r}")
     masks = [r.mask.to(r.edited.dtype) for r in requests]
 
-    def start(img, m):
-        return ((torch.rand(img.shape, generator=generator) * 2 - 1).to(img) * eps * m)
+    def offsets(img):
+        shape = img.shape if kind == "pixels" else (img.shape[0], 1, 1)
+        return (torch.rand(shape, generator=generator) * 2 - 1).to(img) * eps
 
-    deltas = [start(r.edited, m) for r, m in zip(requests, masks)] + [start(r.other, m) for r, m in zip(requests, masks)]
-    n = len(requests)
+    # the free variables (a pixel each, or a colour offset per channel), applied inside the mask
+    deltas = [offsets(r.edited) for r in requests] + [offsets(r.other) for r in requests]
+    n, region = len(requests), masks + masks
 
     def perturbed() -> list[JudgeRequest]:
-        return [dataclasses.replace(r, edited=(r.edited + deltas[i]).clamp(0, 1),
-                                    other=(r.other + deltas[n + i]).clamp(0, 1)) for i, r in enumerate(requests)]
+        return [dataclasses.replace(r, edited=(r.edited + deltas[i] * region[i]).clamp(0, 1),
+                                    other=(r.other + deltas[n + i] * region[n + i]).clamp(0, 1))
+                for i, r in enumerate(requests)]
 
     alpha = 2.5 * eps / steps
     for _ in range(steps):
@@ -47,7 +55,6 @@ def adversarial_requests(judge: TransformersJudge, requests: list[JudgeRequest],
         loss = pairwise_loss(judge, perturbed(), loss_over)
         grads = torch.autograd.grad(loss, deltas)
         with torch.no_grad():
-            deltas = [((d + alpha * g.sign()).clamp(-eps, eps) * m)
-                      for d, g, m in zip(deltas, grads, masks + masks)]
+            deltas = [(d + alpha * g.sign()).clamp(-eps, eps) for d, g in zip(deltas, grads)]
     deltas = [d.detach() for d in deltas]
     return perturbed()

@@ -151,7 +151,8 @@ def test_accuracy_curve_trains_one_judge_per_count_on_one_held_out_set(tmp_path)
         curve_main(["--pairs", "31", "--out", str(out), "--set", f"data={data}"])
 
 
-def test_adversarial_pairs_stay_in_the_edited_region_and_raise_the_loss(tmp_path):
+@pytest.mark.parametrize("kind", ["pixels", "tint"])
+def test_adversarial_pairs_stay_in_the_edited_region_and_raise_the_loss(tmp_path, kind):
     from reward.training.adversarial import adversarial_requests
     from reward.training.pairwise_loss import pairwise_loss
     from reward.vlm.tiny_vlm import build_tiny_vlm
@@ -160,12 +161,18 @@ def test_adversarial_pairs_stay_in_the_edited_region_and_raise_the_loss(tmp_path
     requests = pairwise_requests([load_pair(r) for r in read_preferences(data)])[0]
     judge = TransformersJudge(build_tiny_vlm("test", seed=0), both_orders=True, templates=SHORT)
     eps = 0.05
-    attacked = adversarial_requests(judge, requests, eps, steps=3, generator=torch.Generator().manual_seed(0))
+    attacked = adversarial_requests(judge, requests, eps, steps=3, generator=torch.Generator().manual_seed(0),
+                                    kind=kind)
     for clean, adv in zip(requests, attacked):
         for name in ("edited", "other"):
             moved = getattr(adv, name) - getattr(clean, name)
             assert moved.abs().max() <= eps + 1e-6 and moved.abs().max() > 0
             assert torch.all(moved[:, clean.mask[0] == 0] == 0)   # the known region is never touched
+            if kind == "tint":  # one offset per channel wherever clamping to [0, 1] did not cut it
+                free = (clean.mask[0] > 0) & (getattr(clean, name) > eps).all(0) & (getattr(clean, name) < 1 - eps).all(0)
+                per_channel = moved[:, free]
+                assert per_channel.shape[1] > 0
+                assert torch.allclose(per_channel, per_channel[:, :1].expand_as(per_channel), atol=1e-6)
             assert not getattr(adv, name).requires_grad
         assert torch.equal(adv.source, clean.source)
     with torch.no_grad():
