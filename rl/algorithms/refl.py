@@ -85,15 +85,20 @@ class ReFLTrainer(Trainer):
             ref_images = self.policy.decode(x_ref, cond)
         return ReFLRollout(samples[mine], cond, k, x_k, ref_images)
 
-    def score(self, batch: ReFLRollout, metrics: dict[str, Any]) -> torch.Tensor:
-        """P(policy's image better than the reference's), with gradients into the policy."""
+    def one_step_images(self, batch: ReFLRollout) -> torch.Tensor:
+        """The policy's decoded x0 prediction from step k, the known region kept, with gradients."""
         k, x_k, cond = batch.k, batch.x_k, batch.cond
         t_k = self.sigmas[k].to(self.device).expand(x_k.shape[0])
         v = self.trained_velocity(x_k, t_k, cond)
         x0 = x_k - t_k.view(-1, *([1] * (x_k.dim() - 1))) * v
         m = cond.blend_mask.to(x0.dtype)
         x0 = m * x0 + (1 - m) * cond.x0_known.to(x0.dtype)
-        images = self.policy.decode(x0, cond)
+        return self.policy.decode(x0, cond)
+
+    def score(self, batch: ReFLRollout, metrics: dict[str, Any]) -> torch.Tensor:
+        """P(policy's image better than the reference's), with gradients into the policy."""
+        k = batch.k
+        images = self.one_step_images(batch)
         table = judge_images(self.judge, batch.samples, images, mode="pairwise", others=batch.ref_images)
         self.last_images, self.last_table = images.detach(), table  # what judge_refresh labels
         metrics.update(denoise_step=k, reward_by_task=table.by_task(), reward_by_task_dim=table.by_task_dimension())
