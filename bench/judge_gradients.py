@@ -14,10 +14,13 @@ takes that gradient (the sum over images of P(policy's edit beats the reference'
 and reports the mean cosines cos(g_judge, g_rule) — *alignment*: does a step up this judge go up the
 annotator? — and cos(g_judge, g_again) — *consistency*: does the direction depend on what it is
 compared with? For scale, the rule judge's own cos(g_rule, g_rule against the second draw) is
-printed too. A judge with high consistency and no alignment has a fixed preferred direction of its
-own, which ReFL follows wherever it leads (docs/results.md). Per task it also prints the mean colour
-of the judge's image gradient in the edited region (per channel, in units of the mean |gradient|):
-a large coherent value is a judge that wants a tint. Only for data.source world and train.algorithm refl.
+printed too. A judge that compares like a Bradley-Terry model, P = sigmoid(f(edit) - f(reference)),
+has consistency near 1 whatever its quality (its direction is the gradient of f at the edit);
+alignment is what says whether ReFL will climb towards the annotator (docs/results.md: the tiny
+learned judges sit at |alignment| < 0.05, the rule judge against other references at 0.67). Per task
+it also prints the mean colour of the judge's image gradient in the edited region (per channel, in
+units of the mean |gradient|): a large coherent value is a judge that wants a tint. Only for
+data.source world and train.algorithm refl.
 """
 from __future__ import annotations
 
