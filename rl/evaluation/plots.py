@@ -115,14 +115,17 @@ def plot_reward_curves(metrics: list[dict[str, Any]], path: Path, title: str = "
 
 
 def plot_time_split(metrics: list[dict[str, Any]], path: Path) -> dict[str, float]:
-    """Mean seconds per step in rollout / judge / update, as a bar chart; returns the means."""
+    """Mean seconds per step in rollout / judge / update (and the judge's refresh, when the run has one),
+    as a bar chart; returns the means."""
     keys = ("time_rollout", "time_judge", "time_update")
     rows = [m for m in metrics if all(_finite(m.get(k)) for k in keys)]
     if not rows:
         return {}
+    if all(_finite(m.get("time_refresh")) for m in rows):
+        keys += ("time_refresh",)
     means = {k.removeprefix("time_"): sum(m[k] for m in rows) / len(rows) for k in keys}
     fig, ax = plt.subplots(figsize=(5, 3))
-    ax.bar(list(means), list(means.values()), color=["#4c72b0", "#dd8452", "#55a868"])
+    ax.bar(list(means), list(means.values()), color=["#4c72b0", "#dd8452", "#55a868", "#c44e52"][:len(means)])
     ax.set(ylabel="seconds per step", title="time split")
     fig.tight_layout()
     fig.savefig(path, dpi=100)

@@ -1,4 +1,6 @@
 """refresh.*: the learned judge fine-tuned on the policy's edits as an annotator labels them."""
+import json
+
 import pytest
 import torch
 
@@ -115,6 +117,9 @@ def test_resume_continues_the_same_judge_and_the_run_saves_it(quick, tmp_path):
         assert torch.equal(w, judge_b[name]), name
     shipped = TransformersJudge("builtin:tiny-judge", dtype="float32", show_crop=True).model.state_dict()
     assert any(not torch.equal(w, shipped[name]) for name, w in judge_a.items())  # it did learn
+    rows = [json.loads(x) for x in (straight / "metrics.jsonl").read_text().splitlines()]
+    assert all("refresh_agreement" in r and r["time_refresh"] > 0 and "refresh_loss" in r for r in rows)
+    assert "refresh" in json.loads((straight / "summary.json").read_text())["time_split_s"]
     saved = TransformersJudge(straight / "judge", dtype="float32", show_crop=True).model.state_dict()
     for name, w in judge_a.items():
         assert torch.equal(w, saved[name]), name
