@@ -50,15 +50,16 @@ def pairs():
     return samples, torch.stack([s.target for s in samples]), torch.stack([s.source for s in samples])
 
 
-def _refresh(**cfg) -> JudgeRefresh:
+def _refresh(annotator_mode: str = "score", **cfg) -> JudgeRefresh:
     judge = TransformersJudge("builtin:tiny-judge", dtype="float32", both_orders=True, show_crop=True)
-    return JudgeRefresh(RefreshConfig(every=1, **cfg), judge, RuleJudge(), "score", DistContext(), seed=0)
+    return JudgeRefresh(RefreshConfig(every=1, **cfg), judge, RuleJudge(), annotator_mode, DistContext(), seed=0)
 
 
+@pytest.mark.parametrize("annotator_mode", ["score", "pairwise"])
 @pytest.mark.parametrize("policy_is_truth", [True, False])
-def test_the_annotators_winner_is_kept_in_either_role(pairs, policy_is_truth):
+def test_the_annotators_winner_is_kept_in_either_role(pairs, policy_is_truth, annotator_mode):
     samples, truth, source = pairs
-    refresh = _refresh()
+    refresh = _refresh(annotator_mode)
     images, others = (truth, source) if policy_is_truth else (source, truth)
     table = judge_images(refresh.judge, samples, images, mode="pairwise", others=others)
     metrics = {}
