@@ -12,7 +12,6 @@ group-normalised advantages then train on noise (docs/results.md). Only for data
 """
 from __future__ import annotations
 
-import argparse
 import sys
 from collections import defaultdict
 from pathlib import Path
@@ -68,16 +67,11 @@ def agreement(cfg, steps: int) -> dict[str, dict[str, float]]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from rl.plumbing.config import load_config
+    from bench.judge_probe_cli import probe_config
 
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--config", required=True, help="a group algorithm's run config (nft, grpo, awm)")
-    p.add_argument("--steps", type=int, default=5, help="rollouts (each K groups of G images)")
-    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
-    args = p.parse_args(argv)
-    cfg = load_config(args.config, args.overrides)
-    torch.manual_seed(cfg.train.seed)
-    result = agreement(cfg, args.steps)
+    steps, cfg = probe_config(__doc__, "a group algorithm's run config (nft, grpo, awm)", 5,
+                              "rollouts (each K groups of G images)", argv)
+    result = agreement(cfg, steps)
     print(f"within-group Spearman(training judge, rule judge), {cfg.judge.kind} judge asked {cfg.judge.mode}:")
     for task, r in result.items():
         print(f"  {task:8s} {r['spearman']:+.3f} over {r['groups']} groups")

@@ -24,7 +24,6 @@ data.source world and train.algorithm refl.
 """
 from __future__ import annotations
 
-import argparse
 import sys
 from collections import defaultdict
 from pathlib import Path
@@ -88,17 +87,11 @@ def gradients(cfg, steps: int) -> dict:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from rl.plumbing.config import load_config
+    from bench.judge_probe_cli import probe_config
 
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--config", required=True, help="a ReFL run config")
-    p.add_argument("--steps", type=int, default=4, help="ReFL batches (refl.batch_size conditions each)")
-    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
-    args = p.parse_args(argv)
-    cfg = load_config(args.config, args.overrides)
-    torch.manual_seed(cfg.train.seed)
-    r = gradients(cfg, args.steps)
-    print(f"ReFL weight gradients of the {cfg.judge.kind} judge over {args.steps} batches of {cfg.refl.batch_size}:")
+    steps, cfg = probe_config(__doc__, "a ReFL run config", 4, "ReFL batches (refl.batch_size conditions each)", argv)
+    r = gradients(cfg, steps)
+    print(f"ReFL weight gradients of the {cfg.judge.kind} judge over {steps} batches of {cfg.refl.batch_size}:")
     print(f"  alignment   cos(judge, rule judge)                  {r['alignment']:+.3f}")
     print(f"  consistency cos(judge, judge vs other references)   {r['consistency']:+.3f}")
     print(f"  for scale   cos(rule judge, rule vs other refs)     {r['rule_consistency']:+.3f}")
