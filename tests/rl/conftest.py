@@ -41,6 +41,16 @@ def tiny_model_dir(tmp_path_factory):
 
 
 @pytest.fixture
+def one_thread():
+    """torch on one thread for the test: tiny models (the tiny judge's backward above all) run many times
+    faster than on two threads when another process holds one of two cores."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+@pytest.fixture
 def quick(tiny_model_dir):
     """quick(**overrides) -> --set list of a run small enough for a test."""
     return lambda **extra: quick_overrides(tiny_model_dir, **extra)

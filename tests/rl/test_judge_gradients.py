@@ -4,6 +4,8 @@ import pytest
 from bench import judge_gradients
 from rl.plumbing.config import load_config
 
+pytestmark = pytest.mark.usefixtures("one_thread")  # the tiny judge's backward (tests/rl/conftest.py)
+
 
 def test_the_rule_judge_is_aligned_with_itself(quick):
     cfg = load_config(None, quick(**{"train.algorithm": "refl", "judge.mode": "pairwise", "refl.batch_size": 4}))

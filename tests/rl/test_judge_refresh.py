@@ -21,6 +21,11 @@ LEARNED = {"judge.kind": "transformers", "judge.model": "builtin:tiny-judge", "j
            "train.algorithm": "refl", "refl.batch_size": 4}
 
 
+# the tiny judge's backward on a shared 2-core machine: about 10 s on one thread, over 120 s on two
+# threads while another process holds a core
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+
 @pytest.mark.parametrize("override, message", [
     ({"refresh.every": 1, "judge.kind": "rule"}, "judge.kind=transformers"),
     ({"refresh.every": 1, "train.algorithm": "nft"}, "train.algorithm=refl"),
