@@ -29,11 +29,9 @@ from reward.judge import Judge, JudgeRequest
 from reward.judges.vlm_judge import TransformersJudge
 from reward.training.pairwise_loss import pairwise_loss
 from rl.algorithms.reward_scoring import ScoreTable, judge_images
-from rl.algorithms.trainer import step_generator
+from rl.algorithms.trainer import keyed_generator
 from rl.plumbing.config import RefreshConfig
 from rl.plumbing.distributed import DistContext
-
-_LABEL_NOISE, _DRAW = 7, 8   # generator streams (rl.algorithms.trainer.step_generator)
 
 
 class JudgeRefresh:
@@ -67,7 +65,9 @@ class JudgeRefresh:
         margin = self.annotator_margins(samples, images, others).float().cpu()
         judged = table.per_request.detach().float().cpu() - 0.5
         labelled = margin.abs() >= self.cfg.margin
-        flip = torch.rand(margin.shape, generator=step_generator(self.seed, step, _LABEL_NOISE)) < self.cfg.label_noise
+        # each process its own draws: its share's annotator errs independently of the others'
+        noise = keyed_generator(self.seed, step, "label_noise", self.ctx.rank)
+        flip = torch.rand(margin.shape, generator=noise) < self.cfg.label_noise
         policy_wins = (margin > 0) ^ flip
         agree = ((judged > 0) == (margin > 0))[labelled]
         n = self.ctx.all_reduce_sum(torch.tensor([float(agree.numel()), float(agree.sum())], device=self.ctx.device))
@@ -87,7 +87,7 @@ class JudgeRefresh:
     def update(self, step: int, metrics: dict[str, Any]) -> None:
         """`refresh.updates` optimiser steps on pairs drawn from the buffer (every process the same count)."""
         c, model = self.cfg, self.judge.model
-        gen = step_generator(self.seed, step, _DRAW)
+        gen = keyed_generator(self.seed, step, "refresh_draw", self.ctx.rank)
         model.requires_grad_(True)
         losses = []
         try:
