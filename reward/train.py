@@ -108,6 +108,11 @@ class RewardTrainConfig:
             resolve_dtype(self.dtype)
         except ValueError as err:
             raise ConfigError(f"dtype: {err}") from None
+        if self.adversarial_eps == 0 and (self.adversarial_steps != 2 or self.adversarial_kind != "pixels"):
+            raise ConfigError("adversarial_steps / adversarial_kind are used only with adversarial_eps > 0: set "
+                              "adversarial_eps, or leave them at their defaults")
+        if self.adversarial_kind not in ("pixels", "tint"):  # from_dict checks this; direct construction does not
+            raise ConfigError(f"adversarial_kind must be 'pixels' or 'tint', got {self.adversarial_kind!r}")
         if self.loss_over not in ("vocab", "labels"):  # from_dict checks this; direct construction does not
             raise ConfigError(f"loss_over must be 'vocab' or 'labels', got {self.loss_over!r}")
 

@@ -13,8 +13,9 @@ step's labelled (pair, dimension)s on which the judge's answer (P(policy better)
 the annotator, the judge's accuracy on exactly the edits it is rewarding. A judge being gamed reads
 near or below 0.5 here before the ground truth is ever looked at.
 
-Under DDP every process labels its own share and the judges' gradients are averaged, so the judge
-stays the same on every process. The judge's weights, its optimiser and the buffer are part of each
+Under DDP every process labels its own share, every process keeps all of them (the same buffer
+everywhere, so rank 0's checkpoint holds it), each draws its own pairs from it and the judges'
+gradients are averaged, so the judge stays the same on every process. The judge's weights, its optimiser and the buffer are part of each
 checkpoint: a resumed run continues the same judge.
 """
 from __future__ import annotations
@@ -64,7 +65,8 @@ class JudgeRefresh:
         images, others = images.detach(), others.detach()
         margin = self.annotator_margins(samples, images, others).float().cpu()
         judged = table.per_request.detach().float().cpu() - 0.5
-        labelled = margin.abs() >= self.cfg.margin
+        # a zero margin is no preference (identical edits, a saturated score), whatever refresh.margin says
+        labelled = (margin.abs() >= self.cfg.margin) & (margin != 0)
         # each process its own draws: its share's annotator errs independently of the others'
         noise = keyed_generator(self.seed, step, "label_noise", self.ctx.rank)
         flip = torch.rand(margin.shape, generator=noise) < self.cfg.label_noise
@@ -72,12 +74,17 @@ class JudgeRefresh:
         agree = ((judged > 0) == (margin > 0))[labelled]
         n = self.ctx.all_reduce_sum(torch.tensor([float(agree.numel()), float(agree.sum())], device=self.ctx.device))
         metrics.update(refresh_labelled=int(n[0]), refresh_agreement=float(n[1] / n[0]) if n[0] else float("nan"))
+        new = []
         for r in torch.nonzero(labelled).flatten().tolist():
             i, dim = table.image_of_request[r], table.dimension_of_request[r]
             s = samples[i]
             win, lose = (images[i], others[i]) if policy_wins[r] else (others[i], images[i])
-            self.buffer.append({"task": s.task, "dimension": dim, "source": s.source.cpu(), "mask": s.mask.cpu(),
-                                "prompt": s.prompt, "winner": win.cpu().float(), "loser": lose.cpu().float()})
+            new.append({"task": s.task, "dimension": dim, "source": s.source.cpu(), "mask": s.mask.cpu(),
+                        "prompt": s.prompt, "winner": win.cpu().float(), "loser": lose.cpu().float()})
+        # every process keeps every process's pairs (in rank order): the buffer rank 0 checkpoints is
+        # each process's, so a resumed run draws what an uninterrupted one would
+        for share in self.ctx.all_gather_objects(new):
+            self.buffer.extend(share)
         del self.buffer[:-self.cfg.buffer]
 
     # -- learning --------------------------------------------------------------------------------

@@ -134,8 +134,8 @@ class ReFLTrainer(Trainer):
         super().load_state_dict(state)
         if self.judge_refresh is not None:
             if "judge_refresh" not in state:
-                raise ValueError("this checkpoint holds no refreshed judge (it was written with refresh.every=0); "
-                                 "resume it with refresh.every=0, or start a new run")
+                raise ValueError("this checkpoint holds no refreshed judge (it was written with refresh.every=0): "
+                                 "resume it as it was written, or start a new run with refresh.every set")
             self.judge_refresh.load_state_dict(state["judge_refresh"])
 
 

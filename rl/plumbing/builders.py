@@ -4,6 +4,7 @@ Missing weights fail here, before any work, with the path named.
 """
 from __future__ import annotations
 
+import dataclasses
 import os
 from pathlib import Path
 
@@ -96,7 +97,9 @@ def build_annotator(cfg: RefreshConfig, device: torch.device) -> tuple[Judge, st
     """The refresh's annotator and its question: refresh.annotator, or (null) the rule judge asked for scores."""
     if cfg.annotator is None:
         return build_judge(JudgeConfig(kind="rule"), device), "score"
-    return build_judge(cfg.annotator, device), cfg.annotator.mode
+    # the annotator answers one question, its mode (eval_mode is refused by the config checks): a judge
+    # trained on pairwise questions only must not be required to answer scores
+    return build_judge(dataclasses.replace(cfg.annotator, eval_mode=cfg.annotator.mode), device), cfg.annotator.mode
 
 
 def build_data(cfg: DataConfig):

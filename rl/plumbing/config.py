@@ -319,7 +319,7 @@ class RefreshConfig:
     lr: float = opt(5e-4, "AdamW learning rate of the judge's fine-tuning")
     updates: int = opt(2, "optimiser steps of the judge per refresh")
     batch_size: int = opt(8, "labelled pairs per optimiser step (each asked in both orders)")
-    buffer: int = opt(256, "the newest labelled pairs kept to draw from")
+    buffer: int = opt(256, "the newest labelled (pair, dimension)s kept to draw from (all processes' together)")
     margin: float = opt(0.02, "pairs whose annotator scores differ by less than this are ties, not labelled")
     label_noise: float = opt(0.0, "probability that a label is flipped (a simulated annotator's errors)")
 

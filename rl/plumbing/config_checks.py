@@ -214,6 +214,14 @@ def _check_refresh(cfg) -> None:
     if cfg.dist.strategy == "fsdp2":
         raise ConfigError("refresh.every is not supported with dist.strategy=fsdp2 yet: use dist.strategy=ddp, or "
                           "refresh.every=0")
+    if cfg.judge.eval_mode != "pairwise":
+        # pairwise evaluations compare each edit with the base's by the judge of that moment; an absolute score
+        # of the base, taken before the judge moved, would be compared with scores of a judge that has moved
+        raise ConfigError(f"refresh.every teaches the judge the pairwise question, so held-out evaluations must ask it "
+                          f"too: judge.eval_mode is {cfg.judge.eval_mode!r}; set judge.eval_mode=pairwise")
+    if cfg.judge.dtype not in ("float32", "fp32", "float64", "fp64"):
+        raise ConfigError(f"refresh.every trains the judge with AdamW on its own weights, and in {cfg.judge.dtype} "
+                          "small updates round away: set judge.dtype=float32")
     if r.annotator is None:
         if cfg.data.source != "world":
             raise ConfigError(f"refresh.annotator null means the rule judge, which needs the built-in world's ground "
@@ -222,6 +230,9 @@ def _check_refresh(cfg) -> None:
                               "refresh.annotator.model=NAME")
         return
     _check_judge(r.annotator, "refresh.annotator", cfg.data.source)
+    if r.annotator.mode == "pairwise" and r.margin >= 0.5:
+        raise ConfigError(f"refresh.margin {r.margin} labels nothing with a pairwise annotator (its answer is within "
+                          "0.5 of a tie): lower refresh.margin")
     if r.annotator.overlap:
         raise ConfigError("refresh.annotator.overlap is not used: the annotator labels a finished step's edits; "
                           "leave it unset")

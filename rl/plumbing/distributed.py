@@ -52,6 +52,14 @@ class DistContext:
             dist.all_reduce(x, op=dist.ReduceOp.SUM)
         return x
 
+    def all_gather_objects(self, obj) -> list:
+        """Every process's picklable `obj`, in rank order (a one-item list on one process)."""
+        if not self.enabled:
+            return [obj]
+        out = [None] * self.world_size
+        dist.all_gather_object(out, obj)
+        return out
+
     def broadcast_object(self, obj):
         if not self.enabled:
             return obj

@@ -37,6 +37,10 @@ RESUMABLE_KEYS = frozenset({
     "monitor.stop_on_hacking", "monitor.keep_best",
     "monitor.judge.base_url", "monitor.judge.api_key_env", "monitor.judge.concurrency", "monitor.judge.timeout",
     "monitor.judge.retries", "monitor.judge.batch_size", "monitor.judge.device",
+    # where the judge refresh's annotator is (not what it labels)
+    "refresh.annotator.base_url", "refresh.annotator.api_key_env", "refresh.annotator.concurrency",
+    "refresh.annotator.timeout", "refresh.annotator.retries", "refresh.annotator.batch_size",
+    "refresh.annotator.device",
 })
 
 

@@ -189,3 +189,5 @@ def test_adversarial_training_runs_and_is_named_in_the_card(tmp_path):
     assert "--set adversarial_eps=0.03" in read_card(result.judge_dir).made_by
     with pytest.raises(ValueError, match="adversarial_eps"):
         RewardTrainConfig(adversarial_eps=1.5)
+    with pytest.raises(ValueError, match="used only with adversarial_eps"):
+        RewardTrainConfig(adversarial_kind="tint")

@@ -33,6 +33,10 @@ pytestmark = pytest.mark.usefixtures("one_thread")
     ({"refresh.every": 1, "refresh.annotator.kind": "rule", "refresh.annotator.eval_mode": "yesno"},
      "refresh.annotator.eval_mode is not used"),
     ({"refresh.every": 1, "dist.strategy": "fsdp2"}, "dist.strategy=ddp"),
+    ({"refresh.every": 1, "judge.eval_mode": "score"}, "judge.eval_mode=pairwise"),
+    ({"refresh.every": 1, "judge.dtype": "bfloat16"}, "judge.dtype=float32"),
+    ({"refresh.every": 1, "refresh.annotator.kind": "rule", "refresh.annotator.mode": "pairwise",
+      "refresh.margin": 0.5}, "lower refresh.margin"),
     ({"refresh.label_noise": 0.6}, "refresh.label_noise"),
     ({"refresh.updates": 0}, "refresh.updates"),
 ])
@@ -103,7 +107,8 @@ def test_updates_teach_the_judge_its_labels_and_leave_it_frozen(pairs):
     with torch.no_grad():
         after = float(pairwise_loss(refresh.judge, requests))
     assert after < before - 0.05, (before, after)
-    assert not any(p.requires_grad for p in refresh.judge.model.parameters())  # RL's backward reaches images only
+    # RL's backward reaches the images only, and the update leaves no gradient behind
+    assert not any(p.requires_grad or p.grad is not None for p in refresh.judge.model.parameters())
     with torch.no_grad():
         p_truth = judge_images(refresh.judge, samples, truth, mode="pairwise", others=source).per_image
     assert float(p_truth.mean()) > 0.5
@@ -149,5 +154,26 @@ def test_two_processes_keep_one_judge(quick, tmp_path):
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
     state = load_checkpoint(latest_checkpoint(tmp_path / "two"))
-    assert state["judge_refresh"]["buffer"]   # rank 0's own labelled pairs
+    # the checkpoint's buffer holds both processes' labelled pairs (refresh_labelled counts all of them)
+    labelled = [json.loads(x)["refresh_labelled"] for x in (tmp_path / "two" / "metrics.jsonl").read_text().splitlines()]
+    assert len(state["judge_refresh"]["buffer"]) == sum(labelled) > 0
     TransformersJudge(tmp_path / "two" / "judge", dtype="float32", show_crop=True)
+
+
+def test_a_learned_annotator_trained_on_pairwise_questions_is_asked_only_those():
+    from rl.plumbing.builders import build_annotator
+    from rl.plumbing.config import JudgeConfig
+
+    cfg = RefreshConfig(every=1, annotator=JudgeConfig(kind="transformers", model="builtin:tiny-judge", mode="pairwise",
+                                                       dtype="float32", show_crop=True))
+    annotator, mode = build_annotator(cfg, torch.device("cpu"))
+    assert mode == "pairwise" and isinstance(annotator, TransformersJudge)
+
+
+def test_ties_are_never_labelled(pairs):
+    samples, truth, _ = pairs
+    refresh = _refresh(margin=0.0)
+    table = judge_images(refresh.judge, samples, truth, mode="pairwise", others=truth)
+    metrics = {}
+    refresh.observe(0, samples, truth, truth.clone(), table, metrics)
+    assert refresh.buffer == [] and metrics["refresh_labelled"] == 0
