@@ -192,11 +192,16 @@ def test_copies_of_a_sharded_model_update_and_swap_in(tmp_path):
     on a fully_shard-ed model: the forward uses the copy, and the trained weights are back afterwards.
     (Replacing the Parameter objects, the swap for unsharded models, is ignored by FSDP2: the forward
     would silently use the trained weights.)"""
+    import socket
+
     import torch.multiprocessing as mp
 
     from tests.rl.fsdp2_swap_worker import work
 
-    mp.spawn(work, args=(2, 29400 + os.getpid() % 500, str(tmp_path / "out")), nprocs=2)
+    with socket.socket() as probe:  # a port free now (one derived from the pid collided once in a full run)
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    mp.spawn(work, args=(2, port, str(tmp_path / "out")), nprocs=2)
     for rank in (0, 1):
         got = json.loads((tmp_path / f"out.{rank}").read_text())
         for where in ("device", "cpu"):
