@@ -56,5 +56,4 @@ def adversarial_requests(judge: TransformersJudge, requests: list[JudgeRequest],
         grads = torch.autograd.grad(loss, deltas)
         with torch.no_grad():
             deltas = [(d + alpha * g.sign()).clamp(-eps, eps) for d, g in zip(deltas, grads)]
-    deltas = [d.detach() for d in deltas]
-    return perturbed()
+    return perturbed()  # the last step ran without gradients: the images carry none

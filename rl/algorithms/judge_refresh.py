@@ -20,6 +20,7 @@ checkpoint: a resumed run continues the same judge.
 """
 from __future__ import annotations
 
+import dataclasses
 from typing import Any
 
 import torch
@@ -29,6 +30,7 @@ from core.synthetic.world import EditSample
 from reward.judge import Judge, JudgeRequest
 from reward.judges.vlm_judge import TransformersJudge
 from reward.training.pairwise_loss import pairwise_loss
+from reward.vlm.judge_card import JudgeCard
 from rl.algorithms.reward_scoring import ScoreTable, judge_images
 from rl.algorithms.trainer import keyed_generator
 from rl.plumbing.config import RefreshConfig
@@ -111,7 +113,7 @@ class JudgeRefresh:
         finally:
             self.optimizer.zero_grad(set_to_none=True)
             model.requires_grad_(False)
-        self._check_in_step()
+        self._check_lockstep()
         metrics.update(refresh_loss=sum(losses) / len(losses) if losses else float("nan"),
                        refresh_buffer=len(self.buffer))
 
@@ -123,7 +125,7 @@ class JudgeRefresh:
             g = p.grad if p.grad is not None else torch.zeros_like(p)
             p.grad = self.ctx.all_reduce_sum(g) / self.ctx.world_size
 
-    def _check_in_step(self) -> None:
+    def _check_lockstep(self) -> None:
         """Every process must hold the same judge (averaged gradients, the same AdamW): refuse to go on
         with judges that differ, which would score the same edit differently on different processes."""
         if not self.ctx.enabled:
@@ -143,10 +145,6 @@ class JudgeRefresh:
     def save(self, directory, judge_cfg, made_by: str) -> None:
         """The refreshed judge as a judge directory (weights, tokenizer, processor, judge_card.json) that
         judge.model / rl.eval / the server load like the one it started from."""
-        import dataclasses
-
-        from reward.vlm.judge_card import JudgeCard
-
         self.judge.parts.save_pretrained(directory)
         JudgeCard(modes=self.judge.trained_modes or ("pairwise",), view=dataclasses.asdict(self.judge.view),
                   max_pixels=judge_cfg.max_pixels, templates=judge_cfg.templates, made_by=made_by).save(directory)

@@ -19,8 +19,10 @@ from typing import Any
 import torch
 
 from core.policies.policy import Condition
-from rl.algorithms.reward_scoring import judge_images
+from rl.algorithms.judge_refresh import JudgeRefresh
+from rl.algorithms.reward_scoring import ScoreTable, judge_images
 from rl.algorithms.trainer import Trainer, step_generator, timed
+from rl.plumbing.builders import build_annotator
 
 _REF_NOISE, _POLICY_NOISE, _STEP, _SDE = 1, 2, 3, 4
 
@@ -36,9 +38,6 @@ class ReFLTrainer(Trainer):
         #: refresh.every: the judge fine-tuned on the policy's edits as labelled by an annotator
         self.judge_refresh = None
         if self.cfg.refresh.every:
-            from rl.algorithms.judge_refresh import JudgeRefresh
-            from rl.plumbing.builders import build_annotator
-
             annotator, mode = build_annotator(self.cfg.refresh, self.ctx.device)
             self.judge_refresh = JudgeRefresh(self.cfg.refresh, self.judge, annotator, mode, self.ctx,
                                               self.cfg.train.seed)
@@ -54,14 +53,13 @@ class ReFLTrainer(Trainer):
         with timed(metrics, "time_rollout"):
             batch = self.rollout(step)
         with timed(metrics, "time_judge"):
-            reward = self.score(batch, metrics)
-            loss = self.rewards(reward, metrics)
+            table, images = self.score(batch, metrics)
+            loss = self.rewards(table.per_image, metrics)
         with timed(metrics, "time_update"):
             self.update(step, loss, metrics)
         if self.judge_refresh is not None:
             with timed(metrics, "time_refresh"):
-                self.judge_refresh.observe(step, batch.samples, self.last_images, batch.ref_images,
-                                           self.last_table, metrics)
+                self.judge_refresh.observe(step, batch.samples, images.detach(), batch.ref_images, table, metrics)
                 if self.judge_refresh.due(step):
                     self.judge_refresh.update(step, metrics)
         return metrics
@@ -95,14 +93,14 @@ class ReFLTrainer(Trainer):
         x0 = m * x0 + (1 - m) * cond.x0_known.to(x0.dtype)
         return self.policy.decode(x0, cond)
 
-    def score(self, batch: ReFLRollout, metrics: dict[str, Any]) -> torch.Tensor:
-        """P(policy's image better than the reference's), with gradients into the policy."""
-        k = batch.k
+    def score(self, batch: ReFLRollout, metrics: dict[str, Any]) -> tuple[ScoreTable, torch.Tensor]:
+        """The judge's table of P(policy's image better than the reference's) per image and dimension,
+        with gradients into the policy, and the images it judged."""
         images = self.one_step_images(batch)
         table = judge_images(self.judge, batch.samples, images, mode="pairwise", others=batch.ref_images)
-        self.last_images, self.last_table = images.detach(), table  # what judge_refresh labels
-        metrics.update(denoise_step=k, reward_by_task=table.by_task(), reward_by_task_dim=table.by_task_dimension())
-        return table.per_image
+        metrics.update(denoise_step=batch.k, reward_by_task=table.by_task(),
+                       reward_by_task_dim=table.by_task_dimension())
+        return table, images
 
     def rewards(self, reward: torch.Tensor, metrics: dict[str, Any]) -> torch.Tensor:
         """The loss relu(bound - P): no push beyond the upper bound (OneReward's guard)."""

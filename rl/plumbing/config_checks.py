@@ -11,6 +11,8 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
+import torch
+
 from core.config.loading import ConfigError
 from core.config.schema import POSITIVE as _POSITIVE
 from core.config.schema import UNIT as _UNIT
@@ -18,6 +20,7 @@ from core.config.schema import Range, numeric_values  # noqa: F401  (re-exported
 from core.config.schema import at_least as _at_least
 from core.config.schema import check_ranges as _check_ranges
 from core.tasks import ALL_TASKS, INSTRUCTION_TASKS, TASKS
+from reward.vlm.vlm_parts import resolve_dtype
 from rl.plumbing.model_kinds import BUILTIN_KINDS, INSTRUCTION_KINDS
 
 _DECAY = Range(0, 1, open_hi=True, note="1 would freeze the copy")
@@ -219,7 +222,7 @@ def _check_refresh(cfg) -> None:
         # of the base, taken before the judge moved, would be compared with scores of a judge that has moved
         raise ConfigError(f"refresh.every teaches the judge the pairwise question, so held-out evaluations must ask it "
                           f"too: judge.eval_mode is {cfg.judge.eval_mode!r}; set judge.eval_mode=pairwise")
-    if cfg.judge.dtype not in ("float32", "fp32", "float64", "fp64"):
+    if resolve_dtype(cfg.judge.dtype) not in (torch.float32, torch.float64):
         raise ConfigError(f"refresh.every trains the judge with AdamW on its own weights, and in {cfg.judge.dtype} "
                           "small updates round away: set judge.dtype=float32")
     if r.annotator is None:
